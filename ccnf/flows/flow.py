@@ -1,0 +1,58 @@
+"""A stack of conditional affine couplings with fixed random permutations between them."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ccnf.flows.coupling import ConditionalAffineCoupling
+
+
+class ConditionalFlow(nn.Module):
+    """z = f(x; c) = (P_K o C_K o ... o P_1 o C_1)(x).
+
+    forward(x (N, D), cond (N, K), warm) -> (z (N, D), logdet (N,), scale_sq (N,)) where
+    scale_sq is the mean of s^2 over all couplings' log-scales (for L_scale_penalty).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        cond_dim: int,
+        *,
+        n_couplings: int,
+        hidden_dim: int,
+        clamp_alpha: float,
+        spectral_norm: bool,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.couplings = nn.ModuleList(
+            ConditionalAffineCoupling(
+                dim, cond_dim, hidden_dim, clamp_alpha=clamp_alpha, spectral_norm=spectral_norm
+            )
+            for _ in range(n_couplings)
+        )
+        # permutations are drawn from the global RNG: seed before building the model
+        perms = torch.stack([torch.randperm(dim) for _ in range(n_couplings)])
+        self.register_buffer("perms", perms)
+        self.register_buffer("inv_perms", torch.argsort(perms, dim=1))
+
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor, warm: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logdet = x.new_zeros(x.shape[0])
+        scale_sq = x.new_zeros(x.shape[0])
+        for coupling, perm in zip(self.couplings, self.perms, strict=True):
+            x, ld, s = coupling(x, cond, warm)
+            x = x[:, perm]
+            logdet = logdet + ld
+            scale_sq = scale_sq + s.pow(2).mean(dim=-1)
+        return x, logdet, scale_sq / len(self.couplings)
+
+    def inverse(self, z: torch.Tensor, cond: torch.Tensor, warm: float = 1.0) -> torch.Tensor:
+        for coupling, inv in zip(
+            reversed(self.couplings), reversed(self.inv_perms), strict=True
+        ):
+            z = coupling.inverse(z[:, inv], cond, warm)
+        return z

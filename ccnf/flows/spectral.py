@@ -1,0 +1,45 @@
+"""Linear layer with a switchable spectral normalisation (stabilizer 1).
+
+W_sn = W / sigma(W), sigma estimated by power iteration (one step per training forward, as in
+Miyato et al. 2018). The switch lets a study turn it off on task 0 only and on from task 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SNLinear(nn.Module):
+    """y = x W^T + b, with W divided by its spectral norm while ``enabled``.
+
+    x: (N, in_features) -> (N, out_features).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, enabled: bool = True) -> None:
+        super().__init__()
+        layer = nn.Linear(in_features, out_features)
+        self.weight = nn.Parameter(layer.weight.detach().clone())
+        self.bias = nn.Parameter(layer.bias.detach().clone())
+        self.register_buffer("u", F.normalize(torch.randn(out_features), dim=0))
+        self.register_buffer("enabled", torch.tensor(enabled))
+
+    def sigma(self) -> torch.Tensor:
+        """Current spectral-norm estimate u^T W v (differentiable in W)."""
+        if self.training:
+            with torch.no_grad():
+                v = F.normalize(self.weight.t() @ self.u, dim=0)
+                self.u.copy_(F.normalize(self.weight @ v, dim=0))
+        with torch.no_grad():
+            u = self.u.clone()  # later forwards update self.u in place; autograd keeps this one
+            v = F.normalize(self.weight.t() @ u, dim=0)
+        return u @ (self.weight @ v)
+
+    def effective_weight(self) -> torch.Tensor:
+        if bool(self.enabled):
+            return self.weight / self.sigma()
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight(), self.bias)

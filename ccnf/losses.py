@@ -1,0 +1,179 @@
+"""CCNF training losses, one function per term (weights in ``loss.*``; weight 0 skips a term).
+
+Notation for one level with N patch vectors of dimension D from B images:
+log p = log p(x|y) (N,), z (N, D), logdet (N,), s the couplings' log-scales.
+
+    L_g            = mean(-log p / D)
+    L_logdet_reg   = mean((logdet / D)^2)
+    L_z_reg        = mean_d( mean_n(z_nd)^2 + (var_n(z_nd) - 1)^2 )      moment match to N(0, I)
+    L_balance      = (mean_n(0.5 ||z_n||^2 / D) - 0.5)^2
+    L_scale_penalty= mean(s^2)
+    L_mi           = mean(relu(m - (log p(x|y) - log p(x|y_neg)) / D)),  y_neg != y, seen
+    L_e            = mean_n H(softmax_c(log p(x_n|c) / (D tau))),  c over seen classes,
+                     on a random subset of ``loss.entropy_samples`` vectors
+    L_center       = mean_b ||stopgrad(zbar_b) - P e_{y_b}||^2 / D,  zbar_b = mean of z over
+                     image b's sampled positions; only the embedding and P get gradients (E11)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ccnf.config import LossConfig
+from ccnf.flows.ccnf import CCNF, LevelOutput
+
+TERMS = (
+    "L_g",
+    "L_logdet_reg",
+    "L_z_reg",
+    "L_balance",
+    "L_scale_penalty",
+    "L_mi",
+    "L_e",
+    "L_center",
+)
+
+
+def weights(cfg: LossConfig) -> dict[str, float]:
+    """Weight of each term in :data:`TERMS`."""
+    return {
+        "L_g": cfg.lambda_g,
+        "L_logdet_reg": cfg.lambda_logdet,
+        "L_z_reg": cfg.lambda_z,
+        "L_balance": cfg.lambda_balance,
+        "L_scale_penalty": cfg.lambda_scale,
+        "L_mi": cfg.lambda_mi,
+        "L_e": cfg.lambda_entropy,
+        "L_center": cfg.lambda_center,
+    }
+
+
+@dataclass
+class LevelBatch:
+    """One level's training batch: B images x K sampled positions (N = B * K vectors).
+
+    x: (N, D) features; y: (N,) class ids; pos: (N,) flat grid positions; image: (N,) index of
+    the vector's image in 0..B-1; image_class: (B,) class id per image.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    pos: torch.Tensor
+    image: torch.Tensor
+    image_class: torch.Tensor
+
+
+def nll(out: LevelOutput, dim: int) -> torch.Tensor:
+    return (-out.log_prob / dim).mean()
+
+
+def logdet_reg(out: LevelOutput, dim: int) -> torch.Tensor:
+    return (out.logdet / dim).pow(2).mean()
+
+
+def z_moment_reg(z: torch.Tensor) -> torch.Tensor:
+    return (z.mean(dim=0).pow(2) + (z.var(dim=0, unbiased=False) - 1).pow(2)).mean()
+
+
+def balance(z: torch.Tensor) -> torch.Tensor:
+    return ((0.5 * z.pow(2).sum(dim=-1) / z.shape[1]).mean() - 0.5).pow(2)
+
+
+def mutual_info_margin(
+    model: CCNF,
+    level: int,
+    batch: LevelBatch,
+    out: LevelOutput,
+    seen: torch.Tensor,
+    margin: float,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """Hinge on the per-dimension log-likelihood gap to a random other seen class."""
+    n_seen = seen.numel()
+    slot = torch.searchsorted(seen, batch.image_class)
+    offset = torch.randint(1, n_seen, (slot.numel(),), generator=gen)
+    neg_class = seen[(slot + offset) % n_seen][batch.image]
+    neg = model.forward_level(level, batch.x, neg_class, batch.pos)
+    gap = (out.log_prob - neg.log_prob) / batch.x.shape[1]
+    return F.relu(margin - gap).mean()
+
+
+def class_entropy(
+    model: CCNF,
+    level: int,
+    batch: LevelBatch,
+    seen: torch.Tensor,
+    tau: float,
+    samples: int,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """Mean entropy of the class posterior softmax_c(log p(x|c) / (D tau)) on a subset."""
+    n = batch.x.shape[0]
+    pick = torch.randperm(n, generator=gen)[: min(samples, n)]
+    x, pos = batch.x[pick], batch.pos[pick]
+    m, c = x.shape[0], seen.numel()
+    out = model.forward_level(
+        level, x.repeat(c, 1), seen.repeat_interleave(m), pos.repeat(c)
+    )
+    logits = (out.log_prob / (x.shape[1] * tau)).view(c, m).t()  # (m, c)
+    logp = F.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1).mean()
+
+
+def center_loss(model: CCNF, level: int, batch: LevelBatch, z: torch.Tensor) -> torch.Tensor:
+    n_img = batch.image_class.numel()
+    zbar = torch.zeros(n_img, z.shape[1], dtype=z.dtype, device=z.device)
+    zbar.index_add_(0, batch.image, z.detach())
+    counts = torch.bincount(batch.image, minlength=n_img).clamp_min(1).to(z.dtype)
+    zbar = zbar / counts[:, None]
+    mu = model.prototype(level, batch.image_class)
+    return (zbar - mu).pow(2).sum(dim=-1).mean() / z.shape[1]
+
+
+def level_losses(
+    model: CCNF,
+    level: int,
+    batch: LevelBatch,
+    seen: torch.Tensor,
+    cfg: LossConfig,
+    gen: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Every enabled term for one level. seen: sorted (C,) ids of all classes seen so far."""
+    w = weights(cfg)
+    dim = batch.x.shape[1]
+    out = model.forward_level(level, batch.x, batch.y, batch.pos)
+    terms: dict[str, torch.Tensor] = {}
+    if w["L_g"] > 0:
+        terms["L_g"] = nll(out, dim)
+    if w["L_logdet_reg"] > 0:
+        terms["L_logdet_reg"] = logdet_reg(out, dim)
+    if w["L_z_reg"] > 0:
+        terms["L_z_reg"] = z_moment_reg(out.z)
+    if w["L_balance"] > 0:
+        terms["L_balance"] = balance(out.z)
+    if w["L_scale_penalty"] > 0:
+        terms["L_scale_penalty"] = out.scale_sq.mean()
+    if seen.numel() >= 2:
+        if w["L_mi"] > 0:
+            terms["L_mi"] = mutual_info_margin(model, level, batch, out, seen, cfg.mi_margin, gen)
+        if w["L_e"] > 0:
+            terms["L_e"] = class_entropy(
+                model, level, batch, seen, cfg.entropy_tau, cfg.entropy_samples, gen
+            )
+    if w["L_center"] > 0:
+        terms["L_center"] = center_loss(model, level, batch, out.z)
+    return terms
+
+
+def total_loss(
+    per_level: list[dict[str, torch.Tensor]], cfg: LossConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Average each term over levels, weight and sum. Returns (total, {term: level mean})."""
+    w = weights(cfg)
+    names = [t for t in TERMS if t in per_level[0]]
+    means = {t: torch.stack([lv[t] for lv in per_level]).mean() for t in names}
+    total = sum((w[t] * means[t] for t in names), torch.zeros(()))
+    return total, means

@@ -1,0 +1,229 @@
+"""Training of one task: resume from the previous checkpoint, learn the task's classes.
+
+Continual protocol: task t sees only its own classes' cached training features (minus a
+held-out calibration slice); the model carries everything else. The calibration statistics of
+task t's classes are measured right after task t with the model of that moment and stored in
+the checkpoint, so no earlier task's data is ever touched again.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ccnf.atomic import atomic_path, write_json
+from ccnf.config import Params
+from ccnf.errors import CcnfError, NonFiniteLossError
+from ccnf.features import FeatureSplit, load_split
+from ccnf.flows.ccnf import CCNF, read_checkpoint
+from ccnf.losses import TERMS, LevelBatch, level_losses, total_loss
+from ccnf.scoring import calibration_stats, score_images
+from ccnf.seeding import seed_everything
+
+LOG_COLUMNS = ("step", "task", "epoch", "loss", *TERMS)
+
+
+def calibration_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic (fit, calib) index split of n training images; both non-empty."""
+    if n < 2:
+        raise CcnfError(f"need at least 2 training images per class, got {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_calib = min(n - 1, max(1, round(fraction * n)))
+    return perm[n_calib:].sort().values, perm[:n_calib].sort().values
+
+
+@dataclass
+class TaskData:
+    """A task's training images: feats[l] (N, H_l*W_l, D_l) float32, labels (N,) class ids."""
+
+    feats: list[torch.Tensor]
+    labels: torch.Tensor
+
+
+def _stack_task(splits: dict[int, FeatureSplit]) -> TaskData:
+    feats = []
+    for lvl in range(len(next(iter(splits.values())).features)):
+        per_class = [s.features[lvl].float().flatten(2).transpose(1, 2) for s in splits.values()]
+        feats.append(torch.cat(per_class).contiguous())
+    labels = torch.cat([torch.full((len(s),), cid, dtype=torch.long) for cid, s in splits.items()])
+    return TaskData(feats, labels)
+
+
+def _sample_batch(
+    data: TaskData, images: torch.Tensor, level: int, k: int | None, gen: torch.Generator
+) -> LevelBatch:
+    feats = data.feats[level]
+    b, hw = images.numel(), feats.shape[1]
+    if k is None or k >= hw:
+        pos = torch.arange(hw).expand(b, hw)
+    else:
+        pos = torch.rand(b, hw, generator=gen).argsort(dim=1)[:, :k]
+    kk = pos.shape[1]
+    x = feats[images[:, None], pos].reshape(b * kk, -1)
+    image_class = data.labels[images]
+    return LevelBatch(
+        x=x,
+        y=image_class.repeat_interleave(kk),
+        pos=pos.reshape(-1),
+        image=torch.arange(b).repeat_interleave(kk),
+        image_class=image_class,
+    )
+
+
+def _check_finite(terms: dict[str, torch.Tensor], task: str, step: int) -> None:
+    for name, value in terms.items():
+        if not torch.isfinite(value):
+            raise NonFiniteLossError(
+                f"non-finite loss term {name} = {value.item()} at task {task}, step {step}; "
+                "no checkpoint was written",
+                where=f"train stage of task {task}",
+                fix="lower train.lr, enable flow.spectral_norm, lower flow.clamp_alpha or "
+                "raise train.grad_clip strictness",
+            )
+
+
+def train_task(
+    params: Params,
+    task: str,
+    features_dir: Path,
+    prev_dir: Path,
+    out_dir: Path,
+    *,
+    console: Console | None = None,
+) -> dict[str, float]:
+    """Train ``task`` from ``prev_dir``'s checkpoint; write ``out_dir`` atomically.
+
+    out_dir holds model.pt (weights + seen classes + calibration stats), calibration.json and
+    train_log.tsv (one row per step: every loss term).
+    """
+    t = params.task_index(task)
+    seed_everything(params.seed * 1009 + t)
+    ckpt = read_checkpoint(prev_dir)
+    offset = sum(len(c) for c in params.split[:t])
+    expected = params.classes[:offset]
+    if ckpt.get("classes", []) != expected:
+        raise CcnfError(
+            f"checkpoint {prev_dir} holds classes {ckpt.get('classes')} but task {task} "
+            f"expects {expected} before it",
+            fix="the task split changed: dvc repro re-runs the chain",
+        )
+    model = CCNF.from_checkpoint(ckpt, params.flow)
+    task_classes = params.split[t]
+    model.add_classes(len(task_classes))
+    sn = params.flow.spectral_norm and (t > 0 or params.flow.spectral_norm_first_task)
+    model.set_spectral_norm(sn)
+    class_ids = list(range(offset, offset + len(task_classes)))
+
+    fit: dict[int, FeatureSplit] = {}
+    calib: dict[int, FeatureSplit] = {}
+    for cid, cls in zip(class_ids, task_classes, strict=True):
+        split = load_split(features_dir, cls, "train")
+        fit_idx, calib_idx = calibration_split(len(split), params.eval.calib_fraction, params.seed)
+        fit[cid], calib[cid] = split.subset(fit_idx), split.subset(calib_idx)
+    data = _stack_task(fit)
+
+    tc = params.train
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    gen = torch.Generator().manual_seed(params.seed * 7919 + t)
+    seen = torch.arange(offset + len(task_classes))
+    n_img = data.labels.numel()
+    steps_per_epoch = math.ceil(n_img / tc.images_per_step)
+    rows: list[dict[str, float]] = []
+    start = time.perf_counter()
+    progress = Progress(
+        TextColumn(f"[bold]train {task}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    with progress:
+        bar = progress.add_task("train", total=tc.epochs * steps_per_epoch, loss="-")
+        model.train()
+        for epoch in range(tc.epochs):
+            order = torch.randperm(n_img, generator=gen)
+            for i in range(steps_per_epoch):
+                images = order[i * tc.images_per_step : (i + 1) * tc.images_per_step]
+                per_level = [
+                    level_losses(
+                        model,
+                        lvl,
+                        _sample_batch(data, images, lvl, tc.patches_per_image, gen),
+                        seen,
+                        params.loss,
+                        gen,
+                    )
+                    for lvl in range(model.n_levels)
+                ]
+                loss, means = total_loss(per_level, params.loss)
+                step = int(model.global_step)
+                _check_finite({"loss": loss, **means}, task, step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if tc.grad_clip is not None:
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                    _check_finite({"grad_norm": norm}, task, step)
+                optimizer.step()
+                model.global_step += 1
+                rows.append(
+                    {"step": step, "task": t, "epoch": epoch, "loss": loss.item()}
+                    | {k: v.item() for k, v in means.items()}
+                )
+                progress.update(bar, advance=1, loss=f"{loss.item():.4f}")
+    train_seconds = time.perf_counter() - start
+    for p in model.parameters():
+        if not torch.isfinite(p).all():
+            raise NonFiniteLossError(f"non-finite weights after task {task}; nothing written")
+
+    calibration = {}
+    for cid, cls in zip(class_ids, task_classes, strict=True):
+        scores = score_images(
+            model,
+            calib[cid].features,
+            torch.full((len(calib[cid]),), cid),
+            params.score,
+            params.data.mask_size,
+            params.eval.batch_images,
+        )
+        calibration[cls] = calibration_stats(scores)
+    all_calibration = {**ckpt.get("calibration", {}), **calibration}
+    seen_classes = params.classes[: offset + len(task_classes)]
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        torch.save(
+            model.checkpoint(classes=seen_classes, task=t, calibration=all_calibration),
+            tmp / "model.pt",
+        )
+        write_json(tmp / "calibration.json", all_calibration)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, delimiter="\t", restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        (tmp / "train_log.tsv").write_text(buf.getvalue())
+    return {
+        "steps": float(len(rows)),
+        "seconds": train_seconds,
+        "final_loss": rows[-1]["loss"] if rows else float("nan"),
+    }
+
+
+def init_model(params: Params, features_dir: Path, out_dir: Path) -> CCNF:
+    """The seeded, class-less model that task 0 starts from (models/init)."""
+    from ccnf.features import FeatureMeta
+
+    meta = FeatureMeta.load(features_dir)
+    seed_everything(params.seed)
+    model = CCNF(meta.channels, meta.grids, params.flow, n_classes=0)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        torch.save(model.checkpoint(classes=[], task=-1, calibration={}), tmp / "model.pt")
+    return model
