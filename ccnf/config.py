@@ -21,7 +21,7 @@ INIT_CHECKPOINT = "models/init"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class SyntheticConfig(_Section):
@@ -245,6 +245,14 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def format_validation_error(err: ValidationError, source: str) -> CcnfError:
     lines = []
     for e in err.errors():
@@ -262,7 +270,10 @@ def format_validation_error(err: ValidationError, source: str) -> CcnfError:
             lines.append(f"missing key '{key}'")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{key}: {msg} (got {e.get('input')!r})" if loc else msg)
+            got = e.get("input")
+            if isinstance(got, str) and _looks_numeric(got):
+                msg += f"; YAML read {got!r} as text: write it with a decimal point, e.g. 1.0e-3"
+            lines.append(f"{key}: {msg} (got {got!r})" if loc else msg)
     return CcnfError(
         "invalid params:\n  - " + "\n  - ".join(lines),
         where=source,
