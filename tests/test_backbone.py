@@ -78,6 +78,11 @@ def test_package_weights_only_for_their_model() -> None:
 
 
 def test_timm_weights_without_hub_cache_fail_loudly(monkeypatch, tmp_path) -> None:
+    import huggingface_hub.constants as hub
+
+    # offline, empty cache: exactly the situation on this machine and in CI
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(CcnfError, match="timm could not load pretrained weights"):

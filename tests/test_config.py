@@ -106,3 +106,10 @@ def test_load_params_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(CcnfError) as info:
         load_params(other)
     assert str(other) in str(info.value) and "seed" in str(info.value)
+
+
+def test_params_synthetic_split_is_the_generators(raw_params: dict) -> None:
+    from ccnf.data.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_SPLIT
+
+    assert raw_params["splits"]["synthetic"] == SYNTHETIC_SPLIT
+    assert sorted(c for t in SYNTHETIC_SPLIT for c in t) == sorted(SYNTHETIC_CLASSES)

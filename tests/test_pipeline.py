@@ -1,0 +1,147 @@
+"""End to end through DVC on a tiny dataset: the real dvc.yaml, stage scripts and library."""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, make_mvtec_root, tiny_params
+
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": VENV_BIN + os.pathsep + os.environ["PATH"],
+           "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(cwd)}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "-m", "dvc", *args], cwd, check)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    """A copy of the project with tiny params, after one full `dvc repro`."""
+    work = tmp_path_factory.mktemp("study")
+    for item in ("ccnf", "stages", "dvc.yaml"):
+        src = REPO / item
+        if src.is_dir():
+            shutil.copytree(src, work / item, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, work / item)
+    root = make_mvtec_root(work / "external" / "ds", ["a", "b", "c", "d"], n_train=5)
+    raw = tiny_params(root, [["a", "b"], ["c", "d"]])
+    raw["data"]["synthetic"].update(image_size=64, n_train=4, n_test_good=1, n_test_defect=2)
+    (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    _run(["git", "init", "-q"], work)
+    _dvc("init", "-q", cwd=work)
+    _dvc("repro", cwd=work)
+    return work
+
+
+def _stale(work: Path) -> set[str]:
+    """Stages `dvc repro` would run now (downstream ones included)."""
+    out = _dvc("repro", "--dry", cwd=work).stdout
+    return set(re.findall(r"Running stage '([^']+)'", out))
+
+
+def test_repro_writes_metrics_and_plots(study: Path) -> None:
+    summary = json.loads((study / "metrics/summary.json").read_text())
+    for score in ("nf", "proto", "hybrid"):
+        for key in ("image_auroc", "pixel_auroc", "aupro", "image_forgetting",
+                    "pixel_forgetting"):
+            assert 0.0 <= abs(summary[score][key]) <= 1.0, (score, key)
+    for png in ("task_curves", "R_image_auroc", "loss_curves", "roc_nf", "gallery"):
+        assert (study / "plots" / f"{png}.png").stat().st_size > 1000
+    assert (study / "plots/loss.tsv").read_text().startswith("step\t")
+    assert _stale(study) == set()
+
+
+def test_loss_change_reruns_training_but_not_extraction(study: Path) -> None:
+    params = study / "params.yaml"
+    original = params.read_text()
+    before = json.loads((study / "metrics/summary.json").read_text())
+    try:
+        raw = yaml.safe_load(original)
+        raw["loss"]["lambda_center"] = 0.1
+        params.write_text(yaml.safe_dump(raw, sort_keys=False))
+        out = _dvc("repro", cwd=study).stdout
+        ran = set(re.findall(r"Running stage '([^']+)'", out))
+        assert {"train@t0", "train@t1", "evaluate@t0", "evaluate@t1", "aggregate"} <= ran
+        assert not {"synth", "prepare", "extract", "init"} & ran
+        after = json.loads((study / "metrics/summary.json").read_text())
+        assert after != before  # the variant is told apart from the default
+        raw["backbone"]["batch_size"] = 3
+        params.write_text(yaml.safe_dump(raw, sort_keys=False))
+        assert "extract" in _stale(study)
+    finally:
+        params.write_text(original)
+        _dvc("repro", cwd=study)  # back to the default outputs (from DVC's run cache)
+    assert json.loads((study / "metrics/summary.json").read_text()) == before
+
+
+def test_dag_chains_tasks_through_checkpoints(study: Path) -> None:
+    dot = _dvc("dag", "--dot", cwd=study).stdout
+    edges = {
+        tuple(part.strip().strip('"') for part in line.strip().rstrip(";").split("->"))
+        for line in dot.splitlines()
+        if "->" in line
+    }
+    assert ("init", "train@t0") in edges
+    assert ("train@t0", "train@t1") in edges
+    assert ("train@t1", "evaluate@t1") in edges
+    assert ("extract", "train@t0") in edges
+    assert ("train@t1", "train@t0") not in edges
+
+
+def test_changing_an_image_on_disk_reruns_prepare(study: Path) -> None:
+    image = study / "external/ds/a/train/good/000.png"
+    original = image.read_bytes()
+    try:
+        from PIL import Image
+
+        Image.new("RGB", (48, 48), (1, 2, 3)).save(image)
+        assert "prepare" in _stale(study)
+    finally:
+        image.write_bytes(original)
+
+
+def test_bad_params_key_fails_the_stage_with_one_clear_message(study: Path, tmp_path) -> None:
+    raw = yaml.safe_load((study / "params.yaml").read_text())
+    raw["loss"]["lambda_centre"] = raw["loss"].pop("lambda_center")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    proc = _run([sys.executable, "stages/prepare.py", "--params", str(bad)], study, check=False)
+    assert proc.returncode == 1
+    assert "unknown key 'loss.lambda_centre'" in proc.stderr
+    assert "did you mean 'loss.lambda_center'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_data_root_fails_prepare_cleanly(study: Path, tmp_path) -> None:
+    raw = yaml.safe_load((study / "params.yaml").read_text())
+    raw["data"]["root"] = str(tmp_path / "no_such_dataset")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "manifest.json"
+    proc = _run([sys.executable, "stages/prepare.py", "--params", str(bad), "--out", str(out)],
+                study, check=False)
+    assert proc.returncode == 1 and "data.root does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_cli_info_prints_the_run(study: Path) -> None:
+    proc = _run([sys.executable, "-m", "ccnf.cli", "info"], study)
+    assert "final averages" in proc.stderr + proc.stdout

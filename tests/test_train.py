@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_mvtec_root, tiny_params
+
+from ccnf.config import parse_params
+from ccnf.data.manifest import index_root
+from ccnf.errors import CcnfError, NonFiniteLossError
+from ccnf.evaluate import evaluate_task
+from ccnf.features import extract_features, load_split
+from ccnf.flows.ccnf import read_checkpoint
+from ccnf.train import calibration_split, init_model, train_task
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> tuple[Path, dict]:
+    tmp = tmp_path_factory.mktemp("train")
+    root = make_mvtec_root(tmp / "ds", ["a", "b", "c", "d"], n_train=5)
+    raw = tiny_params(root, [["a", "b"], ["c", "d"]])
+    params = parse_params(raw)
+    manifest = index_root(root, params.classes, progress=False)
+    extract_features(manifest, params, tmp / "features")
+    init_model(params, tmp / "features", tmp / "models" / "init")
+    return tmp, raw
+
+
+def _train(tmp: Path, raw: dict, out: str, task: str = "t0", prev: str = "init") -> Path:
+    params = parse_params(raw)
+    train_task(params, task, tmp / "features", tmp / "models" / prev, tmp / out)
+    return tmp / out
+
+
+def test_training_is_deterministic(prepared) -> None:
+    tmp, raw = prepared
+    a = read_checkpoint(_train(tmp, raw, "run_a"))["state_dict"]
+    b = read_checkpoint(_train(tmp, raw, "run_b"))["state_dict"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp / "run_a" / "train_log.tsv").read_text() == (
+        tmp / "run_b" / "train_log.tsv"
+    ).read_text()
+
+
+def test_checkpoint_holds_classes_calibration_and_log(prepared) -> None:
+    tmp, raw = prepared
+    ckpt = read_checkpoint(_train(tmp, raw, "models/t0"))
+    assert ckpt["classes"] == ["a", "b"] and ckpt["n_classes"] == 2
+    assert set(ckpt["calibration"]) == {"a", "b"}
+    log = (tmp / "models/t0/train_log.tsv").read_text().splitlines()
+    assert log[0].split("\t")[:4] == ["step", "task", "epoch", "loss"]
+    assert len(log) > 1
+    ckpt1 = read_checkpoint(_train(tmp, raw, "models/t1", task="t1", prev="t0"))
+    assert ckpt1["classes"] == ["a", "b", "c", "d"]
+    # calibration of earlier classes is kept from the task that learned them
+    assert ckpt1["calibration"]["a"] == ckpt["calibration"]["a"]
+    params = parse_params(raw)
+    res = evaluate_task(params, "t1", tmp / "features", tmp / "models/t1",
+                        tmp / "metrics/t1.json", tmp / "eval/t1")
+    assert set(res["per_task"]) == {"t0", "t1"}
+    assert set(res["per_class"]) == {"a", "b", "c", "d"}
+    for cls in res["per_class"].values():
+        for score in ("nf", "proto", "hybrid"):
+            assert all(0.0 <= v <= 1.0 for v in cls[score].values())
+
+
+def test_non_finite_loss_stops_without_checkpoint(prepared) -> None:
+    tmp, raw = prepared
+    bad = {**raw, "train": {**raw["train"], "lr": 1.0e30, "grad_clip": None}}
+    bad["flow"] = {**raw["flow"], "spectral_norm": False, "clamp_alpha": 1.0e6}
+    bad["loss"] = {**raw["loss"], "lambda_g": 1.0e30}
+    with pytest.raises(NonFiniteLossError, match=r"task t0.*step \d+") as info:
+        _train(tmp, bad, "nan_run")
+    assert "no checkpoint was written" in str(info.value) or "nothing written" in str(info.value)
+    assert not (tmp / "nan_run").exists()
+
+
+def test_wrong_previous_checkpoint_is_rejected(prepared) -> None:
+    tmp, raw = prepared
+    with pytest.raises(CcnfError, match="expects"):
+        _train(tmp, raw, "bad_chain", task="t1", prev="init")
+
+
+def test_calibration_split_is_disjoint_and_deterministic() -> None:
+    fit, cal = calibration_split(20, 0.2, seed=3)
+    assert len(cal) == 4 and len(fit) == 16
+    assert not set(fit.tolist()) & set(cal.tolist())
+    fit2, cal2 = calibration_split(20, 0.2, seed=3)
+    assert torch.equal(cal, cal2)
+    with pytest.raises(CcnfError):
+        calibration_split(1, 0.2, seed=0)
+
+
+def test_extract_failure_leaves_no_partial_cache(prepared, tmp_path: Path) -> None:
+    tmp, raw = prepared
+    root = make_mvtec_root(tmp_path / "ds", ["a", "b"], n_train=3)
+    raw2 = tiny_params(root, [["a"], ["b"]])
+    params = parse_params(raw2)
+    manifest = index_root(root, params.classes, progress=False)
+    victim = root / "b" / "test" / "hole" / "000.png"
+    victim.write_bytes(b"not a png")
+    with pytest.raises(CcnfError, match="cannot decode image"):
+        extract_features(manifest, params, tmp_path / "features")
+    assert not (tmp_path / "features").exists()
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".features")] == []
+
+
+def test_cached_features_have_expected_shapes(prepared) -> None:
+    tmp, _ = prepared
+    test = load_split(tmp / "features", "a", "test")
+    assert [tuple(f.shape[1:]) for f in test.features] == [(40, 8, 8), (112, 4, 4)]
+    assert test.features[0].dtype == torch.float16
+    assert test.masks is not None and test.masks.shape[1:] == (32, 32)
+    assert test.labels.tolist() == [1, 1, 0, 0] or sorted(test.labels.tolist()) == [0, 0, 1, 1]
