@@ -90,7 +90,7 @@ class FlowConfig(_Section):
         True, description="apply spectral norm on task 0 too (False: only from task 1 on)"
     )
     warmup_steps: int = Field(
-        200, ge=0, description="steps of additive-to-affine warm-up (0: affine from the start)"
+        50, ge=0, description="steps of additive-to-affine warm-up (0: affine from the start)"
     )
 
     @model_validator(mode="after")
@@ -120,12 +120,12 @@ class LossConfig(_Section):
 
 class TrainConfig(_Section):
     strategy: Literal["naive"] = "naive"
-    epochs: int = Field(4, ge=1, description="epochs over the task's training images")
+    epochs: int = Field(8, ge=1, description="epochs over the task's training images")
     images_per_step: int = Field(8, ge=1)
     patches_per_image: int | None = Field(
         64, ge=1, description="random positions per image and level per step (null: all)"
     )
-    lr: float = Field(1.0e-3, gt=0)
+    lr: float = Field(5.0e-4, gt=0)
     weight_decay: float = Field(1.0e-5, ge=0)
     grad_clip: float | None = Field(1.0, gt=0, description="max grad norm (null: off)")
     device: Literal["auto", "cpu", "cuda"] = "cpu"

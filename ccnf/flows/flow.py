@@ -9,7 +9,7 @@ from ccnf.flows.coupling import ConditionalAffineCoupling
 
 
 class ConditionalFlow(nn.Module):
-    """z = f(x; c) = (P_K o C_K o ... o P_1 o C_1)(x).
+    """z = f(x; c) = (P_K o C_K o ... o P_1 o C_1)(x), C_k affine couplings, P_k permutations.
 
     forward(x (N, D), cond (N, K), warm) -> (z (N, D), logdet (N,), scale_sq (N,)) where
     scale_sq is the mean of s^2 over all couplings' log-scales (for L_scale_penalty).
@@ -33,8 +33,17 @@ class ConditionalFlow(nn.Module):
             )
             for _ in range(n_couplings)
         )
-        # permutations are drawn from the global RNG: seed before building the model
-        perms = torch.stack([torch.randperm(dim) for _ in range(n_couplings)])
+        # Each permutation moves the half a coupling left unchanged (x_a) into the half the next
+        # coupling transforms, shuffled within halves: every dimension is transformed at least
+        # every second coupling (purely random permutations leave some dimensions untouched,
+        # and an untouched raw feature then dominates ||z||^2). Drawn from the global RNG.
+        dim_a = dim // 2
+        perms = torch.stack(
+            [
+                torch.cat([dim_a + torch.randperm(dim - dim_a), torch.randperm(dim_a)])
+                for _ in range(n_couplings)
+            ]
+        )
         self.register_buffer("perms", perms)
         self.register_buffer("inv_perms", torch.argsort(perms, dim=1))
 

@@ -119,3 +119,14 @@ def test_warmup_factor_ramps_to_one() -> None:
     assert model.warm() == 0.5
     model.global_step.fill_(50)
     assert model.warm() == 1.0
+
+
+@pytest.mark.parametrize("dim", [3, 8, 112])
+def test_every_dimension_is_transformed_within_two_couplings(dim) -> None:
+    torch.manual_seed(0)
+    f = ConditionalFlow(dim, 2, n_couplings=2, hidden_dim=4, clamp_alpha=1.0, spectral_norm=False)
+    dim_a = dim // 2
+    # positions (in the input) that the first or second coupling transforms
+    first = set(range(dim_a, dim))
+    second = {int(f.perms[0][i]) for i in range(dim_a, dim)}
+    assert first | second == set(range(dim))
