@@ -20,7 +20,9 @@ from ccnf.config import load_params
 from ccnf.console import console, report_user_errors
 from ccnf.errors import CcnfError
 
-app = typer.Typer(help="Continual Conditional Normalizing Flows: study tools.", no_args_is_help=True)
+app = typer.Typer(
+    help="Continual Conditional Normalizing Flows: study tools.", no_args_is_help=True
+)
 data_app = typer.Typer(help="The dataset: generate, check difficulty.", no_args_is_help=True)
 report_app = typer.Typer(help="Result tables in README.", no_args_is_help=True)
 app.add_typer(data_app, name="data")

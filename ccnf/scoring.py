@@ -67,6 +67,12 @@ def pool(maps: np.ndarray, cfg: ScoreConfig) -> np.ndarray:
     return np.sort(flat, axis=1)[:, -k:].mean(axis=1)
 
 
+def _to_map(levels: list[torch.Tensor], size: int, sigma: float) -> torch.Tensor:
+    """Per-level (B, 1, H_l, W_l) patch scores -> (B, size, size): upsample, average, blur."""
+    up = [F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False) for m in levels]
+    return gaussian_blur(torch.cat(up, dim=1).mean(dim=1), sigma)
+
+
 @torch.no_grad()
 def score_images(
     model: CCNF,
@@ -100,14 +106,8 @@ def score_images(
             nf_lv.append((-out.log_prob / d).view(b, 1, h, w))
             pr_lv.append(((z - mu[:, None]).pow(2).sum(-1) / d).view(b, 1, h, w))
             img_lv.append((z.mean(dim=1) - mu).pow(2).sum(-1) / d)
-        size = (mask_size, mask_size)
-
-        def to_map(levels: list[torch.Tensor]) -> torch.Tensor:
-            up = [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in levels]
-            return gaussian_blur(torch.cat(up, dim=1).mean(dim=1), cfg.smoothing_sigma)
-
-        nf_maps.append(to_map(nf_lv).numpy())
-        proto_maps.append(to_map(pr_lv).numpy())
+        nf_maps.append(_to_map(nf_lv, mask_size, cfg.smoothing_sigma).numpy())
+        proto_maps.append(_to_map(pr_lv, mask_size, cfg.smoothing_sigma).numpy())
         proto_img.append(torch.stack(img_lv).mean(dim=0).numpy())
     nf_map = np.concatenate(nf_maps).astype(np.float32)
     proto_image = np.concatenate(proto_img).astype(np.float64)

@@ -87,14 +87,13 @@ def test_calibration_split_is_disjoint_and_deterministic() -> None:
     fit, cal = calibration_split(20, 0.2, seed=3)
     assert len(cal) == 4 and len(fit) == 16
     assert not set(fit.tolist()) & set(cal.tolist())
-    fit2, cal2 = calibration_split(20, 0.2, seed=3)
+    _, cal2 = calibration_split(20, 0.2, seed=3)
     assert torch.equal(cal, cal2)
     with pytest.raises(CcnfError):
         calibration_split(1, 0.2, seed=0)
 
 
-def test_extract_failure_leaves_no_partial_cache(prepared, tmp_path: Path) -> None:
-    tmp, raw = prepared
+def test_extract_failure_leaves_no_partial_cache(tmp_path: Path) -> None:
     root = make_mvtec_root(tmp_path / "ds", ["a", "b"], n_train=3)
     raw2 = tiny_params(root, [["a"], ["b"]])
     params = parse_params(raw2)

@@ -35,13 +35,13 @@ def test_changing_an_image_changes_the_manifest(root: Path) -> None:
 
 
 def test_missing_root_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(CcnfError, match="data.root does not exist") as info:
+    with pytest.raises(CcnfError, match=r"data\.root does not exist") as info:
         index_root(tmp_path / "nowhere", ["a"], progress=False)
     assert "dvc exp run -S data.root" in str(info.value)
 
 
 def test_missing_class_names_classes_found(root: Path) -> None:
-    with pytest.raises(CcnfError, match="classes missing on disk.*gamma") as info:
+    with pytest.raises(CcnfError, match=r"classes missing on disk.*gamma") as info:
         index_root(root, ["alpha", "gamma"], progress=False)
     assert "alpha, beta" in str(info.value)
 

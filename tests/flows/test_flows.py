@@ -69,7 +69,8 @@ def test_log_prob_is_a_normalized_density_in_2d() -> None:
     xx, yy = torch.meshgrid(g, g, indexing="ij")
     x = torch.stack([xx.ravel(), yy.ravel()], dim=1)
     n = x.shape[0]
-    out = model.forward_level(0, x, torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long))
+    zeros = torch.zeros(n, dtype=torch.long)
+    out = model.forward_level(0, x, zeros, zeros)
     step = (g[1] - g[0]) ** 2
     assert float(out.log_prob.detach().exp().sum() * step) == pytest.approx(1.0, abs=2e-3)
 
