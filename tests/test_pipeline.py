@@ -68,29 +68,6 @@ def test_repro_writes_metrics_and_plots(study: Path) -> None:
     assert _stale(study) == set()
 
 
-def test_loss_change_reruns_training_but_not_extraction(study: Path) -> None:
-    params = study / "params.yaml"
-    original = params.read_text()
-    before = json.loads((study / "metrics/summary.json").read_text())
-    try:
-        raw = yaml.safe_load(original)
-        raw["loss"]["lambda_center"] = 0.1
-        params.write_text(yaml.safe_dump(raw, sort_keys=False))
-        out = _dvc("repro", cwd=study).stdout
-        ran = set(re.findall(r"Running stage '([^']+)'", out))
-        assert {"train@t0", "train@t1", "evaluate@t0", "evaluate@t1", "aggregate"} <= ran
-        assert not {"synth", "prepare", "extract", "init"} & ran
-        after = json.loads((study / "metrics/summary.json").read_text())
-        assert after != before  # the variant is told apart from the default
-        raw["backbone"]["batch_size"] = 3
-        params.write_text(yaml.safe_dump(raw, sort_keys=False))
-        assert "extract" in _stale(study)
-    finally:
-        params.write_text(original)
-        _dvc("repro", cwd=study)  # back to the default outputs (from DVC's run cache)
-    assert json.loads((study / "metrics/summary.json").read_text()) == before
-
-
 def test_dag_chains_tasks_through_checkpoints(study: Path) -> None:
     dot = _dvc("dag", "--dot", cwd=study).stdout
     edges = {
@@ -145,3 +122,22 @@ def test_missing_data_root_fails_prepare_cleanly(study: Path, tmp_path) -> None:
 def test_cli_info_prints_the_run(study: Path) -> None:
     proc = _run([sys.executable, "-m", "ccnf.cli", "info"], study)
     assert "final averages" in proc.stderr + proc.stdout
+
+
+def test_exp_run_loss_change_reruns_training_but_not_extraction(study: Path) -> None:
+    """Issue 2, must-show 2 (runs last: it leaves the experiment's results in the workspace)."""
+    _run(["git", "add", "-A"], study)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "study"], study)
+    _run(["git", "config", "user.name", "t"], study)
+    _run(["git", "config", "user.email", "t@t"], study)
+    out = _dvc("exp", "run", "-S", "loss.lambda_center=0.1", cwd=study).stdout
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert {"train@t0", "train@t1", "evaluate@t0", "evaluate@t1", "aggregate"} <= ran
+    assert not {"synth", "prepare", "extract", "init"} & ran
+    diff = json.loads(_dvc("metrics", "diff", "--json", cwd=study).stdout)
+    changed = diff["metrics/summary.json"]
+    assert any(abs(v.get("diff") or 0) > 0 for v in changed.values())  # told apart from E0
+    raw = yaml.safe_load((study / "params.yaml").read_text())
+    raw["backbone"]["batch_size"] = 3
+    (study / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert "extract" in _stale(study)
