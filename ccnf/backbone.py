@@ -156,6 +156,7 @@ class Backbone(nn.Module):
                 where="params.yaml: backbone.out_indices",
             ) from None
         missing, _ = self.body.load_state_dict(classifier.state_dict(), strict=False)
+        self._drop_unused_blocks()
         if missing:
             raise CcnfError(
                 f"feature extractor tensors without weights: {missing[:3]}...",
@@ -167,6 +168,19 @@ class Backbone(nn.Module):
         self.channels: list[int] = list(self.body.feature_info.channels())
         self.strides: list[int] = list(self.body.feature_info.reduction())
         self.eval().requires_grad_(False)
+
+    def _drop_unused_blocks(self) -> None:
+        """Cut the blocks after the deepest requested level (their output is never used).
+
+        timm's EfficientNet feature model runs every block whatever ``out_indices`` says;
+        for levels (2, 3) the two deepest stages are a third of the forward cost. Other
+        feature models (FeatureListNet) are already truncated by timm.
+        """
+        last = self.body.feature_info.module_name()[-1]
+        blocks = getattr(self.body, "blocks", None)
+        if isinstance(blocks, nn.Sequential) and last.startswith("blocks."):
+            keep = int(last.split(".")[1]) + 1
+            self.body.blocks = blocks[:keep]
 
     def train(self, mode: bool = True) -> Backbone:
         # frozen: batch-norm statistics must never update

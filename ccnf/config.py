@@ -128,7 +128,6 @@ class TrainConfig(_Section):
     lr: float = Field(5.0e-4, gt=0)
     weight_decay: float = Field(1.0e-5, ge=0)
     grad_clip: float | None = Field(1.0, gt=0, description="max grad norm (null: off)")
-    device: Literal["auto", "cpu", "cuda"] = "cpu"
 
 
 class ScoreConfig(_Section):

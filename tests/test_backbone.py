@@ -113,3 +113,20 @@ def test_random_init_only_when_asked() -> None:
     ref = Backbone(BackboneConfig())
     x = torch.rand(1, 3, 32, 32)
     assert not torch.allclose(bb(x)[0], ref(x)[0])
+
+
+def test_dropping_unused_blocks_keeps_features_identical() -> None:
+    import timm
+
+    bb = Backbone(BackboneConfig())
+    full = timm.create_model(
+        "tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=(2, 3)
+    )
+    full.load_state_dict(build_classifier(BackboneConfig()).state_dict(), strict=False)
+    full.eval()
+    assert len(bb.body.blocks) < len(full.blocks)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        want = full((x - 0.5) / 0.5)
+    for a, b in zip(bb(x), want, strict=True):
+        torch.testing.assert_close(a, b)
