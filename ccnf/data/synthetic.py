@@ -7,28 +7,40 @@ to be a fair test bed rather than a toy:
   MVTec's grid/screw/zipper);
 * every normal image is drawn from a distribution: pose (rotation, shift), illumination (gain,
   colour cast, gradient), colour, scale and texture phase vary per image, and some classes
-  have rare-but-normal variation (knots in ``oak``, date codes on ``ic``, speckle density on
-  ``caplet``);
-* near-duplicate pairs (same family, different scale / orientation / colour / shape) so that
-  one class's normal looks anomalous for another and a pooled, class-agnostic model confuses
-  them: weave/twill, mesh/perforated, granite/terrazzo, washer/hexnut, caplet/tablet, oak/hide;
-  several defects of one class look like the normal structure of another (a scratch on a
-  washer vs. the streaks of ``brushed``, a stain on ``granite`` vs. ``terrazzo`` chips);
-* seven defect kinds with exact masks, many of them subtle (low contrast, small).
+  have rare-but-normal variation (knots in ``oak``, date codes on ``ic``, margins on
+  ``perforated``, speckle density on the pills);
+* near-duplicate classes that share material, so that one class's normal is anomalous for the
+  other and a class-agnostic model confuses them: weave/twill (same threads, other
+  interlacing), granite/terrazzo (same grains, dense vs. set in cement), brushed/perforated
+  (same sheet), washer/hexnut (same turned steel, round vs. hex), caplet/tablet (same coating,
+  ink and press), plus looser pairs (mesh/perforated, oak/hide, gear/washer on one conveyor);
+* eight defect kinds with exact masks, many subtle (low contrast, small): scratch, hole, stain,
+  missing_part, cut_paste (from elsewhere in the image or another image of the class),
+  noise_patch (a foreign texture), misprint, and mix_up (the near-duplicate's part in place of
+  this class's part; the mask is both parts' silhouettes). Some defects are the sibling's
+  material: a misweave in weave is twill, a filler patch in granite is terrazzo.
+
+Calibration (``ccnf data check``, :mod:`ccnf.data.calibration`): a training-free 1-NN patch
+memory should find the set hard but learnable, and a memory pooled over all classes must do
+worse than per-class memories. Local "sibling material" defects hide only partly from a pooled
+memory (their boundary stays novel); the mix-ups are what make class conditioning matter at
+the image level. Per-class ``contrast``/``scale`` factors in ``_SPECS`` set each class's
+difficulty.
 
 Determinism: every image gets its own ``numpy.random.Generator`` seeded from
 ``(seed, crc32(class), split, defect kind, index)``, so the output is bit-identical across runs
-and independent of generation order (and of which other classes exist). Rendering is a pure
-function of the sampled parameters: ``missing_part`` and ``misprint`` re-render the same
-parameters with one change and take the mask from the difference of the two clean renders,
-so those masks are exact by construction. The other kinds paint onto the clean render with
-an alpha map; the mask is where that alpha reaches one half.
+and independent of generation order, worker count and set size. Rendering is a pure function
+of the sampled parameters: ``missing_part``, ``misprint`` (and a few class-specific kinds)
+re-render the same parameters with one change and take the mask from the difference of the
+two clean renders, so those masks are exact by construction. The other kinds paint onto the
+clean render with an alpha map; the mask is where that alpha reaches one half.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +67,7 @@ DEFECT_KINDS: tuple[str, ...] = (
     "cut_paste",
     "noise_patch",
     "misprint",
+    "mix_up",
 )
 
 
@@ -68,67 +81,120 @@ class ClassInfo:
     defects: tuple[str, ...]
     description: str
 
+    @property
+    def mix_up_with(self) -> str | None:
+        """The class whose part turns up in a ``mix_up`` defect: the first near-duplicate."""
+        return self.near_duplicates[0] if "mix_up" in self.defects else None
+
 
 CLASS_INFO: dict[str, ClassInfo] = {
     "weave": ClassInfo(
-        "texture", "rgb", ("twill",), ("hole", "stain", "cut_paste", "scratch"),
-        "plain-woven navy fabric, 16 px threads",
+        "texture",
+        "rgb",
+        ("twill",),
+        ("hole", "stain", "misprint", "scratch"),
+        "plain-woven navy fabric; misprint = a block woven as twill",
     ),
     "twill": ClassInfo(
-        "texture", "rgb", ("weave",), ("hole", "stain", "noise_patch", "cut_paste"),
-        "2/2 twill in navy and grey-blue, finer (10 px) diagonal ribs",
+        "texture",
+        "rgb",
+        ("weave",),
+        ("misprint", "stain", "noise_patch", "cut_paste"),
+        "2/2 twill of weave's threads (diagonal ribs); misprint = a block woven plain",
     ),
     "mesh": ClassInfo(
-        "texture", "gray", ("perforated",), ("missing_part", "stain", "cut_paste", "noise_patch"),
+        "texture",
+        "gray",
+        ("perforated",),
+        ("missing_part", "stain", "scratch", "noise_patch"),
         "woven wire grid over a dark slot",
     ),
     "perforated": ClassInfo(
-        "texture", "gray", ("mesh", "brushed"), ("hole", "scratch", "stain", "missing_part"),
-        "brushed sheet with a hexagonal lattice of punched holes",
+        "texture",
+        "gray",
+        ("mesh", "brushed"),
+        ("hole", "scratch", "stain", "missing_part"),
+        "brushed's sheet with a hexagonal lattice of punched holes; missing_part = unpunched",
     ),
     "granite": ClassInfo(
-        "texture", "rgb", ("terrazzo",), ("scratch", "stain", "noise_patch", "hole"),
-        "polished granite: a dense mosaic of pink, grey, white and black grains",
+        "texture",
+        "rgb",
+        ("terrazzo",),
+        ("scratch", "stain", "noise_patch", "hole"),
+        "dense mosaic of pink, grey, white and black grains; noise_patch = cement filler",
     ),
     "terrazzo": ClassInfo(
-        "texture", "rgb", ("granite",), ("hole", "stain", "cut_paste", "noise_patch"),
-        "cement matrix with sparse stone chips of the granite palette",
+        "texture",
+        "rgb",
+        ("granite",),
+        ("hole", "stain", "scratch", "noise_patch"),
+        "cement matrix with sparse chips of granite's palette; noise_patch = granite grains",
     ),
     "brushed": ClassInfo(
-        "texture", "gray", ("perforated", "washer"), ("scratch", "hole", "stain", "noise_patch"),
-        "brushed metal with fine directional streaks",
+        "texture",
+        "gray",
+        ("perforated", "washer"),
+        ("scratch", "hole", "stain", "noise_patch"),
+        "brushed metal streaks; hole = a stray punch like perforated's holes",
     ),
     "oak": ClassInfo(
-        "texture", "rgb", ("hide",), ("scratch", "hole", "stain", "cut_paste"),
+        "texture",
+        "rgb",
+        ("hide",),
+        ("scratch", "hole", "stain", "cut_paste"),
         "wood board with growth rings and grain; some boards have a knot (normal)",
     ),
     "hide": ClassInfo(
-        "texture", "rgb", ("oak",), ("scratch", "hole", "stain", "cut_paste"),
+        "texture",
+        "rgb",
+        ("oak",),
+        ("scratch", "hole", "stain", "noise_patch"),
         "pebbled brown leather with a crease network",
     ),
     "washer": ClassInfo(
-        "object", "gray", ("hexnut", "gear"), ("scratch", "missing_part", "stain", "cut_paste"),
-        "turned steel washer with a key tab, any rotation",
+        "object",
+        "gray",
+        ("hexnut", "gear"),
+        ("scratch", "missing_part", "stain", "mix_up"),
+        "turned steel washer with a key tab, any rotation; missing_part = a flat or a bite; "
+        "mix_up = a hexnut",
     ),
     "hexnut": ClassInfo(
-        "object", "gray", ("washer",), ("scratch", "missing_part", "stain", "hole"),
-        "chamfered steel hex nut with a threaded bore, any rotation",
+        "object",
+        "gray",
+        ("washer",),
+        ("scratch", "missing_part", "stain", "mix_up"),
+        "hex nut of the washer's steel, threaded bore; missing_part = a corner worn round or "
+        "broken; mix_up = a washer",
     ),
     "caplet": ClassInfo(
-        "object", "rgb", ("tablet",), ("misprint", "stain", "missing_part", "scratch"),
-        "cream capsule-shaped pill with red speckles and a 'CF' imprint",
+        "object",
+        "rgb",
+        ("tablet",),
+        ("misprint", "stain", "missing_part", "mix_up"),
+        "cream capsule-shaped pill with red speckles and a 'CF' imprint; mix_up = a tablet",
     ),
     "tablet": ClassInfo(
-        "object", "rgb", ("caplet",), ("misprint", "stain", "missing_part", "hole"),
-        "round white tablet with a score line and a blue 'NF' imprint, any rotation",
+        "object",
+        "rgb",
+        ("caplet",),
+        ("misprint", "stain", "missing_part", "mix_up"),
+        "round tablet of the caplet's coating with a score line and an 'NF' imprint, any "
+        "rotation; mix_up = a caplet",
     ),
     "ic": ClassInfo(
-        "object", "rgb", (), ("misprint", "missing_part", "scratch", "cut_paste"),
+        "object",
+        "rgb",
+        (),
+        ("misprint", "missing_part", "scratch", "cut_paste"),
         "14-pin IC on a green board; the second marking line is a varying date code",
     ),
     "gear": ClassInfo(
-        "object", "rgb", ("washer",), ("missing_part", "hole", "stain", "scratch"),
-        "ivory nylon spur gear with five lightening holes, any rotation",
+        "object",
+        "rgb",
+        ("washer",),
+        ("missing_part", "hole", "stain", "mix_up"),
+        "ivory nylon spur gear with five lightening holes, any rotation; mix_up = a washer",
     ),
 }
 
@@ -168,6 +234,12 @@ def _rotated(size: int, angle: float, cx: float, cy: float) -> tuple[F32, F32]:
     return (ca * dx + sa * dy).astype(np.float32), (-sa * dx + ca * dy).astype(np.float32)
 
 
+def _rotated_point(angle: float, dx: float, dy: float) -> tuple[float, float]:
+    """The frame coordinates (a, b) of one offset (dx, dy), as :func:`_rotated` computes them."""
+    ca, sa = math.cos(angle), math.sin(angle)
+    return ca * dx + sa * dy, -sa * dx + ca * dy
+
+
 def _polar(size: int, cx: float, cy: float) -> tuple[F32, F32]:
     yy, xx = _grid(size)
     dx, dy = xx - cx, yy - cy
@@ -185,10 +257,23 @@ def _smoothstep(lo: float, hi: float, x: F32) -> F32:
 
 
 def _noise(rng: np.random.Generator, size: int, sigma: float | tuple[float, float]) -> F32:
-    """Gaussian-smoothed white noise, zero mean and unit standard deviation."""
+    """Gaussian-smoothed white noise, zero mean and unit standard deviation.
+
+    Wide kernels are slow, so a field with sigma >= 4 px is drawn on a coarser grid (about two
+    samples per sigma) and upsampled bilinearly; the result is equally smooth.
+    """
+    sig = (sigma, sigma) if isinstance(sigma, int | float) else sigma
+    step = [max(1, int(s_ // 2)) if s_ >= 4 else 1 for s_ in sig]
+    shape = (-(-size // step[0]), -(-size // step[1]))
     field = ndimage.gaussian_filter(
-        rng.standard_normal((size, size), dtype=np.float32), sigma, mode="wrap"
+        rng.standard_normal(shape, dtype=np.float32),
+        (sig[0] / step[0], sig[1] / step[1]),
+        mode="wrap",
     )
+    if step != [1, 1]:
+        field = ndimage.zoom(
+            field, (size / shape[0], size / shape[1]), order=1, mode="grid-wrap", grid_mode=True
+        )[:size, :size]
     return ((field - field.mean()) / (field.std() + 1e-8)).astype(np.float32)
 
 
@@ -211,14 +296,21 @@ def _colour(shade: F32, rgb: NDArray[np.float64] | tuple[float, ...]) -> F32:
     return (shade[..., None] * np.asarray(rgb, dtype=np.float32)).astype(np.float32)
 
 
-def _jitter(rng: np.random.Generator, rgb: tuple[float, float, float], amount: float) -> list[float]:
-    return [float(np.clip(c + rng.uniform(-amount, amount), 0.0, 1.0)) for c in rgb]
+def _jitter(
+    rng: np.random.Generator, rgb: tuple[float, float, float], amount: float
+) -> list[float]:
+    """Colour variation of a part or material: mostly one common brightness factor (like dye
+    lots), plus a slight per-channel tint. Few degrees of freedom keep "normal" learnable."""
+    gain = 1 + 1.5 * amount * rng.uniform(-1, 1)
+    tint = 0.3 * amount * rng.uniform(-1, 1, 3)
+    return [float(np.clip(c * gain + t, 0.0, 1.0)) for c, t in zip(rgb, tint, strict=True)]
 
 
 def _voronoi(
     rng: np.random.Generator, size: int, n_seeds: int
-) -> tuple[NDArray[np.int64], F32, int]:
-    """Nearest-seed cell id and distance to that seed for every pixel (a Voronoi mosaic)."""
+) -> tuple[NDArray[np.int64], F32, int, tuple[NDArray[np.int64], NDArray[np.int64]]]:
+    """Nearest-seed cell id and distance to that seed for every pixel (a Voronoi mosaic), the
+    number of cells and the seed coordinates (y, x) in cell-id order."""
     seeds = np.zeros((size, size), dtype=bool)
     ys = rng.integers(0, size, n_seeds)
     xs = rng.integers(0, size, n_seeds)
@@ -227,7 +319,7 @@ def _voronoi(
     n = int(seeds.sum())
     ids[seeds] = np.arange(n)
     dist, (iy, ix) = ndimage.distance_transform_edt(~seeds, return_indices=True)
-    return ids[iy, ix], dist.astype(np.float32), n
+    return ids[iy, ix], dist.astype(np.float32), n, np.nonzero(seeds)
 
 
 # 5x7 dot-matrix glyphs for imprints and laser markings (hand-drawn, rows top to bottom).
@@ -251,9 +343,25 @@ _GLYPHS: dict[str, tuple[str, ...]] = {
     " ": (".....",) * 7,
 }
 # a misprint may swap a character for a look-alike
-_LOOKALIKE = {"C": "G", "F": "E", "N": "H", "0": "8", "1": "7", "2": "3", "3": "8", "4": "1",
-              "5": "6", "6": "5", "7": "1", "8": "0", "9": "8", " ": " ", "E": "F", "G": "C",
-              "H": "N"}
+_LOOKALIKE = {
+    "C": "G",
+    "F": "E",
+    "N": "H",
+    "0": "8",
+    "1": "7",
+    "2": "3",
+    "3": "8",
+    "4": "1",
+    "5": "6",
+    "6": "5",
+    "7": "1",
+    "8": "0",
+    "9": "8",
+    " ": " ",
+    "E": "F",
+    "G": "C",
+    "H": "N",
+}
 
 
 def _text_bitmap(text: str) -> F32:
@@ -303,6 +411,8 @@ class _Spec:
     sample: Sampler
     render: Renderer
     alter: Alterer | None = None
+    # defect kinds made by re-rendering altered parameters (mask = difference of renders)
+    altered: tuple[str, ...] = ("missing_part", "misprint")
     # multiplies the contrast of painted defects: < 1 makes a class harder
     contrast: float = 1.0
     # multiplies the size of painted defects
@@ -321,18 +431,21 @@ def _pose(rng: np.random.Generator, size: int, shift: float, rot: float) -> Para
 
 
 def _sample_weave(rng: np.random.Generator, size: int, twill: bool = False) -> Params:
-    navy = (0.20, 0.27, 0.50)
+    # weave and twill share threads, colours and scale: only the interlacing differs, so a
+    # misweave in one (a patch woven the other way) is the other's normal
     return {
-        "angle": math.radians(rng.uniform(-5, 5)),
-        "period": (10.0 if twill else 16.0) * rng.uniform(0.94, 1.06),
+        "angle": math.radians(rng.uniform(-3, 3)),
+        "period": (13.0 if twill else 14.0) * rng.uniform(0.97, 1.03),
         "phase": rng.uniform(0, 1, 2).tolist(),
-        "warp": _jitter(rng, navy, 0.05),
-        "weft": _jitter(rng, (0.45, 0.50, 0.60) if twill else (0.26, 0.34, 0.58), 0.05),
+        "warp": _jitter(rng, (0.20, 0.27, 0.50), 0.05),
+        "weft": _jitter(rng, (0.36, 0.42, 0.62), 0.05),
+        "twill": twill,
+        "misweave": None,
         "seed": int(rng.integers(2**31)),
     }
 
 
-def _render_weave(p: Params, size: int, twill: bool = False) -> Scene:
+def _render_weave(p: Params, size: int) -> Scene:
     k = size / 256
     rng = np.random.default_rng(p["seed"])
     a, b = _rotated(size, p["angle"], size / 2, size / 2)
@@ -341,7 +454,15 @@ def _render_weave(p: Params, size: int, twill: bool = False) -> Scene:
     tb = b / period + p["phase"][1]
     i, j = np.floor(ta), np.floor(tb)
     fa, fb = ta - i, tb - j
-    warp_top = ((i - j) % 4 < 2) if twill else ((i + j) % 2 == 0)
+    twill_top = (i - j) % 4 < 2
+    plain_top = (i + j) % 2 == 0
+    twill = np.full(i.shape, p["twill"])
+    if p["misweave"] is not None:
+        # a block of cells interlaced the other way
+        i0, j0, ni, nj = p["misweave"]
+        block = (i >= i0) & (i < i0 + ni) & (j >= j0) & (j < j0 + nj)
+        twill = np.where(block, ~twill, twill)
+    warp_top = np.where(twill, twill_top, plain_top)
     # thread profile across a thread (dark gaps between threads), bulge along the float
     prof_warp = np.sin(np.pi * fa) ** 0.6 * (0.78 + 0.22 * np.sin(np.pi * fb))
     prof_weft = np.sin(np.pi * fb) ** 0.6 * (0.78 + 0.22 * np.sin(np.pi * fa))
@@ -353,11 +474,26 @@ def _render_weave(p: Params, size: int, twill: bool = False) -> Scene:
     return Scene(img.astype(np.float32), np.ones((size, size), np.float32))
 
 
+def _alter_weave(kind: str, p: Params, rng: np.random.Generator, size: int) -> Params:
+    q = dict(p)
+    cells = size / (p["period"] * size / 256)
+    ni, nj = (int(v) for v in rng.integers(3, 8, 2))
+    # a block around a random point well inside the image (in thread-cell coordinates)
+    centre = rng.uniform(-0.3, 0.3, 2) * cells
+    q["misweave"] = (
+        float(np.floor(centre[0] + p["phase"][0])) - ni // 2,
+        float(np.floor(centre[1] + p["phase"][1])) - nj // 2,
+        ni,
+        nj,
+    )
+    return q
+
+
 def _sample_mesh(rng: np.random.Generator, size: int) -> Params:
     return {
-        "angle": math.radians(rng.uniform(-6, 6)),
-        "period": 20.0 * rng.uniform(0.95, 1.05),
-        "width": 4.6 * rng.uniform(0.92, 1.08),
+        "angle": math.radians(rng.uniform(-4, 4)),
+        "period": 20.0 * rng.uniform(0.97, 1.03),
+        "width": 4.6 * rng.uniform(0.95, 1.05),
         "phase": rng.uniform(0, 1, 2).tolist(),
         "albedo": rng.uniform(0.62, 0.74),
         "cuts": [],
@@ -413,7 +549,7 @@ def _alter_mesh(kind: str, p: Params, rng: np.random.Generator, size: int) -> Pa
         tb = b / period + p["phase"][1]
         line = float(np.round(ta if direction == 0 else tb))
         start = float(np.floor(tb if direction == 0 else ta)) + rng.uniform(0.15, 0.4)
-        cuts.append((direction, line, start, rng.uniform(0.25, 1.3)))
+        cuts.append((direction, line, start, rng.uniform(0.5, 2.0)))
     q["cuts"] = cuts
     return q
 
@@ -421,11 +557,14 @@ def _alter_mesh(kind: str, p: Params, rng: np.random.Generator, size: int) -> Pa
 def _sample_perforated(rng: np.random.Generator, size: int) -> Params:
     return {
         "angle": math.radians(rng.uniform(-4, 4)),
-        "period": 19.0 * rng.uniform(0.95, 1.05),
-        "radius": 0.30 * rng.uniform(0.93, 1.07),
+        "period": 19.0 * rng.uniform(0.97, 1.03),
+        "radius": 0.30 * rng.uniform(0.95, 1.05),
         "phase": rng.uniform(0, 1, 2).tolist(),
-        "sheet": rng.uniform(0.52, 0.64),
-        "plugged": [],
+        "sheet": rng.uniform(0.5, 0.62),
+        "streak": rng.uniform(0.04, 0.06),
+        # half of the sheets show an unperforated margin along one side
+        "margin": (int(rng.integers(4)), rng.uniform(0.06, 0.3)) if rng.uniform() < 0.5 else None,
+        "plug": None,
         "seed": int(rng.integers(2**31)),
     }
 
@@ -459,97 +598,123 @@ def _hex_lattice(
     return best.astype(np.float32), bi, bj, bda, bdb
 
 
+def _sheet(rng: np.random.Generator, size: int, b: F32, level: float, streak: float) -> F32:
+    """Brushed sheet metal: fine streaks along ``a`` (constant across ``b``), patchy in length.
+
+    Shared by ``brushed`` and ``perforated``, so a plugged hole of one is the other's normal.
+    """
+    k = size / 256
+    n = 4 * size
+    idx = np.clip(b * 2 + 2 * size, 0, n - 1)
+    fine = np.interp(idx, np.arange(n), _noise1d(rng, n, 0.8 * k))
+    coarse = np.interp(idx, np.arange(n), _noise1d(rng, n, 6 * k))
+    # streaks fade in and out along their length: unrotated anisotropic noise is close enough
+    # for the few degrees of rotation
+    patchy = 1 + 0.5 * _noise(rng, size, (1.0 * k, 18 * k))
+    sheen = 0.04 * _noise(rng, size, 40 * k)
+    return (level + (streak * fine + 0.02 * coarse) * patchy + sheen).astype(np.float32)
+
+
+def _punch(sheet: F32, dist: F32, dx: F32, dy: F32, r: float, k: float) -> F32:
+    """A punched hole of radius ``r`` px (``dist``/``dx``/``dy``: offsets from its centre):
+    dark inside, bevel lit on the upper left and shadowed on the lower right."""
+    hole = _cover(r - dist)
+    rim = np.exp(-(((dist - r) / (1.4 * k)) ** 2))
+    rim_light = rim * (-(dx + dy) / (np.hypot(dx, dy) + 1e-3)) * 0.14
+    inside = 0.07 + 0.05 * np.clip(dy / (r + 1e-3), -1, 1)
+    return (sheet * (1 - hole) + inside * hole + rim_light * (1 - hole)).astype(np.float32)
+
+
 def _render_perforated(p: Params, size: int) -> Scene:
     k = size / 256
     rng = np.random.default_rng(p["seed"])
     a, b = _rotated(size, p["angle"], size / 2, size / 2)
     period = p["period"] * k
-    dist, bi, bj, da, db = _hex_lattice(a, b, period, p["phase"])
-    r = p["radius"] * period
-    hole = _cover(r - dist)
-    for i, j in p["plugged"]:
-        hole = np.where((bi == i) & (bj == j), 0.0, hole)
-    streak = _noise1d(rng, 4 * size, 1.2 * k)
-    ridx = np.clip(b * 2 + 2 * size, 0, 4 * size - 1)
-    brushed = 0.035 * np.interp(ridx, np.arange(4 * size), streak) + 0.02 * _noise(
-        rng, size, (0.6 * k, 10 * k)
-    )
-    sheet = p["sheet"] + brushed
-    # bevel: a lit rim on the upper-left of each hole, shadow on the lower-right
-    rim = np.exp(-(((dist - r) / (1.4 * k)) ** 2))
-    rim_light = rim * (-(da + db) / (np.hypot(da, db) + 1e-3)) * 0.14
-    inside = 0.07 + 0.05 * np.clip(db / (r + 1e-3), -1, 1)
-    img = sheet * (1 - hole) + inside * hole + rim_light * (1 - hole)
+    dist, _, _, da, db = _hex_lattice(a, b, period, p["phase"])
+    if p["margin"] is not None:
+        side, width = p["margin"]
+        # distance of each hole's centre from the chosen image side
+        na, nb = a - da, b - db
+        ca, sa = math.cos(p["angle"]), math.sin(p["angle"])
+        hx, hy = ca * na - sa * nb + size / 2, sa * na + ca * nb + size / 2
+        reach = (hy, size - hy, hx, size - hx)[side]
+        dist = np.where(reach < width * size, np.float32(1e3), dist)
+    if p["plug"] is not None:
+        # holes whose centre lies in the disc are not punched
+        px, py, pr = p["plug"]
+        ca, cb = _rotated_point(p["angle"], px * size - size / 2, py * size - size / 2)
+        plugged = np.hypot(a - da - ca, b - db - cb) < pr * size
+        dist = np.where(plugged, np.float32(1e3), dist)
+    sheet = _sheet(rng, size, b, p["sheet"], p["streak"])
+    img = _punch(sheet, dist, da, db, p["radius"] * period, k)
     return Scene(_gray(img), np.ones((size, size), np.float32))
 
 
 def _alter_perforated(kind: str, p: Params, rng: np.random.Generator, size: int) -> Params:
+    """missing_part: the holes in a disc were never punched; inside it the sheet is plain
+    ``brushed`` metal."""
     q = dict(p)
-    k = size / 256
-    a, b = rng.uniform(-0.3, 0.3, 2) * size
-    period = p["period"] * k
-    _, bi, bj, _, _ = _hex_lattice(
-        np.array([a], np.float32), np.array([b], np.float32), period, p["phase"]
-    )
-    plugged = [(int(bi[0]), int(bj[0]))]
-    if rng.uniform() < 0.4:
-        plugged.append((int(bi[0]) + 1, int(bj[0])))
-    q["plugged"] = plugged
+    q["plug"] = (*rng.uniform(0.25, 0.75, 2).tolist(), rng.uniform(0.05, 0.14))
     return q
 
 
 _GRANITE = ((0.78, 0.56, 0.50), (0.62, 0.62, 0.64), (0.13, 0.12, 0.13), (0.88, 0.86, 0.82))
 
 
-def _sample_granite(rng: np.random.Generator, size: int) -> Params:
+def _sample_stone(rng: np.random.Generator, size: int, terrazzo: bool = False) -> Params:
+    # granite and terrazzo are the same grains (size, palette, mix); terrazzo sets only a
+    # fraction of them in a cement matrix. A filler patch in granite is terrazzo, a cluster of
+    # grains in terrazzo is granite.
     return {
-        "grain": 4.6 * rng.uniform(0.9, 1.1),
-        "mix": rng.dirichlet((9, 6, 3, 2)).tolist(),
-        "tone": _jitter(rng, (1.0, 1.0, 1.0), 0.05),
+        "grain": 3.6 * rng.uniform(0.95, 1.05),
+        "mix": rng.dirichlet((72, 48, 24, 16)).tolist(),
+        "tone": _jitter(rng, (1.0, 1.0, 1.0), 0.025),
+        "density": rng.uniform(0.25, 0.35) if terrazzo else 1.0,
+        "matrix": _jitter(rng, (0.52, 0.54, 0.50), 0.03),
+        "inlay": None,
         "seed": int(rng.integers(2**31)),
     }
 
 
-def _render_granite(p: Params, size: int) -> Scene:
+def _render_stone(p: Params, size: int) -> Scene:
     k = size / 256
     rng = np.random.default_rng(p["seed"])
     n_seeds = int((size / (p["grain"] * k)) ** 2)
-    cell, _, n = _voronoi(rng, size, n_seeds)
+    cell, _, n, (sy, sx) = _voronoi(rng, size, n_seeds)
     mineral = rng.choice(4, size=n, p=p["mix"])
-    palette = np.asarray(_GRANITE, np.float32) * np.asarray(p["tone"], np.float32)
     cell_gain = rng.uniform(0.85, 1.12, n).astype(np.float32)
-    img = palette[mineral][cell] * cell_gain[cell][..., None]
-    img = img * (1 + 0.06 * _noise(rng, size, 0.7 * k))[..., None]
-    img = ndimage.gaussian_filter(img, (0.6 * k, 0.6 * k, 0))
-    return Scene(img.astype(np.float32), np.ones((size, size), np.float32))
-
-
-def _sample_terrazzo(rng: np.random.Generator, size: int) -> Params:
-    return {
-        "density": rng.uniform(0.55, 0.75),
-        "matrix": _jitter(rng, (0.74, 0.72, 0.68), 0.04),
-        "tone": _jitter(rng, (1.0, 1.0, 1.0), 0.05),
-        "seed": int(rng.integers(2**31)),
-    }
-
-
-def _render_terrazzo(p: Params, size: int) -> Scene:
-    k = size / 256
-    rng = np.random.default_rng(p["seed"])
-    n_seeds = int(p["density"] * (size / (9.0 * k)) ** 2)
-    cell, dist, n = _voronoi(rng, size, n_seeds)
-    radius = (rng.uniform(2.0, 7.0, n) * k).astype(np.float32)
-    # angular chips: the chip boundary is wobbled by noise
-    wobble = 1 + 0.35 * _noise(rng, size, 1.5 * k)
-    chip = _cover((radius[cell] * wobble - dist) * 1.5)
-    stone = rng.choice(4, size=n, p=(0.35, 0.3, 0.2, 0.15))
+    lottery = rng.uniform(size=n)  # a grain is set where lottery < density
+    density = np.full(n, p["density"], np.float32)
+    if p["inlay"] is not None:
+        cy, cx, radius, inlay_density, inlay_seed = p["inlay"]
+        blob = _blob(
+            np.random.default_rng(inlay_seed), size, cy * size, cx * size, radius * size, 0.2
+        )
+        density = np.where(blob[sy, sx] > 0.5, inlay_density, density)
     palette = np.asarray(_GRANITE, np.float32) * np.asarray(p["tone"], np.float32)
-    chips = palette[stone][cell] * rng.uniform(0.85, 1.1, n).astype(np.float32)[cell][..., None]
-    matrix = np.asarray(p["matrix"], np.float32) * (
-        1 + 0.05 * _noise(rng, size, 0.7 * k) + 0.03 * _noise(rng, size, 8 * k)
-    )[..., None]
-    img = _lerp(matrix, chips, chip)
+    grains = palette[mineral][cell] * cell_gain[cell][..., None]
+    matrix = (
+        np.asarray(p["matrix"], np.float32)
+        * (1 + 0.05 * _noise(rng, size, 0.7 * k) + 0.03 * _noise(rng, size, 8 * k))[..., None]
+    )
+    img = np.where((lottery < density)[cell][..., None], grains, matrix)
+    img = img * (1 + 0.06 * _noise(rng, size, 0.7 * k))[..., None]
+    img = ndimage.gaussian_filter(img, (0.6 * k, 0.6 * k, 0)).astype(np.float32)
     return Scene(img, np.ones((size, size), np.float32))
+
+
+def _alter_inlay(kind: str, p: Params, rng: np.random.Generator, size: int) -> Params:
+    """noise_patch for granite/terrazzo: a blob of the sibling material (filler in granite,
+    dense grains in terrazzo)."""
+    q = dict(p)
+    inlay_density = rng.uniform(0.1, 0.25) if p["density"] >= 1.0 else 1.0
+    q["inlay"] = (
+        *rng.uniform(0.2, 0.8, 2).tolist(),
+        rng.uniform(0.07, 0.13),
+        inlay_density,
+        int(rng.integers(2**31)),
+    )
+    return q
 
 
 def _sample_brushed(rng: np.random.Generator, size: int) -> Params:
@@ -557,6 +722,7 @@ def _sample_brushed(rng: np.random.Generator, size: int) -> Params:
         "angle": math.radians(rng.uniform(-4, 4)),
         "level": rng.uniform(0.5, 0.62),
         "streak": rng.uniform(0.04, 0.06),
+        "holes": [],
         "seed": int(rng.integers(2**31)),
     }
 
@@ -565,26 +731,40 @@ def _render_brushed(p: Params, size: int) -> Scene:
     k = size / 256
     rng = np.random.default_rng(p["seed"])
     _, b = _rotated(size, p["angle"], size / 2, size / 2)
-    n = 4 * size
-    fine = _noise1d(rng, n, 0.8 * k)
-    coarse = _noise1d(rng, n, 6 * k)
-    idx = np.clip(b * 2 + 2 * size, 0, n - 1)
-    line = p["streak"] * np.interp(idx, np.arange(n), fine) + 0.02 * np.interp(
-        idx, np.arange(n), coarse
-    )
-    # streaks fade in and out along their length: unrotated anisotropic noise is close enough
-    # for the few degrees of rotation
-    patchy = 1 + 0.5 * _noise(rng, size, (1.0 * k, 18 * k))
-    sheen = 0.04 * _noise(rng, size, 40 * k)
-    img = p["level"] + line * patchy + sheen
-    return Scene(_gray(img.astype(np.float32)), np.ones((size, size), np.float32))
+    img = _sheet(rng, size, b, p["level"], p["streak"])
+    yy, xx = _grid(size)
+    for hx, hy, r in p["holes"]:
+        # a stray punch: the same hole as ``perforated`` has, in the wrong place
+        img = _punch(img, np.hypot(xx - hx, yy - hy), xx - hx, yy - hy, r * k, k)
+    return Scene(_gray(img), np.ones((size, size), np.float32))
+
+
+def _alter_brushed(kind: str, p: Params, rng: np.random.Generator, size: int) -> Params:
+    """hole for brushed: a stray hit of the perforating tool, the holes of ``perforated``'s
+    lattice (spacing 19 px, radius 5.7 px) inside a disc, so a pooled memory finds it normal."""
+    q = dict(p)
+    k = size / 256
+    cx, cy = rng.uniform(0.25, 0.75, 2) * size
+    reach = rng.uniform(0.03, 0.12) * size
+    spacing, radius = 19.0 * k, 0.3 * 19.0
+    ang = p["angle"]
+    holes = []
+    for i in range(-4, 5):
+        for j in range(-4, 5):
+            u, v = (i + j / 2) * spacing, j * spacing * math.sqrt(3) / 2
+            hx = cx + u * math.cos(ang) - v * math.sin(ang)
+            hy = cy + u * math.sin(ang) + v * math.cos(ang)
+            if math.hypot(hx - cx, hy - cy) <= reach:
+                holes.append((hx, hy, radius))
+    q["holes"] = holes
+    return q
 
 
 def _sample_oak(rng: np.random.Generator, size: int) -> Params:
     knot = rng.uniform() < 0.18
     return {
         "angle": math.radians(rng.uniform(-6, 6)),
-        "ring": 13.0 * rng.uniform(0.85, 1.15),
+        "ring": 13.0 * rng.uniform(0.9, 1.1),
         "phase": rng.uniform(0, 1),
         "light": _jitter(rng, (0.80, 0.62, 0.42), 0.04),
         "dark": _jitter(rng, (0.52, 0.34, 0.19), 0.04),
@@ -597,8 +777,8 @@ def _sample_oak(rng: np.random.Generator, size: int) -> Params:
 def _render_oak(p: Params, size: int) -> Scene:
     k = size / 256
     rng = np.random.default_rng(p["seed"])
-    a, b = _rotated(size, p["angle"], size / 2, size / 2)
-    warp = 1.2 * _noise(rng, size, (30 * k, 12 * k)) + 0.3 * _noise(rng, size, 4 * k)
+    a, _ = _rotated(size, p["angle"], size / 2, size / 2)
+    warp = 0.9 * _noise(rng, size, (48 * k, 20 * k)) + 0.06 * _noise(rng, size, 3 * k)
     r = a / (p["ring"] * k) + warp + p["phase"]
     darken = np.zeros((size, size), np.float32)
     if p["knot"] is not None:
@@ -614,8 +794,11 @@ def _render_oak(p: Params, size: int) -> Scene:
     gidx = np.clip(a * 2 + 2 * size, 0, 4 * size - 1)
     fibre = np.interp(gidx, np.arange(4 * size), grain) * _noise(rng, size, (1.2 * k, 14 * k))
     amount = np.clip(0.75 * late + 0.12 * fibre + darken, 0, 1)
-    img = _lerp(np.broadcast_to(np.asarray(p["light"], np.float32), (size, size, 3)),
-                p["dark"], amount.astype(np.float32))
+    img = _lerp(
+        np.broadcast_to(np.asarray(p["light"], np.float32), (size, size, 3)),
+        p["dark"],
+        amount.astype(np.float32),
+    )
     return Scene(img, np.ones((size, size), np.float32))
 
 
@@ -623,7 +806,7 @@ def _sample_hide(rng: np.random.Generator, size: int) -> Params:
     return {
         "base": _jitter(rng, (0.47, 0.31, 0.19), 0.04),
         "crease": rng.uniform(0.18, 0.26),
-        "pebble": 2.4 * rng.uniform(0.9, 1.1),
+        "pebble": 2.4 * rng.uniform(0.95, 1.05),
         "seed": int(rng.integers(2**31)),
     }
 
@@ -659,34 +842,47 @@ def _sample_washer(rng: np.random.Generator, size: int) -> Params:
         inner=0.15 * rng.uniform(0.97, 1.03),
         metal=rng.uniform(0.5, 0.6),
         bite=None,
+        flat=None,
         seed=int(rng.integers(2**31)),
     )
     return p
+
+
+def _turned_face(
+    rng: np.random.Generator, size: int, rho: F32, phi: F32, metal: float, edge: F32
+) -> F32:
+    """Turned steel shared by washer and hexnut: a fixed light's anisotropic highlight, fine
+    lathe rings, and a lit chamfer along the outline (``edge``: signed px distance to it)."""
+    k = size / 256
+    lathe = 0.03 * np.sin(2 * np.pi * rho / (2.3 * k)) + 0.02 * _noise(rng, size, 0.7 * k)
+    value = metal + 0.13 * np.cos(2 * (phi - 0.7)) + lathe
+    return (value + 0.22 * np.exp(-((edge / (1.6 * k)) ** 2))).astype(np.float32)
 
 
 def _render_washer(p: Params, size: int) -> Scene:
     k = size / 256
     rng = np.random.default_rng(p["seed"])
     rho, phi = _polar(size, p["cx"], p["cy"])
+    yy, xx = _grid(size)
     outer, inner = p["outer"] * size, p["inner"] * size
     a, b = _rotated(size, p["angle"], p["cx"], p["cy"])
-    # key tab: a small tongue pointing into the bore at the washer's rotation angle
-    tab = _cover(np.minimum(3.2 * size / 256 - np.abs(b), a - (inner - 0.045 * size)))
-    tab = tab * (a > 0)
-    cov = np.maximum(_cover(outer - rho) * _cover(rho - inner), _cover(outer - rho) * tab)
+    edge = outer - rho  # signed distance to the outline, positive inside
     if p["bite"] is not None:
         ang, rad = p["bite"]
-        bx = p["cx"] + outer * math.cos(ang)
-        by = p["cy"] + outer * math.sin(ang)
-        yy, xx = _grid(size)
-        cov = cov * _cover(np.hypot(xx - bx, yy - by) - rad * size)
-    # turned steel: anisotropic highlight from a fixed light, fine lathe rings
-    lathe = 0.03 * np.sin(2 * np.pi * rho / (2.3 * k)) + 0.02 * _noise(rng, size, (0.7 * k))
-    value = p["metal"] + 0.13 * np.cos(2 * (phi - 0.7)) + lathe
-    value = value + 0.22 * np.exp(-(((outer - rho) / (1.6 * k)) ** 2))
+        bx, by = p["cx"] + outer * math.cos(ang), p["cy"] + outer * math.sin(ang)
+        edge = np.minimum(edge, np.hypot(xx - bx, yy - by) - rad * size)
+    if p["flat"] is not None:
+        # a flat ground onto the rim: locally the straight side of a hex nut
+        ang, depth = p["flat"]
+        proj = (xx - p["cx"]) * math.cos(ang) + (yy - p["cy"]) * math.sin(ang)
+        edge = np.minimum(edge, outer - depth * size - proj)
+    # key tab: a small tongue pointing into the bore at the washer's rotation angle
+    tab = _cover(np.minimum(3.2 * k - np.abs(b), a - (inner - 0.045 * size))) * (a > 0)
+    cov = _cover(edge) * np.maximum(_cover(rho - inner), tab)
+    value = _turned_face(rng, size, rho, phi, p["metal"], edge)
     value = value + 0.16 * np.exp(-(((rho - inner) / (1.4 * k)) ** 2))
     bg = _background(rng, size, (0.16, 0.16, 0.16))
-    img = _lerp(bg, _gray(value.astype(np.float32)), cov)
+    img = _lerp(bg, _gray(value), cov)
     return Scene(img, cov, bg)
 
 
@@ -697,10 +893,19 @@ def _alter_bite(kind: str, p: Params, rng: np.random.Generator, size: int) -> Pa
     return q
 
 
+def _alter_washer(kind: str, p: Params, rng: np.random.Generator, size: int) -> Params:
+    """missing_part for the washer: a flat ground onto the rim, or a bite out of it."""
+    if rng.uniform() < 0.4:
+        return _alter_bite(kind, p, rng, size)
+    q = dict(p)
+    q["flat"] = (rng.uniform(-math.pi, math.pi), rng.uniform(0.015, 0.05))
+    return q
+
+
 def _sample_hexnut(rng: np.random.Generator, size: int) -> Params:
     p = _pose(rng, size, 0.03, math.pi / 6)
     p.update(
-        radius=0.37 * rng.uniform(0.97, 1.03),
+        radius=0.39 * rng.uniform(0.97, 1.03),
         bore=0.15 * rng.uniform(0.97, 1.03),
         metal=rng.uniform(0.5, 0.6),
         broken=None,
@@ -718,23 +923,28 @@ def _render_hexnut(p: Params, size: int) -> Scene:
     rc = p["radius"] * size
     apothem = rc * math.cos(math.pi / 6)
     proj = np.max(
-        [dx * math.cos(p["angle"] + i * math.pi / 3) + dy * math.sin(p["angle"] + i * math.pi / 3)
-         for i in range(6)],
+        [
+            dx * math.cos(p["angle"] + i * math.pi / 3)
+            + dy * math.sin(p["angle"] + i * math.pi / 3)
+            for i in range(6)
+        ],
         axis=0,
     )
-    cov = _cover(apothem - proj)
+    edge = apothem - proj
     if p["broken"] is not None:
-        corner, depth = p["broken"]
+        corner, depth, rounded = p["broken"]
         ang = p["angle"] + math.pi / 6 + corner * math.pi / 3
-        cut = dx * math.cos(ang) + dy * math.sin(ang)
-        cov = cov * _cover(rc - depth * size - cut)
+        if rounded:
+            # the corner worn round: locally the circular rim of a washer
+            off = np.abs(np.angle(np.exp(1j * (phi - ang))))
+            edge = np.where(off < math.pi / 6, np.minimum(edge, rc - depth * size - rho), edge)
+        else:  # broken off along a straight line
+            edge = np.minimum(edge, rc - depth * size - (dx * math.cos(ang) + dy * math.sin(ang)))
     bore = p["bore"] * size
-    cov = cov * _cover(rho - bore)
-    face = _cover(apothem * 0.97 - rho)  # the flat face inside the corner chamfer
-    thread = (rho < bore + 4 * k) * (0.12 * np.sin(2 * np.pi * rho / (1.8 * k)) - 0.1)
-    value = p["metal"] + 0.1 * np.cos(2 * (phi - 0.7)) + 0.02 * _noise(rng, size, 0.7 * k)
-    value = value * (0.72 + 0.28 * face) + thread
-    value = value + 0.15 * np.exp(-(((apothem * 0.97 - rho) / (1.5 * k)) ** 2))
+    cov = _cover(edge) * _cover(rho - bore)
+    value = _turned_face(rng, size, rho, phi, p["metal"], edge)
+    # the thread shows as fine dark rings just inside the bore's rim
+    value = value + (rho < bore + 4 * k) * (0.12 * np.sin(2 * np.pi * rho / (1.8 * k)) - 0.1)
     bg = _background(rng, size, (0.16, 0.16, 0.16))
     img = _lerp(bg, _gray(value.astype(np.float32)), cov)
     return Scene(img, cov, bg)
@@ -742,8 +952,42 @@ def _render_hexnut(p: Params, size: int) -> Scene:
 
 def _alter_hexnut(kind: str, p: Params, rng: np.random.Generator, size: int) -> Params:
     q = dict(p)
-    q["broken"] = (int(rng.integers(6)), rng.uniform(0.03, 0.08))
+    if rng.uniform() < 0.8:
+        q["broken"] = (int(rng.integers(6)), rng.uniform(0.02, 0.045), True)
+    else:
+        q["broken"] = (int(rng.integers(6)), rng.uniform(0.03, 0.08), False)
     return q
+
+
+# caplet and tablet come off the same line: same coating, speckles, ink and press; they differ
+# in shape and imprint, so printing one's imprint on the other is a misprint that a pooled
+# memory accepts
+_PILL_BODY = (0.93, 0.91, 0.85)
+_PILL_INK = (0.55, 0.18, 0.16)
+_PILL_PRINT = 0.12  # glyph height / image side
+
+
+def _speckles(
+    rng: np.random.Generator,
+    size: int,
+    n: int,
+    cx: float,
+    cy: float,
+    angle: float,
+    half_a: float,
+    half_b: float,
+) -> F32:
+    """Alpha of ``n`` small red speckles scattered over a box around (cx, cy)."""
+    k = size / 256
+    speck = np.zeros((size, size), np.float32)
+    sx = rng.uniform(-half_a, half_a, n)
+    sy = rng.uniform(-half_b, half_b, n)
+    sr = rng.uniform(0.7, 1.4, n) * k
+    ca, sa = math.cos(angle), math.sin(angle)
+    px = np.clip(np.round(cx + ca * sx - sa * sy).astype(int), 0, size - 1)
+    py = np.clip(np.round(cy + sa * sx + ca * sy).astype(int), 0, size - 1)
+    speck[py, px] = sr
+    return np.clip(ndimage.gaussian_filter(speck, 0.8 * k) * 4, 0, 0.8).astype(np.float32)
 
 
 def _sample_caplet(rng: np.random.Generator, size: int) -> Params:
@@ -751,9 +995,10 @@ def _sample_caplet(rng: np.random.Generator, size: int) -> Params:
     p.update(
         length=0.64 * rng.uniform(0.98, 1.02),
         width=0.30 * rng.uniform(0.98, 1.02),
-        body=_jitter(rng, (0.93, 0.90, 0.82), 0.025),
+        body=_jitter(rng, _PILL_BODY, 0.025),
         n_speckles=int(rng.integers(25, 90)),
         print={"text": "CF", "dx": 0.0, "dy": 0.0, "contrast": 1.0, "ghost": None},
+        sibling_text="NF",
         bite=None,
         seed=int(rng.integers(2**31)),
     )
@@ -775,7 +1020,6 @@ def _print_cov(p: Params, size: int, height: float, ox: float, oy: float) -> F32
 
 
 def _render_caplet(p: Params, size: int) -> Scene:
-    k = size / 256
     rng = np.random.default_rng(p["seed"])
     a, b = _rotated(size, p["angle"], p["cx"], p["cy"])
     half_w = p["width"] * size / 2
@@ -793,18 +1037,11 @@ def _render_caplet(p: Params, size: int) -> Scene:
     shade = 0.62 + 0.38 * height - 0.06 * (b / half_w)
     body = _colour(shade.astype(np.float32), p["body"])
     # red speckles in the coating, their number varies from pill to pill
-    speck = np.zeros((size, size), np.float32)
-    n = p["n_speckles"]
-    sx = rng.uniform(-seg - half_w, seg + half_w, n)
-    sy = rng.uniform(-half_w, half_w, n)
-    sr = rng.uniform(0.7, 1.4, n) * k
-    ca, sa = math.cos(p["angle"]), math.sin(p["angle"])
-    px = np.clip(np.round(p["cx"] + ca * sx - sa * sy).astype(int), 0, size - 1)
-    py = np.clip(np.round(p["cy"] + sa * sx + ca * sy).astype(int), 0, size - 1)
-    speck[py, px] = sr
-    speck = np.clip(ndimage.gaussian_filter(speck, 0.8 * k) * 4, 0, 0.8)
+    speck = _speckles(
+        rng, size, p["n_speckles"], p["cx"], p["cy"], p["angle"], seg + half_w, half_w
+    )
     body = _lerp(body, (0.62, 0.26, 0.2), speck)
-    body = _lerp(body, (0.55, 0.18, 0.16), _print_cov(p, size, 0.12, 0, 0))
+    body = _lerp(body, _PILL_INK, _print_cov(p, size, _PILL_PRINT, 0, 0))
     bg = _background(rng, size, (0.07, 0.07, 0.08))
     return Scene(_lerp(bg, body, cov), cov, bg)
 
@@ -815,7 +1052,7 @@ def _alter_print(kind: str, p: Params, rng: np.random.Generator, size: int) -> P
         return _alter_bite(kind, p, rng, size)
     q = dict(p)
     pr = dict(p["print"])
-    mode = int(rng.integers(5))
+    mode = int(rng.integers(7 if "sibling_text" in p else 5))
     text = pr["text"]
     if mode == 0:  # a character missing
         i = int(rng.integers(len(text)))
@@ -829,6 +1066,8 @@ def _alter_print(kind: str, p: Params, rng: np.random.Generator, size: int) -> P
         pr["dx"], pr["dy"] = dist * math.cos(ang), dist * math.sin(ang)
     elif mode == 3:  # faded print
         pr["contrast"] = rng.uniform(0.2, 0.55)
+    elif mode >= 5:  # the sibling product's imprint
+        pr["text"] = p["sibling_text"]
     else:  # double strike
         ang = rng.uniform(0, 2 * math.pi)
         dist = rng.uniform(0.006, 0.015)
@@ -841,8 +1080,10 @@ def _sample_tablet(rng: np.random.Generator, size: int) -> Params:
     p = _pose(rng, size, 0.03, math.pi)
     p.update(
         radius=0.29 * rng.uniform(0.98, 1.02),
-        body=_jitter(rng, (0.92, 0.93, 0.95), 0.02),
+        body=_jitter(rng, _PILL_BODY, 0.025),
+        n_speckles=int(rng.integers(25, 90)),
         print={"text": "NF", "dx": 0.0, "dy": 0.0, "contrast": 1.0, "ghost": None},
+        sibling_text="CF",
         bite=None,
         seed=int(rng.integers(2**31)),
     )
@@ -868,8 +1109,10 @@ def _render_tablet(p: Params, size: int) -> Scene:
     groove = np.exp(-((b / (1.3 * k)) ** 2)) * 0.3 - np.exp(-(((b + 2 * k) / (1.0 * k)) ** 2)) * 0.1
     shade = shade - groove * (np.abs(a) < radius)
     body = _colour(shade.astype(np.float32), p["body"])
-    body = _lerp(body, (0.2, 0.3, 0.68), _print_cov(p, size, 0.1, 0, 0.12 * size))
-    bg = _background(rng, size, (0.2, 0.22, 0.26))
+    speck = _speckles(rng, size, p["n_speckles"], p["cx"], p["cy"], p["angle"], radius, radius)
+    body = _lerp(body, (0.62, 0.26, 0.2), speck)
+    body = _lerp(body, _PILL_INK, _print_cov(p, size, _PILL_PRINT, 0, 0.15 * size))
+    bg = _background(rng, size, (0.07, 0.07, 0.08))
     return Scene(_lerp(bg, body, cov), cov, bg)
 
 
@@ -896,14 +1139,20 @@ def _render_ic(p: Params, size: int) -> Scene:
     pad_col = np.round(a / pitch + 3.0)
     in_row = (np.abs(pad_col) <= 6) & (pad_col >= 0)
     pad_a = np.abs(a - (pad_col - 3.0) * pitch)
-    pad = in_row * _cover(np.minimum(0.32 * pitch - pad_a, 0.035 * size - np.abs(np.abs(b) - half_w - 0.05 * size)))
+    pad = in_row * _cover(
+        np.minimum(0.32 * pitch - pad_a, 0.035 * size - np.abs(np.abs(b) - half_w - 0.05 * size))
+    )
     img = _lerp(board, (0.72, 0.72, 0.68), pad.astype(np.float32))
-    silk = _cover(1.0 * k - np.abs(np.maximum(np.abs(a) - half_l - 0.03 * size,
-                                               np.abs(b) - half_w - 0.1 * size)))
+    silk = _cover(
+        1.0 * k
+        - np.abs(np.maximum(np.abs(a) - half_l - 0.03 * size, np.abs(b) - half_w - 0.1 * size))
+    )
     img = _lerp(img, (0.85, 0.86, 0.82), silk)
     # gull-wing pins: 7 per long side
     pin_idx = pad_col + np.where(b > 0, 7, 0)
-    pin = in_row * _cover(np.minimum(0.2 * pitch - pad_a, 0.05 * size - np.abs(np.abs(b) - half_w - 0.035 * size)))
+    pin = in_row * _cover(
+        np.minimum(0.2 * pitch - pad_a, 0.05 * size - np.abs(np.abs(b) - half_w - 0.035 * size))
+    )
     for i in p["missing_pins"]:
         pin = np.where(pin_idx == i, 0.0, pin)
     pin_shade = 0.78 - 0.2 * np.abs(np.abs(b) - half_w - 0.035 * size) / (0.05 * size)
@@ -958,7 +1207,11 @@ def _render_gear(p: Params, size: int) -> Scene:
     hub = 0.065 * size
     a, b = _rotated(size, p["angle"], p["cx"], p["cy"])
     keyway = _cover(np.minimum(0.015 * size - np.abs(b), a - 0.0))
-    cov = cov * np.clip(_cover(rho - hub) + 0.0, 0, 1) * (1 - keyway * _cover(hub + 0.02 * size - rho))
+    cov = (
+        cov
+        * np.clip(_cover(rho - hub) + 0.0, 0, 1)
+        * (1 - keyway * _cover(hub + 0.02 * size - rho))
+    )
     for j in range(5):
         ang = p["angle"] + 2 * math.pi * j / 5 + math.pi / 5
         hx, hy = p["cx"] + 0.2 * size * math.cos(ang), p["cy"] + 0.2 * size * math.sin(ang)
@@ -967,7 +1220,7 @@ def _render_gear(p: Params, size: int) -> Scene:
     rim = np.exp(-(((rho - r_root + 4 * k) / (2.0 * k)) ** 2))
     value = 0.9 - 0.1 * rim + 0.05 * np.cos(phi + 0.8) + 0.02 * _noise(rng, size, 1.0 * k)
     body = _colour(value.astype(np.float32), p["colour"])
-    bg = _background(rng, size, (0.24, 0.27, 0.32))
+    bg = _background(rng, size, (0.16, 0.16, 0.16))  # the washer's conveyor
     return Scene(_lerp(bg, body, cov), cov, bg)
 
 
@@ -982,19 +1235,32 @@ def _alter_gear(kind: str, p: Params, rng: np.random.Generator, size: int) -> Pa
 
 
 _SPECS: dict[str, _Spec] = {
-    "weave": _Spec(_sample_weave, _render_weave),
+    "weave": _Spec(_sample_weave, _render_weave, _alter_weave, ("misprint",), 1.2, 1.2),
     "twill": _Spec(
         lambda r, s: _sample_weave(r, s, twill=True),
-        lambda p, s: _render_weave(p, s, twill=True),
+        _render_weave,
+        _alter_weave,
+        ("misprint",),
+        1.3,
+        1.3,
     ),
-    "mesh": _Spec(_sample_mesh, _render_mesh, _alter_mesh),
-    "perforated": _Spec(_sample_perforated, _render_perforated, _alter_perforated),
-    "granite": _Spec(_sample_granite, _render_granite),
-    "terrazzo": _Spec(_sample_terrazzo, _render_terrazzo),
-    "brushed": _Spec(_sample_brushed, _render_brushed),
-    "oak": _Spec(_sample_oak, _render_oak),
-    "hide": _Spec(_sample_hide, _render_hide),
-    "washer": _Spec(_sample_washer, _render_washer, _alter_bite),
+    "mesh": _Spec(_sample_mesh, _render_mesh, _alter_mesh, contrast=1.4, scale=1.5),
+    "perforated": _Spec(
+        _sample_perforated, _render_perforated, _alter_perforated, contrast=1.2, scale=1.2
+    ),
+    "granite": _Spec(_sample_stone, _render_stone, _alter_inlay, ("noise_patch",), 1.8, 1.7),
+    "terrazzo": _Spec(
+        lambda r, s: _sample_stone(r, s, terrazzo=True),
+        _render_stone,
+        _alter_inlay,
+        ("noise_patch",),
+        1.8,
+        1.7,
+    ),
+    "brushed": _Spec(_sample_brushed, _render_brushed, _alter_brushed, ("hole",), 0.7, 1.0),
+    "oak": _Spec(_sample_oak, _render_oak, contrast=1.5, scale=1.4),
+    "hide": _Spec(_sample_hide, _render_hide, contrast=1.3, scale=1.3),
+    "washer": _Spec(_sample_washer, _render_washer, _alter_washer),
     "hexnut": _Spec(_sample_hexnut, _render_hexnut, _alter_hexnut),
     "caplet": _Spec(_sample_caplet, _render_caplet, _alter_print),
     "tablet": _Spec(_sample_tablet, _render_tablet, _alter_print),
@@ -1041,7 +1307,7 @@ def _scratch(scene: Scene, rng: np.random.Generator, sev: float, spec: _Spec) ->
     if centre is None:
         return scene.img, np.zeros((size, size), np.float32)
     cy, cx = centre
-    length = rng.uniform(0.08, 0.3) * size * spec.scale
+    length = rng.uniform(0.12, 0.4) * size * spec.scale
     ang = rng.uniform(0, math.pi)
     bend = rng.uniform(-0.3, 0.3) * length
     t = np.linspace(-0.5, 0.5, int(length * 3) + 2)
@@ -1051,11 +1317,11 @@ def _scratch(scene: Scene, rng: np.random.Generator, sev: float, spec: _Spec) ->
     line = np.zeros((size, size), bool)
     ok = (px >= 0) & (px < size) & (py >= 0) & (py < size)
     line[py[ok].astype(int), px[ok].astype(int)] = True
-    width = rng.uniform(2.5, 4.5) * k
+    width = rng.uniform(2.5, 5.0) * k
     dist = ndimage.distance_transform_edt(~line)
     alpha = _cover(width / 2 - dist.astype(np.float32)) * (scene.fg > 0.5)
     target = 1.0 if rng.uniform() < 0.6 else 0.0
-    strength = (0.18 + 0.5 * sev) * spec.contrast
+    strength = (0.25 + 0.55 * sev) * spec.contrast
     img = _lerp(scene.img, np.full(3, target), alpha * min(strength, 1.0))
     return img, alpha
 
@@ -1063,7 +1329,7 @@ def _scratch(scene: Scene, rng: np.random.Generator, sev: float, spec: _Spec) ->
 def _hole(scene: Scene, rng: np.random.Generator, sev: float, spec: _Spec) -> tuple[F32, F32]:
     size = scene.fg.shape[0]
     k = size / 256
-    radius = rng.uniform(3.5, 10.0) * k * spec.scale
+    radius = rng.uniform(4.0, 13.0) * k * spec.scale
     centre = _pick_centre(rng, scene, radius + 3 * k)
     if centre is None:
         return scene.img, np.zeros((size, size), np.float32)
@@ -1072,7 +1338,7 @@ def _hole(scene: Scene, rng: np.random.Generator, sev: float, spec: _Spec) -> tu
     yy, xx = _grid(size)
     # the cavity is darker on the side facing the light (upper left)
     grad = np.clip(((xx - cx) + (yy - cy)) / (2 * radius), -1, 1)
-    depth = min((0.35 + 0.5 * sev) * spec.contrast, 0.95)
+    depth = min((0.45 + 0.5 * sev) * spec.contrast, 0.95)
     if scene.bg is not None and rng.uniform() < 0.5:
         cavity = scene.bg  # a through-hole shows what lies behind the part
     else:
@@ -1095,14 +1361,14 @@ _STAINS = ((0.35, 0.22, 0.10), (0.55, 0.30, 0.12), (0.16, 0.15, 0.13), (0.82, 0.
 def _stain(scene: Scene, rng: np.random.Generator, sev: float, spec: _Spec) -> tuple[F32, F32]:
     size = scene.fg.shape[0]
     k = size / 256
-    radius = rng.uniform(5, 20) * k * spec.scale
+    radius = rng.uniform(8, 28) * k * spec.scale
     centre = _pick_centre(rng, scene, radius * 0.6)
     if centre is None:
         return scene.img, np.zeros((size, size), np.float32)
     cy, cx = centre
     alpha = _blob(rng, size, cy, cx, radius, 0.3) * (scene.fg > 0.5)
     colour = np.asarray(_STAINS[int(rng.integers(len(_STAINS)))], np.float32)
-    opacity = min((0.15 + 0.45 * sev) * spec.contrast, 0.95)
+    opacity = min((0.25 + 0.5 * sev) * spec.contrast, 0.95)
     img = _lerp(scene.img, colour, alpha * opacity)
     return img, alpha
 
@@ -1112,7 +1378,7 @@ def _noise_patch(
 ) -> tuple[F32, F32]:
     size = scene.fg.shape[0]
     k = size / 256
-    radius = rng.uniform(6, 20) * k * spec.scale
+    radius = rng.uniform(8, 26) * k * spec.scale
     centre = _pick_centre(rng, scene, radius * 0.7)
     if centre is None:
         return scene.img, np.zeros((size, size), np.float32)
@@ -1122,8 +1388,8 @@ def _noise_patch(
     local = ndimage.gaussian_filter(scene.img, (4 * k, 4 * k, 0))
     grain = _noise(rng, size, rng.uniform(0.6, 3.0) * k)
     tint = 1 + rng.uniform(-0.15, 0.15, 3).astype(np.float32)
-    tex = local * (1 + rng.uniform(0.15, 0.4) * grain)[..., None] * tint
-    mix = min((0.35 + 0.6 * sev) * spec.contrast, 1.0)
+    tex = local * (1 + rng.uniform(0.25, 0.5) * grain)[..., None] * tint
+    mix = min((0.5 + 0.5 * sev) * spec.contrast, 1.0)
     img = _lerp(scene.img, np.clip(tex, 0, 1), alpha * mix)
     return img, alpha
 
@@ -1131,26 +1397,32 @@ def _noise_patch(
 def _cut_paste(
     scene: Scene, rng: np.random.Generator, sev: float, spec: _Spec, donor: Scene
 ) -> tuple[F32, F32]:
-    """Paste a rectangle of another image of the class (or of this one, elsewhere)."""
+    """Paste a rectangle of another image of the class (or of this one, elsewhere), rotated
+    by a multiple of 90 degrees more often than not."""
     size = scene.fg.shape[0]
-    k = size / 256
     source = donor if rng.uniform() < 0.5 else scene
+    shrink = 1.0
     for _ in range(20):
-        h = int(rng.uniform(0.06, 0.16) * size * spec.scale) + 2
-        w = int(rng.uniform(0.06, 0.16) * size * spec.scale) + 2
-        y0, x0 = (int(v) for v in rng.integers(int(4 * k), size - max(h, w) - int(4 * k), 2))
-        y1, x1 = (int(v) for v in rng.integers(int(4 * k), size - max(h, w) - int(4 * k), 2))
-        if abs(y0 - y1) + abs(x0 - x1) < max(h, w):
+        h = int(rng.uniform(0.08, 0.2) * size * spec.scale * shrink) + 2
+        w = int(rng.uniform(0.08, 0.2) * size * spec.scale * shrink) + 2
+        turns = int(rng.integers(1, 4)) if rng.uniform() < 0.6 else 0
+        sh, sw = (h, w) if turns % 2 == 0 else (w, h)
+        half = math.hypot(h, w) / 2 + 1
+        dst = _pick_centre(rng, scene, half)
+        src = _pick_centre(rng, source, half)
+        if dst is None or src is None:
+            shrink *= 0.8
             continue
-        turns = int(rng.integers(4)) if rng.uniform() < 0.6 else 0
-        patch = np.rot90(source.img[y1 : y1 + max(h, w), x1 : x1 + max(h, w)], turns)[:h, :w]
-        src_fg = np.rot90(source.fg[y1 : y1 + max(h, w), x1 : x1 + max(h, w)], turns)[:h, :w]
-        if scene.fg[y0 : y0 + h, x0 : x0 + w].min() > 0.5 and src_fg.min() > 0.5:
-            img = scene.img.copy()
-            img[y0 : y0 + h, x0 : x0 + w] = patch
-            alpha = np.zeros((size, size), np.float32)
-            alpha[y0 : y0 + h, x0 : x0 + w] = 1.0
-            return img, alpha
+        y0, x0 = int(dst[0] - h / 2), int(dst[1] - w / 2)
+        y1, x1 = int(src[0] - sh / 2), int(src[1] - sw / 2)
+        if source is scene and abs(y0 - y1) + abs(x0 - x1) < max(h, w):
+            continue  # pasting a patch onto itself changes nothing
+        patch = np.rot90(source.img[y1 : y1 + sh, x1 : x1 + sw], turns)
+        img = scene.img.copy()
+        img[y0 : y0 + h, x0 : x0 + w] = patch
+        alpha = np.zeros((size, size), np.float32)
+        alpha[y0 : y0 + h, x0 : x0 + w] = 1.0
+        return img, alpha
     return scene.img, np.zeros((size, size), np.float32)
 
 
@@ -1166,13 +1438,26 @@ _PAINTERS: dict[str, Callable[[Scene, np.random.Generator, float, _Spec], tuple[
 # image synthesis
 
 
-def _finish(
-    img: F32, rng: np.random.Generator, size: int, gray: bool
-) -> NDArray[np.uint8]:
+def _mix_up(cls: str, params: Params, scene: Scene, rng: np.random.Generator, size: int) -> Scene:
+    """The sibling class's part where this class's part should be: same position and (where
+    both have it) material, on this image's background; its rotation follows its own class's
+    normal range. Mixed-up classes share their background, so the result is a normal image of
+    the sibling class."""
+    other = CLASS_INFO[cls].mix_up_with
+    assert other is not None and scene.bg is not None
+    foreign = _SPECS[other].sample(rng, size)
+    for key in ("cx", "cy", "metal", "body", "n_speckles"):
+        if key in foreign and key in params:
+            foreign[key] = params[key]
+    part = _SPECS[other].render(foreign, size)
+    return Scene(_lerp(scene.bg, part.img, part.fg), part.fg, scene.bg)
+
+
+def _finish(img: F32, rng: np.random.Generator, size: int, gray: bool) -> NDArray[np.uint8]:
     """Illumination (gain, colour cast, gradient) and sensor noise, then 8-bit quantisation."""
     yy, xx = _grid(size)
     gain = rng.uniform(0.9, 1.1)
-    cast = np.ones(3, np.float32) if gray else rng.uniform(0.97, 1.03, 3).astype(np.float32)
+    cast = np.ones(3, np.float32) if gray else rng.uniform(0.985, 1.015, 3).astype(np.float32)
     ang = rng.uniform(0, 2 * math.pi)
     slope = rng.uniform(0, 0.14)
     ramp = 1 + slope * ((xx / size - 0.5) * math.cos(ang) + (yy / size - 0.5) * math.sin(ang))
@@ -1208,12 +1493,19 @@ def synthesize(
         raise CcnfError(f"class '{cls}' has no defect kind '{defect}'")
     min_px = max(4, int(0.0004 * size * size))
     for _ in range(12):
-        sev = float(rng.uniform()) ** 1.3  # skewed toward subtle
-        if defect in ("missing_part", "misprint"):
+        sev = float(rng.uniform())
+        if defect == "mix_up":
+            # the whole wrong part is the defect, and so is where the right part is missing
+            changed = _mix_up(cls, params, scene, rng, size)
+            mask = ndimage.binary_fill_holes((changed.fg > 0.5) | (scene.fg > 0.5))
+            img = changed.img
+        elif defect in spec.altered:
             assert spec.alter is not None
             changed = spec.render(spec.alter(defect, params, rng, size), size)
             diff = np.abs(changed.img - scene.img).max(axis=-1)
             mask = ndimage.binary_closing(diff > 0.04, iterations=1)
+            if defect != "misprint":  # letters keep their counters; solid parts are filled
+                mask = ndimage.binary_fill_holes(mask)
             img = changed.img
         else:
             if defect == "cut_paste":
@@ -1236,7 +1528,7 @@ def _defect_counts(cls: str, n_defect: int) -> list[tuple[str, int]]:
 
 def _save_png(path: Path, array: NDArray[np.uint8]) -> None:
     # no text chunks, no timestamp: identical arrays give identical bytes
-    Image.fromarray(array).save(path, format="PNG", compress_level=6)
+    Image.fromarray(array).save(path, format="PNG", compress_level=3)
 
 
 def _jobs(cfg: SyntheticConfig) -> list[tuple[str, str, str | None, int]]:
@@ -1268,16 +1560,36 @@ def _write_one(root: Path, cfg: SyntheticConfig, job: tuple[str, str, str | None
         )
 
 
-def generate(out_dir: Path, cfg: SyntheticConfig, *, progress: bool = True) -> dict[str, Any]:
+def _write_chunk(
+    root: Path, cfg: SyntheticConfig, jobs: list[tuple[str, str, str | None, int]]
+) -> int:
+    for job in jobs:
+        _write_one(root, cfg, job)
+    return len(jobs)
+
+
+def generate(
+    out_dir: Path, cfg: SyntheticConfig, *, progress: bool = True, workers: int | None = None
+) -> dict[str, Any]:
     """Write the synthetic dataset to ``out_dir`` (replaced atomically); return a summary.
 
     The summary maps each class to its image counts: ``{"train": n, "test_good": n,
-    "defects": {kind: n}}``, plus the totals and the config used.
+    "defects": {kind: n}}``, plus the totals and the config used. ``workers`` processes share
+    the work (default: up to 2, one for small sets); every image has its own seed, so the
+    output does not depend on it.
     """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     out_dir = Path(out_dir)
     jobs = _jobs(cfg)
+    if workers is None:
+        workers = 1 if len(jobs) < 300 else min(2, os.cpu_count() or 1)
+    if "fork" not in multiprocessing.get_all_start_methods():
+        workers = 1
+    chunks = [jobs[i : i + 25] for i in range(0, len(jobs), 25)]
     with atomic_path(out_dir) as tmp:
         for cls in SYNTHETIC_CLASSES:
             (tmp / cls / "train" / "good").mkdir(parents=True)
@@ -1293,9 +1605,17 @@ def generate(out_dir: Path, cfg: SyntheticConfig, *, progress: bool = True) -> d
             transient=True,
         ) as bar:
             task = bar.add_task("generate", total=len(jobs))
-            for job in jobs:
-                _write_one(tmp, cfg, job)
-                bar.advance(task)
+            if workers <= 1:
+                for chunk in chunks:
+                    bar.advance(task, _write_chunk(tmp, cfg, chunk))
+            else:
+                # fork: the workers only run numpy/scipy/PIL, and unlike spawn it does not
+                # re-import the caller's __main__ (which need not be import-safe)
+                ctx = multiprocessing.get_context("fork")
+                with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                    futures = [pool.submit(_write_chunk, tmp, cfg, c) for c in chunks]
+                    for fut in futures:
+                        bar.advance(task, fut.result())
     classes = {
         cls: {
             "kind": CLASS_INFO[cls].kind,
@@ -1331,7 +1651,7 @@ def render_sample_grid(root: Path, out_png: Path) -> Path:
     classes = [c for c in SYNTHETIC_CLASSES if (root / c).is_dir()]
     if not classes:
         raise CcnfError(f"no synthetic classes under {root}", fix="run the prepare stage first")
-    fig, axes = plt.subplots(len(classes), 5, figsize=(5 * 1.7, len(classes) * 1.8), dpi=90)
+    fig, axes = plt.subplots(len(classes), 5, figsize=(5 * 1.7, len(classes) * 1.8), dpi=72)
     axes = np.atleast_2d(axes)
     for row, cls in enumerate(classes):
         info = CLASS_INFO[cls]
@@ -1358,8 +1678,9 @@ def render_sample_grid(root: Path, out_png: Path) -> Path:
             arr = np.asarray(Image.open(image))
             ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None, vmin=0, vmax=255)
             if mask is not None and mask.is_file():
-                ax.contour(np.asarray(Image.open(mask)) > 127, levels=[0.5], colors="red",
-                           linewidths=0.8)
+                ax.contour(
+                    np.asarray(Image.open(mask)) > 127, levels=[0.5], colors="red", linewidths=0.8
+                )
             ax.set_title(label, fontsize=7, pad=2)
             if col == 0:
                 ax.set_ylabel(f"{cls}\n{info.kind}, {info.colour}", fontsize=8)
