@@ -11,9 +11,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def parser(description: str, *, task: bool = False) -> argparse.ArgumentParser:
+def parser(
+    description: str, *, task: bool = False, features: bool = False
+) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     if task:
         p.add_argument("--task", required=True, help="task name from params.yaml: tasks")
+    if features:
+        p.add_argument("--features", default="features", help="feature cache directory")
     return p

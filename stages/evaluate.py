@@ -13,9 +13,7 @@ from ccnf.evaluate import evaluate_task
 
 @report_user_errors
 def main() -> None:
-    p = parser(__doc__, task=True)
-    p.add_argument("--features", default="features")
-    args = p.parse_args()
+    args = parser(__doc__, task=True, features=True).parse_args()
     params = load_params(args.params)
     result = evaluate_task(
         params,

@@ -13,9 +13,7 @@ from ccnf.train import init_model
 
 @report_user_errors
 def main() -> None:
-    p = parser(__doc__)
-    p.add_argument("--features", default="features")
-    args = p.parse_args()
+    args = parser(__doc__, features=True).parse_args()
     params = load_params(args.params)
     model = init_model(params, Path(args.features), Path(INIT_CHECKPOINT))
     n = sum(p.numel() for p in model.parameters())
