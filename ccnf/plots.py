@@ -266,7 +266,8 @@ def plot_loss_curves(rows: Sequence[Mapping[str, float]], out: Path, title: str)
 
     Args:
         rows: per-step logs, each with ``step`` (global step), ``task`` (int) and one key per
-            loss term (``loss``, ``L_g``, ...). A term missing from a row is a gap.
+            loss term (``loss``, ``L_g``, ...); an ``epoch`` column is ignored. A term missing
+            from a row is a gap.
         out: PNG path to write.
         title: figure title.
 
@@ -276,7 +277,8 @@ def plot_loss_curves(rows: Sequence[Mapping[str, float]], out: Path, title: str)
     if not rows:
         raise ValueError("plot_loss_curves needs at least one row")
     rows = sorted(rows, key=lambda row: float(row["step"]))
-    terms = list(dict.fromkeys(k for row in rows for k in row if k not in ("step", "task")))
+    skip = ("step", "task", "epoch")
+    terms = list(dict.fromkeys(k for row in rows for k in row if k not in skip))
     if not terms:
         raise ValueError("plot_loss_curves: rows hold no loss terms besides 'step' and 'task'")
     steps = np.array([float(row["step"]) for row in rows])
@@ -294,6 +296,9 @@ def plot_loss_curves(rows: Sequence[Mapping[str, float]], out: Path, title: str)
             ax.axvline(b, ls="--", lw=0.8, color="0.45")
         if _spans_orders_of_magnitude(v):
             ax.set_yscale("symlog", linthresh=_symlog_linthresh(v))
+            finite = v[np.isfinite(v)]
+            if finite.size and float(finite.min()) >= 0:
+                ax.set_ylim(bottom=0)  # no empty negative decades for a non-negative term
         ax.set_title(term)
         ax.set_xlabel("global step")
         ax.grid(alpha=0.3)

@@ -57,7 +57,7 @@ def test_scores_match_direct_flow_evaluation() -> None:
             x = f[i].flatten(1).t()
             out = model.forward_level(lvl, x, torch.full((h * w,), y), torch.arange(h * w))
             mu = model.prototype(lvl, torch.tensor([y]))[0]
-            per_level.append(float((out.z.mean(0) - mu).pow(2).sum() / d))
+            per_level.append(float((out.z.mean(0) - mu).pow(2).sum().detach() / d))
         want.append(np.mean(per_level))
     np.testing.assert_allclose(s.proto_image, want, rtol=1e-5)
     _, _, s1 = _scored(power=1)
