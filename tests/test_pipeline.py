@@ -124,6 +124,18 @@ def test_cli_info_prints_the_run(study: Path) -> None:
     assert "final averages" in proc.stderr + proc.stdout
 
 
+def test_cli_score_one_image(study: Path, tmp_path: Path) -> None:
+    image = study / "external/ds/c/test/hole/000.png"
+    out = tmp_path / "map.png"
+    proc = _run([sys.executable, "-m", "ccnf.cli", "score", str(image), "--cls", "c",
+                 "--out", str(out)], study)
+    text = proc.stdout + proc.stderr
+    assert "hybrid" in text and out.stat().st_size > 1000
+    bad = _run([sys.executable, "-m", "ccnf.cli", "score", str(image), "--cls", "zz"], study,
+               check=False)
+    assert bad.returncode == 1 and "class 'zz' is not known" in bad.stderr
+
+
 def test_exp_run_loss_change_reruns_training_but_not_extraction(study: Path) -> None:
     """Issue 2, must-show 2 (runs last: it leaves the experiment's results in the workspace)."""
     _run(["git", "add", "-A"], study)
@@ -141,3 +153,4 @@ def test_exp_run_loss_change_reruns_training_but_not_extraction(study: Path) -> 
     raw["backbone"]["batch_size"] = 3
     (study / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     assert "extract" in _stale(study)
+
