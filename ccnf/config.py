@@ -119,7 +119,13 @@ class LossConfig(_Section):
 
 
 class TrainConfig(_Section):
-    strategy: Literal["naive"] = "naive"
+    strategy: Literal["naive", "freeze_after_first"] = Field(
+        "naive",
+        description=(
+            "naive: fine-tune everything on each task; freeze_after_first: from task 1 on the "
+            "flows are frozen and only the class embedding and prototype heads learn (E6)"
+        ),
+    )
     epochs: int = Field(8, ge=1, description="epochs over the task's training images")
     images_per_step: int = Field(8, ge=1)
     patches_per_image: int | None = Field(

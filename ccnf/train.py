@@ -131,7 +131,10 @@ def train_task(
     data = _stack_task(fit)
 
     tc = params.train
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    freeze_flows = tc.strategy == "freeze_after_first" and t > 0
+    model.flows.requires_grad_(not freeze_flows)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
     gen = torch.Generator().manual_seed(params.seed * 7919 + t)
     seen = torch.arange(offset + len(task_classes))
     n_img = data.labels.numel()
@@ -149,6 +152,8 @@ def train_task(
     with progress:
         bar = progress.add_task("train", total=tc.epochs * steps_per_epoch, loss="-")
         model.train()
+        if freeze_flows:
+            model.flows.eval()  # frozen means frozen: no spectral-norm power iteration either
         for epoch in range(tc.epochs):
             order = torch.randperm(n_img, generator=gen)
             for i in range(steps_per_epoch):
@@ -170,7 +175,7 @@ def train_task(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if tc.grad_clip is not None:
-                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                    norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
                     _check_finite({"grad_norm": norm}, task, step)
                 optimizer.step()
                 model.global_step += 1

@@ -113,3 +113,19 @@ def test_cached_features_have_expected_shapes(prepared) -> None:
     assert test.features[0].dtype == torch.float16
     assert test.masks is not None and test.masks.shape[1:] == (32, 32)
     assert test.labels.tolist() == [1, 1, 0, 0] or sorted(test.labels.tolist()) == [0, 0, 1, 1]
+
+
+def test_freeze_after_first_keeps_flows_bit_identical(prepared) -> None:
+    tmp, raw = prepared
+    t0 = read_checkpoint(_train(tmp, raw, "freeze/t0"))
+    frozen = {**raw, "train": {**raw["train"], "strategy": "freeze_after_first"}}
+    t1 = read_checkpoint(_train(tmp, frozen, "freeze/t1", task="t1", prev="../freeze/t0"))
+    flow_keys = [k for k in t0["state_dict"] if k.startswith("flows.")]
+    assert flow_keys
+    for k in flow_keys:  # weights and spectral-norm buffers alike
+        assert torch.equal(t0["state_dict"][k], t1["state_dict"][k]), k
+    # the new classes' embeddings did learn
+    emb0, emb1 = t0["state_dict"]["embedding"], t1["state_dict"]["embedding"]
+    assert emb1.shape[0] == emb0.shape[0] + 2
+    naive = read_checkpoint(_train(tmp, raw, "naive/t1", task="t1", prev="../freeze/t0"))
+    assert any(not torch.equal(t0["state_dict"][k], naive["state_dict"][k]) for k in flow_keys)
