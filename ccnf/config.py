@@ -119,12 +119,16 @@ class LossConfig(_Section):
 
 
 class TrainConfig(_Section):
-    strategy: Literal["naive", "freeze_after_first"] = Field(
+    strategy: Literal["naive", "freeze_after_first", "replay"] = Field(
         "naive",
         description=(
             "naive: fine-tune everything on each task; freeze_after_first: from task 1 on the "
-            "flows are frozen and only the class embedding and prototype heads learn (E6)"
+            "flows are frozen and only the class embedding and prototype heads learn (E6); "
+            "replay: naive plus a bounded buffer of earlier tasks' cached training features"
         ),
+    )
+    replay_buffer: int = Field(
+        0, ge=0, description="replay: cached training images kept over all seen classes"
     )
     epochs: int = Field(8, ge=1, description="epochs over the task's training images")
     images_per_step: int = Field(8, ge=1)
@@ -134,6 +138,13 @@ class TrainConfig(_Section):
     lr: float = Field(5.0e-4, gt=0)
     weight_decay: float = Field(1.0e-5, ge=0)
     grad_clip: float | None = Field(1.0, gt=0, description="max grad norm (null: off)")
+
+
+    @model_validator(mode="after")
+    def _replay_needs_buffer(self) -> TrainConfig:
+        if self.strategy == "replay" and self.replay_buffer == 0:
+            raise ValueError("train.strategy is 'replay' but train.replay_buffer is 0")
+        return self
 
 
 class ScoreConfig(_Section):

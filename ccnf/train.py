@@ -40,6 +40,26 @@ def calibration_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor,
     return perm[n_calib:].sort().values, perm[:n_calib].sort().values
 
 
+def update_replay_buffer(
+    buffer: dict[str, list[int]], new: dict[str, list[int]], capacity: int, seed: int
+) -> dict[str, list[int]]:
+    """Class-balanced replay buffer after a task: at most ``capacity`` images in all.
+
+    buffer: {class: train-split indices kept so far}; new: {class: fit indices of the task just
+    learned}. Every seen class keeps capacity // n_classes images: earlier classes drop from the
+    end of their list, new classes draw a seeded random sample of their fit images (never the
+    calibration slice).
+    """
+    classes = [*buffer, *new]
+    quota = capacity // len(classes)
+    out = {cls: list(idx[:quota]) for cls, idx in buffer.items()}
+    gen = torch.Generator().manual_seed(seed)
+    for cls, idx in new.items():
+        pick = torch.randperm(len(idx), generator=gen)[:quota].tolist()
+        out[cls] = [idx[i] for i in pick]
+    return out
+
+
 @dataclass
 class TaskData:
     """A task's training images: feats[l] (N, H_l*W_l, D_l) float32, labels (N,) class ids."""
@@ -124,11 +144,19 @@ def train_task(
 
     fit: dict[int, FeatureSplit] = {}
     calib: dict[int, FeatureSplit] = {}
+    fit_indices: dict[int, list[int]] = {}
     for cid, cls in zip(class_ids, task_classes, strict=True):
         split = load_split(features_dir, cls, "train")
         fit_idx, calib_idx = calibration_split(len(split), params.eval.calib_fraction, params.seed)
         fit[cid], calib[cid] = split.subset(fit_idx), split.subset(calib_idx)
-    data = _stack_task(fit)
+        fit_indices[cid] = fit_idx.tolist()
+    replay = ckpt.get("replay", {}) if params.train.strategy == "replay" else {}
+    replayed = {
+        params.classes.index(cls): load_split(features_dir, cls, "train").subset(idx)
+        for cls, idx in replay.items()
+        if idx
+    }
+    data = _stack_task({**fit, **replayed})
 
     tc = params.train
     freeze_flows = tc.strategy == "freeze_after_first" and t > 0
@@ -202,10 +230,18 @@ def train_task(
         calibration[cls] = calibration_stats(scores)
     all_calibration = {**ckpt.get("calibration", {}), **calibration}
     seen_classes = params.classes[: offset + len(task_classes)]
+    buffer: dict[str, list[int]] = {}
+    if params.train.strategy == "replay":
+        new_fit = {cls: fit_indices[cid] for cid, cls in zip(class_ids, task_classes, strict=True)}
+        buffer = update_replay_buffer(
+            replay, new_fit, params.train.replay_buffer, params.seed * 104729 + t
+        )
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         torch.save(
-            model.checkpoint(classes=seen_classes, task=t, calibration=all_calibration),
+            model.checkpoint(
+                classes=seen_classes, task=t, calibration=all_calibration, replay=buffer
+            ),
             tmp / "model.pt",
         )
         write_json(tmp / "calibration.json", all_calibration)

@@ -129,3 +129,37 @@ def test_freeze_after_first_keeps_flows_bit_identical(prepared) -> None:
     assert emb1.shape[0] == emb0.shape[0] + 2
     naive = read_checkpoint(_train(tmp, raw, "naive/t1", task="t1", prev="../freeze/t0"))
     assert any(not torch.equal(t0["state_dict"][k], naive["state_dict"][k]) for k in flow_keys)
+
+
+def test_replay_buffer_is_bounded_and_class_balanced() -> None:
+    from ccnf.train import update_replay_buffer
+
+    buf = update_replay_buffer({}, {"a": list(range(10)), "b": list(range(10))}, 6, seed=0)
+    assert {k: len(v) for k, v in buf.items()} == {"a": 3, "b": 3}
+    buf2 = update_replay_buffer(buf, {"c": [4, 5, 6], "d": [7, 8]}, 6, seed=1)
+    assert sum(len(v) for v in buf2.values()) <= 6
+    assert buf2["a"] == buf["a"][:1] and buf2["b"] == buf["b"][:1]
+    assert set(buf2["c"]) <= {4, 5, 6} and set(buf2["d"]) <= {7, 8}
+
+
+def test_replay_trains_on_buffer_and_never_exceeds_it(prepared) -> None:
+    tmp, raw = prepared
+    rep = {**raw, "train": {**raw["train"], "strategy": "replay", "replay_buffer": 4}}
+    t0 = read_checkpoint(_train(tmp, rep, "replay/t0"))
+    assert sum(len(v) for v in t0["replay"].values()) <= 4 and set(t0["replay"]) == {"a", "b"}
+    calib_a = set(calibration_split(5, rep["eval"]["calib_fraction"], rep["seed"])[1].tolist())
+    assert not set(t0["replay"]["a"]) & calib_a  # never the calibration slice
+    t1 = read_checkpoint(_train(tmp, rep, "replay/t1", task="t1", prev="../replay/t0"))
+    assert sum(len(v) for v in t1["replay"].values()) <= 4
+    assert set(t1["replay"]) == {"a", "b", "c", "d"}
+    naive_t1 = _train(tmp, raw, "noreplay/t1", task="t1", prev="../replay/t0")
+    steps = len((tmp / "replay/t1/train_log.tsv").read_text().splitlines())
+    naive_steps = len((naive_t1 / "train_log.tsv").read_text().splitlines())
+    assert steps > naive_steps  # the buffered images were trained on
+    assert read_checkpoint(naive_t1)["replay"] == {}
+
+
+def test_replay_without_buffer_is_rejected(raw_params: dict) -> None:
+    raw_params["train"]["strategy"] = "replay"
+    with pytest.raises(CcnfError, match="replay_buffer is 0"):
+        parse_params(raw_params)
