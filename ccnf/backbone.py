@@ -113,6 +113,7 @@ def build_classifier(cfg: BackboneConfig) -> nn.Module:
                 fix="populate the Hugging Face hub cache, or use backbone.weights=file with "
                 "backbone.weights_file",
             ) from None
+    # weights loaded right below per backbone.weights; random only when that says so explicitly
     model = timm.create_model(cfg.name, pretrained=False)
     if cfg.weights == "package":
         if cfg.name != PACKAGE_WEIGHTS_MODEL:
@@ -146,7 +147,7 @@ class Backbone(nn.Module):
         import timm
 
         classifier = build_classifier(cfg)
-        try:
+        try:  # the classifier's (already verified) weights are copied in below, strict on gaps
             self.body = timm.create_model(
                 cfg.name, pretrained=False, features_only=True, out_indices=tuple(cfg.out_indices)
             )
