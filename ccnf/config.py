@@ -92,11 +92,35 @@ class FlowConfig(_Section):
     warmup_steps: int = Field(
         50, ge=0, description="steps of additive-to-affine warm-up (0: affine from the start)"
     )
+    class_conditioning: bool = Field(
+        True, description="False: position-only flow (CFlow-like); the embedding feeds only P"
+    )
+    prior: Literal["standard", "class_mixture"] = Field(
+        "standard",
+        description="standard: z ~ N(0, I); class_mixture: z ~ N(P e_y, I) (E7, E10)",
+    )
+    feature_norm: bool = Field(
+        False,
+        description=(
+            "E1: standardize each feature channel with mean/std measured once on task 0's "
+            "training features, stored in the checkpoint and applied identically at test"
+        ),
+    )
+    noise_dim: int = Field(
+        0, ge=0, description="P6: size of the noise-level embedding in the condition (0: none)"
+    )
 
     @model_validator(mode="after")
     def _pos_dim_even(self) -> FlowConfig:
         if self.pos_dim % 4 != 0:
             raise ValueError(f"flow.pos_dim must be a multiple of 4 (got {self.pos_dim})")
+        if self.noise_dim % 2 != 0:
+            raise ValueError(f"flow.noise_dim must be even (got {self.noise_dim})")
+        if not self.class_conditioning and self.pos_dim == 0 and self.noise_dim == 0:
+            raise ValueError(
+                "flow.class_conditioning is false and flow.pos_dim is 0: the flow would have "
+                "no condition at all; set pos_dim > 0"
+            )
         return self
 
 
@@ -115,16 +139,44 @@ class LossConfig(_Section):
     entropy_samples: int = Field(
         256, ge=1, description="patch vectors per step on which L_e evaluates every seen class"
     )
-    lambda_center: float = Field(1.0, ge=0, description="detached prototype head (E11)")
+    lambda_center: float = Field(1.0, ge=0, description="prototype centre loss (E11 / E10)")
+    center_detach: bool = Field(
+        True,
+        description=(
+            "True: L_center stops the gradient into the flow (E11); False: z and P e_y pull on "
+            "each other (E10, the coupled variant)"
+        ),
+    )
+    lambda_proto: float = Field(0.0, ge=0, description="coupled prototype head L_proto (E4)")
+    proto_tau: float = Field(0.1, gt=0, description="temperature of L_proto's softmax")
+    lambda_mi_feat: float = Field(0.0, ge=0, description="feature/embedding InfoNCE (E5)")
+    mi_feat_tau: float = Field(0.1, gt=0, description="temperature of L_mi_feat")
+    lambda_dsm: float = Field(0.0, ge=0, description="denoising score matching (P6)")
+    noise_sigmas: list[float] = Field(
+        default_factory=lambda: [0.05, 0.1, 0.2],
+        min_length=1,
+        description="P6 noise levels, in units of the (normalized) feature scale",
+    )
+    dsm_samples: int = Field(
+        128, ge=1, description="patch vectors per level and step on which L_dsm is evaluated"
+    )
+
+    @model_validator(mode="after")
+    def _sigmas_positive(self) -> LossConfig:
+        if any(s <= 0 for s in self.noise_sigmas):
+            raise ValueError(f"loss.noise_sigmas must all be > 0 (got {self.noise_sigmas})")
+        return self
 
 
 class TrainConfig(_Section):
-    strategy: Literal["naive", "freeze_after_first", "replay"] = Field(
+    strategy: Literal["naive", "freeze_after_first", "replay", "joint"] = Field(
         "naive",
         description=(
             "naive: fine-tune everything on each task; freeze_after_first: from task 1 on the "
             "flows are frozen and only the class embedding and prototype heads learn (E6); "
-            "replay: naive plus a bounded buffer of earlier tasks' cached training features"
+            "replay: naive plus a bounded buffer of earlier tasks' cached training features; "
+            "joint: task 0 learns every class at once (the upper bound), later tasks pass "
+            "the checkpoint through"
         ),
     )
     replay_buffer: int = Field(
@@ -138,7 +190,30 @@ class TrainConfig(_Section):
     lr: float = Field(5.0e-4, gt=0)
     weight_decay: float = Field(1.0e-5, ge=0)
     grad_clip: float | None = Field(1.0, gt=0, description="max grad norm (null: off)")
-
+    first_task_reg_scale: float = Field(
+        1.0,
+        ge=0,
+        description="E2/E3: factor on the regularizer weights during task 0 (weak reg: < 1)",
+    )
+    meta_epochs: int = Field(
+        1,
+        ge=1,
+        description=(
+            "E3 metaE: task 0 runs this many rounds of train.epochs, the learning rate "
+            "re-warmed linearly over the first epoch of each round"
+        ),
+    )
+    sub_epochs: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "E3 subE: regularizers act only in the first sub_epochs epochs of each round "
+            "(null: always)"
+        ),
+    )
+    partial_freeze: int = Field(
+        0, ge=0, description="E5: from task 1 on, freeze the first N couplings of every level"
+    )
 
     @model_validator(mode="after")
     def _replay_needs_buffer(self) -> TrainConfig:
@@ -153,7 +228,21 @@ class ScoreConfig(_Section):
     smoothing_sigma: float = Field(4.0, ge=0, description="Gaussian sigma on the map, in px")
     proto_power: Literal[1, 2] = Field(2, description="2: squared distance (E12-1), 1: plain")
     alpha: float = Field(0.5, ge=0, le=1, description="hybrid weight of the proto score")
-    class_select: Literal["oracle"] = "oracle"
+    class_select: Literal["oracle", "likelihood", "prototype"] = Field(
+        "likelihood",
+        description=(
+            "class used in the task-agnostic block: likelihood = argmax_y log p(x|y) over "
+            "seen classes, prototype = nearest centre; oracle = true label. Task-aware "
+            "(oracle) metrics are always reported as well"
+        ),
+    )
+    calibrated: bool = Field(
+        False,
+        description=(
+            "E9: standardize nf and proto scores by the selected class's training-normal "
+            "mean/std (per-class calibration)"
+        ),
+    )
 
 
 class EvalConfig(_Section):
@@ -163,6 +252,32 @@ class EvalConfig(_Section):
     aupro_fpr: float = Field(0.3, gt=0, le=1)
     batch_images: int = Field(16, ge=1)
     gallery_per_class: int = Field(1, ge=0)
+    threshold_k: float = Field(
+        3.0, ge=0, description="automatic threshold mean + k * std of training-normal scores"
+    )
+    threshold_percentile: float = Field(
+        99.0, gt=0, lt=100, description="automatic threshold: percentile of training-normal scores"
+    )
+
+
+class ModelConfig(_Section):
+    """Which model the train/evaluate stages build (CCNF or a baseline, issue 4)."""
+
+    kind: Literal["ccnf", "flow_bank", "fastflow", "gaussian"] = Field(
+        "ccnf",
+        description=(
+            "ccnf: one class-conditioned flow shared by all classes; flow_bank: one "
+            "position-conditioned flow per class; fastflow: 2-D convolutional flow per class; "
+            "gaussian: per-position Gaussian per class (PaDiM-like floor)"
+        ),
+    )
+    gaussian_eps: float = Field(
+        0.01, gt=0, description="gaussian: ridge added to each covariance diagonal"
+    )
+    fastflow_hidden_ratio: float = Field(
+        1.0, gt=0, description="fastflow: subnet hidden channels = ratio * input channels"
+    )
+    fastflow_kernel: Literal[1, 3, 5] = Field(3, description="fastflow: conv kernel size")
 
 
 class TaskConfig(_Section):
@@ -171,10 +286,14 @@ class TaskConfig(_Section):
 
 class Params(_Section):
     seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when available, else CPU (CPU is the reference)"
+    )
     data: DataConfig = DataConfig()
     splits: dict[str, list[list[str]]]
     tasks: dict[str, TaskConfig]
     backbone: BackboneConfig = BackboneConfig()
+    model: ModelConfig = ModelConfig()
     flow: FlowConfig = FlowConfig()
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
