@@ -12,7 +12,22 @@ log p = log p(x|y) (N,), z (N, D), logdet (N,), s the couplings' log-scales.
     L_e            = mean_n H(softmax_c(log p(x_n|c) / (D tau))),  c over seen classes,
                      on a random subset of ``loss.entropy_samples`` vectors
     L_center       = mean_b ||stopgrad(zbar_b) - P e_{y_b}||^2 / D,  zbar_b = mean of z over
-                     image b's sampled positions; only the embedding and P get gradients (E11)
+                     image b's sampled positions; only the embedding and P get gradients (E11);
+                     with ``loss.center_detach: false`` zbar keeps its gradient (E10)
+    L_proto        = mean_b CE(softmax_c(<q_b, k_c> / tau_p), y_b),  q_b = norm(W_q zbar_b),
+                     k_c = norm(W_k e_c), c over seen classes; coupled: gradients reach the flow
+                     through zbar (E4)
+    L_mi_feat      = mean_b -log softmax_c(<v_b, norm(e_c)> / tau_f)[y_b],  v_b = norm(W_f zbar_b):
+                     InfoNCE between the image-level latent feature and the class embeddings,
+                     negatives = the other seen classes (E5)
+    L_dsm          = mean_n sigma_n^2 ||grad_x~ log p(x~_n|y, sigma_n) + eps_n / sigma_n||^2 / D,
+                     x~ = x + sigma eps, sigma drawn from ``loss.noise_sigmas``, on a random
+                     subset of ``loss.dsm_samples`` vectors (P6, denoising score matching)
+
+With ``flow.prior: class_mixture`` the regularizers L_z_reg and L_balance see z - mu_y (the
+latent the prior calls N(0, I)). The regularizers (L_logdet_reg, L_z_reg, L_balance,
+L_scale_penalty) can be scaled as a group (task 0's ``train.first_task_reg_scale``, E2/E3) or
+switched off after ``train.sub_epochs`` (E3) through ``total_loss(..., reg_scale)``.
 """
 
 from __future__ import annotations
@@ -21,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ccnf.config import LossConfig
 from ccnf.flows.ccnf import CCNF, LevelOutput
@@ -34,7 +50,11 @@ TERMS = (
     "L_mi",
     "L_e",
     "L_center",
+    "L_proto",
+    "L_mi_feat",
+    "L_dsm",
 )
+REGULARIZERS = ("L_logdet_reg", "L_z_reg", "L_balance", "L_scale_penalty")
 
 
 def weights(cfg: LossConfig) -> dict[str, float]:
@@ -48,6 +68,9 @@ def weights(cfg: LossConfig) -> dict[str, float]:
         "L_mi": cfg.lambda_mi,
         "L_e": cfg.lambda_entropy,
         "L_center": cfg.lambda_center,
+        "L_proto": cfg.lambda_proto,
+        "L_mi_feat": cfg.lambda_mi_feat,
+        "L_dsm": cfg.lambda_dsm,
     }
 
 
@@ -123,14 +146,92 @@ def class_entropy(
     return -(logp.exp() * logp).sum(dim=-1).mean()
 
 
-def center_loss(model: CCNF, level: int, batch: LevelBatch, z: torch.Tensor) -> torch.Tensor:
+def image_mean(batch: LevelBatch, z: torch.Tensor) -> torch.Tensor:
+    """zbar: (B, D) mean of z (N, D) over each image's sampled positions."""
     n_img = batch.image_class.numel()
     zbar = torch.zeros(n_img, z.shape[1], dtype=z.dtype, device=z.device)
-    zbar.index_add_(0, batch.image, z.detach())
+    zbar = zbar.index_add(0, batch.image, z)
     counts = torch.bincount(batch.image, minlength=n_img).clamp_min(1).to(z.dtype)
-    zbar = zbar / counts[:, None]
+    return zbar / counts[:, None]
+
+
+def center_loss(
+    model: CCNF, level: int, batch: LevelBatch, z: torch.Tensor, detach: bool = True
+) -> torch.Tensor:
+    """||zbar - P e_y||^2 / D per image; ``detach`` stops the gradient into the flow (E11)."""
+    zbar = image_mean(batch, z.detach() if detach else z)
     mu = model.prototype(level, batch.image_class)
     return (zbar - mu).pow(2).sum(dim=-1).mean() / z.shape[1]
+
+
+def _linear_stack(shapes: list[tuple[int, int]]) -> nn.Module:
+    """Bias-free linear layers, W (out, in), init 0.1 * I (the note's E4 choice)."""
+    layers = nn.ModuleList(nn.Linear(i, o, bias=False) for o, i in shapes)
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.copy_(0.1 * torch.eye(*layer.weight.shape))
+    return layers
+
+
+def proto_head_loss(
+    model: CCNF, level: int, batch: LevelBatch, z: torch.Tensor, seen: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """E4 coupled prototype head: CE of softmax(<norm(W_q zbar), norm(W_k e_c)> / tau)."""
+    build_heads(model, LossConfig(lambda_proto=1.0))
+    head = model.heads["proto"]
+    query = F.normalize(head[level](image_mean(batch, z)), dim=-1)  # (B, E)
+    keys = F.normalize(head[-1](model.embedding[seen]), dim=-1)  # (C, E)
+    target = torch.searchsorted(seen, batch.image_class)
+    return F.cross_entropy(query @ keys.t() / tau, target)
+
+
+def feature_mi_loss(
+    model: CCNF, level: int, batch: LevelBatch, z: torch.Tensor, seen: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """E5 InfoNCE between v = norm(W_f zbar) and the seen class embeddings norm(e_c)."""
+    build_heads(model, LossConfig(lambda_mi_feat=1.0))
+    head = model.heads["mi_feat"]
+    v = F.normalize(head[level](image_mean(batch, z)), dim=-1)  # (B, E)
+    e = F.normalize(model.embedding[seen], dim=-1)  # (C, E)
+    target = torch.searchsorted(seen, batch.image_class)
+    return F.cross_entropy(v @ e.t() / tau, target)
+
+
+def build_heads(model: CCNF, cfg: LossConfig) -> None:
+    """Create the heads of the enabled head losses now, so the optimizer sees them."""
+    emb = model.embedding.shape[1]
+    if cfg.lambda_proto > 0:
+        model.head(
+            "proto", lambda: _linear_stack([(emb, d) for d in model.channels] + [(emb, emb)])
+        )
+    if cfg.lambda_mi_feat > 0:
+        model.head("mi_feat", lambda: _linear_stack([(emb, d) for d in model.channels]))
+
+
+def dsm_loss(
+    model: CCNF,
+    level: int,
+    batch: LevelBatch,
+    sigmas: list[float],
+    samples: int,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """P6 denoising score matching on a random subset of the batch's vectors.
+
+    With x~ = x + sigma eps the score of the noised density at x~ should be -eps / sigma;
+    the sigma^2 weight makes every noise level contribute on the same scale.
+    """
+    n, d = batch.x.shape
+    pick = torch.randperm(n, generator=gen)[: min(samples, n)]
+    x, y, pos = batch.x[pick], batch.y[pick], batch.pos[pick]
+    levels = torch.tensor(sigmas, dtype=x.dtype)
+    sigma = levels[torch.randint(len(sigmas), (x.shape[0],), generator=gen)].to(x.device)
+    eps = torch.randn(x.shape, generator=gen).to(x.device)
+    noisy = (x + sigma[:, None] * eps).requires_grad_(True)
+    log_prob = model.forward_level(level, noisy, y, pos, sigma=sigma).log_prob
+    (score,) = torch.autograd.grad(log_prob.sum(), noisy, create_graph=True)
+    residual = score + eps / sigma[:, None]
+    return (sigma.pow(2) * residual.pow(2).sum(dim=-1)).mean() / d
 
 
 def level_losses(
@@ -151,9 +252,9 @@ def level_losses(
     if w["L_logdet_reg"] > 0:
         terms["L_logdet_reg"] = logdet_reg(out, dim)
     if w["L_z_reg"] > 0:
-        terms["L_z_reg"] = z_moment_reg(out.z)
+        terms["L_z_reg"] = z_moment_reg(out.z_centered)
     if w["L_balance"] > 0:
-        terms["L_balance"] = balance(out.z)
+        terms["L_balance"] = balance(out.z_centered)
     if w["L_scale_penalty"] > 0:
         terms["L_scale_penalty"] = out.scale_sq.mean()
     if seen.numel() >= 2:
@@ -163,16 +264,29 @@ def level_losses(
             terms["L_e"] = class_entropy(
                 model, level, batch, seen, cfg.entropy_tau, cfg.entropy_samples, gen
             )
+        if w["L_proto"] > 0:
+            terms["L_proto"] = proto_head_loss(model, level, batch, out.z, seen, cfg.proto_tau)
+        if w["L_mi_feat"] > 0:
+            terms["L_mi_feat"] = feature_mi_loss(
+                model, level, batch, out.z, seen, cfg.mi_feat_tau
+            )
     if w["L_center"] > 0:
-        terms["L_center"] = center_loss(model, level, batch, out.z)
+        terms["L_center"] = center_loss(model, level, batch, out.z, detach=cfg.center_detach)
+    if w["L_dsm"] > 0:
+        terms["L_dsm"] = dsm_loss(model, level, batch, cfg.noise_sigmas, cfg.dsm_samples, gen)
     return terms
 
 
 def total_loss(
-    per_level: list[dict[str, torch.Tensor]], cfg: LossConfig
+    per_level: list[dict[str, torch.Tensor]], cfg: LossConfig, reg_scale: float = 1.0
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Average each term over levels, weight and sum. Returns (total, {term: level mean})."""
+    """Average each term over levels, weight and sum. Returns (total, {term: level mean}).
+
+    reg_scale multiplies the weights of :data:`REGULARIZERS` (0 switches them off).
+    """
     w = weights(cfg)
+    for name in REGULARIZERS:
+        w[name] *= reg_scale
     names = [t for t in TERMS if t in per_level[0]]
     means = {t: torch.stack([lv[t] for lv in per_level]).mean() for t in names}
     total = sum((w[t] * means[t] for t in names), torch.zeros(()))

@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
 
 from ccnf.atomic import atomic_path, write_json
 from ccnf.config import Params
 from ccnf.errors import CcnfError, NonFiniteLossError
 from ccnf.features import FeatureSplit, load_split
 from ccnf.flows.ccnf import CCNF, read_checkpoint
-from ccnf.losses import TERMS, LevelBatch, level_losses, total_loss
+from ccnf.losses import TERMS, LevelBatch, build_heads, level_losses, total_loss
 from ccnf.scoring import calibration_stats, score_images
 from ccnf.seeding import seed_everything
 
@@ -110,6 +111,87 @@ def _check_finite(terms: dict[str, torch.Tensor], task: str, step: int) -> None:
             )
 
 
+def _task_classes(params: Params, t: int) -> tuple[list[str], int]:
+    """(classes this task's training adds, global id of the first). joint: all at task 0."""
+    if params.train.strategy == "joint":
+        return (list(params.classes), 0) if t == 0 else ([], len(params.classes))
+    offset = sum(len(c) for c in params.split[:t])
+    return list(params.split[t]), offset
+
+
+def _set_feature_stats(model: CCNF, data: TaskData) -> None:
+    """E1: per-channel mean/std of the task's fit features, fixed for the rest of the study."""
+    for lvl, feats in enumerate(data.feats):
+        flat = feats.reshape(-1, feats.shape[-1])
+        model.set_feature_stats(lvl, flat.mean(dim=0), flat.std(dim=0).clamp_min(1e-6))
+
+
+def _freeze(model: CCNF, params: Params, t: int) -> list[nn.Module]:
+    """Apply the strategy's freezing for task t (E6 whole flows, E5 leading couplings).
+
+    Returns the frozen modules; training keeps them in eval mode, so frozen means frozen:
+    not even the spectral norm's power iteration touches them.
+    """
+    tc = params.train
+    frozen: list[nn.Module] = []
+    if tc.strategy == "freeze_after_first" and t > 0:
+        frozen = [model.flows]
+    elif tc.partial_freeze > 0 and t > 0:
+        frozen = [flow.couplings[: tc.partial_freeze] for flow in model.flows]
+    for module in frozen:
+        module.requires_grad_(False)
+    return frozen
+
+
+@dataclass
+class Schedule:
+    """Epoch schedule of one task: ``rounds`` x ``epochs`` (E3 metaE), regularizers only in
+    the first ``reg_epochs`` epochs of a round (E3 subE) and scaled by ``reg_scale`` (E2/E3),
+    learning rate re-warmed linearly over the first epoch of each round when ``rewarm``."""
+
+    rounds: int
+    epochs: int
+    reg_scale: float
+    reg_epochs: int | None
+    rewarm: bool
+
+    @staticmethod
+    def for_task(params: Params, t: int) -> Schedule:
+        tc = params.train
+        first = t == 0
+        return Schedule(
+            rounds=tc.meta_epochs if first else 1,
+            epochs=tc.epochs,
+            reg_scale=tc.first_task_reg_scale if first else 1.0,
+            reg_epochs=tc.sub_epochs,
+            rewarm=first and tc.meta_epochs > 1,
+        )
+
+    def reg_factor(self, epoch: int) -> float:
+        if self.reg_epochs is not None and epoch >= self.reg_epochs:
+            return 0.0
+        return self.reg_scale
+
+    def lr_factor(self, epoch: int, step: int, steps_per_epoch: int) -> float:
+        if not self.rewarm or epoch > 0:
+            return 1.0
+        return (step + 1) / steps_per_epoch
+
+
+def _write_checkpoint(
+    out_dir: Path, model: CCNF, rows: list[dict[str, float]], **extra: object
+) -> None:
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        torch.save(model.checkpoint(**extra), tmp / "model.pt")
+        write_json(tmp / "calibration.json", extra["calibration"])
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, delimiter="\t", restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        (tmp / "train_log.tsv").write_text(buf.getvalue())
+
+
 def train_task(
     params: Params,
     task: str,
@@ -122,21 +204,32 @@ def train_task(
     """Train ``task`` from ``prev_dir``'s checkpoint; write ``out_dir`` atomically.
 
     out_dir holds model.pt (weights + seen classes + calibration stats), calibration.json and
-    train_log.tsv (one row per step: every loss term).
+    train_log.tsv (one row per step: every loss term). With ``train.strategy: joint`` task 0
+    learns every class and later tasks write the same weights under their own name.
     """
     t = params.task_index(task)
     seed_everything(params.seed * 1009 + t)
     ckpt = read_checkpoint(prev_dir)
-    offset = sum(len(c) for c in params.split[:t])
+    task_classes, offset = _task_classes(params, t)
     expected = params.classes[:offset]
     if ckpt.get("classes", []) != expected:
         raise CcnfError(
             f"checkpoint {prev_dir} holds classes {ckpt.get('classes')} but task {task} "
             f"expects {expected} before it",
-            fix="the task split changed: dvc repro re-runs the chain",
+            fix="the task split or train.strategy changed: dvc repro re-runs the chain",
         )
     model = CCNF.from_checkpoint(ckpt, params.flow)
-    task_classes = params.split[t]
+    if not task_classes:  # joint, after task 0: nothing new to learn
+        _write_checkpoint(
+            out_dir,
+            model,
+            [],
+            classes=expected,
+            task=t,
+            calibration=ckpt["calibration"],
+            replay={},
+        )
+        return {"steps": 0.0, "seconds": 0.0, "final_loss": float("nan")}
     model.add_classes(len(task_classes))
     sn = params.flow.spectral_norm and (t > 0 or params.flow.spectral_norm_first_task)
     model.set_spectral_norm(sn)
@@ -157,12 +250,15 @@ def train_task(
         if idx
     }
     data = _stack_task({**fit, **replayed})
+    if params.flow.feature_norm and t == 0:
+        _set_feature_stats(model, data)
 
     tc = params.train
-    freeze_flows = tc.strategy == "freeze_after_first" and t > 0
-    model.flows.requires_grad_(not freeze_flows)
+    build_heads(model, params.loss)
+    frozen = _freeze(model, params, t)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
+    schedule = Schedule.for_task(params, t)
     gen = torch.Generator().manual_seed(params.seed * 7919 + t)
     seen = torch.arange(offset + len(task_classes))
     n_img = data.labels.numel()
@@ -177,41 +273,45 @@ def train_task(
         TimeRemainingColumn(),
         console=console,
     )
+    total_steps = schedule.rounds * schedule.epochs * steps_per_epoch
     with progress:
-        bar = progress.add_task("train", total=tc.epochs * steps_per_epoch, loss="-")
+        bar = progress.add_task("train", total=total_steps, loss="-")
         model.train()
-        if freeze_flows:
-            model.flows.eval()  # frozen means frozen: no spectral-norm power iteration either
-        for epoch in range(tc.epochs):
-            order = torch.randperm(n_img, generator=gen)
-            for i in range(steps_per_epoch):
-                images = order[i * tc.images_per_step : (i + 1) * tc.images_per_step]
-                per_level = [
-                    level_losses(
-                        model,
-                        lvl,
-                        _sample_batch(data, images, lvl, tc.patches_per_image, gen),
-                        seen,
-                        params.loss,
-                        gen,
+        for module in frozen:
+            module.eval()
+        for _ in range(schedule.rounds):
+            for epoch in range(schedule.epochs):
+                order = torch.randperm(n_img, generator=gen)
+                for i in range(steps_per_epoch):
+                    for group in optimizer.param_groups:
+                        group["lr"] = tc.lr * schedule.lr_factor(epoch, i, steps_per_epoch)
+                    images = order[i * tc.images_per_step : (i + 1) * tc.images_per_step]
+                    per_level = [
+                        level_losses(
+                            model,
+                            lvl,
+                            _sample_batch(data, images, lvl, tc.patches_per_image, gen),
+                            seen,
+                            params.loss,
+                            gen,
+                        )
+                        for lvl in range(model.n_levels)
+                    ]
+                    loss, means = total_loss(per_level, params.loss, schedule.reg_factor(epoch))
+                    step = int(model.global_step)
+                    _check_finite({"loss": loss, **means}, task, step)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if tc.grad_clip is not None:
+                        norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
+                        _check_finite({"grad_norm": norm}, task, step)
+                    optimizer.step()
+                    model.global_step += 1
+                    rows.append(
+                        {"step": step, "task": t, "epoch": epoch, "loss": loss.item()}
+                        | {k: v.item() for k, v in means.items()}
                     )
-                    for lvl in range(model.n_levels)
-                ]
-                loss, means = total_loss(per_level, params.loss)
-                step = int(model.global_step)
-                _check_finite({"loss": loss, **means}, task, step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if tc.grad_clip is not None:
-                    norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
-                    _check_finite({"grad_norm": norm}, task, step)
-                optimizer.step()
-                model.global_step += 1
-                rows.append(
-                    {"step": step, "task": t, "epoch": epoch, "loss": loss.item()}
-                    | {k: v.item() for k, v in means.items()}
-                )
-                progress.update(bar, advance=1, loss=f"{loss.item():.4f}")
+                    progress.update(bar, advance=1, loss=f"{loss.item():.4f}")
     train_seconds = time.perf_counter() - start
     for p in model.parameters():
         if not torch.isfinite(p).all():
@@ -236,20 +336,15 @@ def train_task(
         buffer = update_replay_buffer(
             replay, new_fit, params.train.replay_buffer, params.seed * 104729 + t
         )
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir(parents=True)
-        torch.save(
-            model.checkpoint(
-                classes=seen_classes, task=t, calibration=all_calibration, replay=buffer
-            ),
-            tmp / "model.pt",
-        )
-        write_json(tmp / "calibration.json", all_calibration)
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, delimiter="\t", restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-        (tmp / "train_log.tsv").write_text(buf.getvalue())
+    _write_checkpoint(
+        out_dir,
+        model,
+        rows,
+        classes=seen_classes,
+        task=t,
+        calibration=all_calibration,
+        replay=buffer,
+    )
     return {
         "steps": float(len(rows)),
         "seconds": train_seconds,

@@ -163,3 +163,101 @@ def test_replay_without_buffer_is_rejected(raw_params: dict) -> None:
     raw_params["train"]["strategy"] = "replay"
     with pytest.raises(CcnfError, match="replay_buffer is 0"):
         parse_params(raw_params)
+
+
+def _variant(raw: dict, section: str, **values: object) -> dict:
+    return {**raw, section: {**raw[section], **values}}
+
+
+def test_joint_trains_one_task_on_every_class(prepared) -> None:
+    tmp, raw = prepared
+    joint = _variant(raw, "train", strategy="joint")
+    t0 = read_checkpoint(_train(tmp, joint, "joint/t0"))
+    assert t0["classes"] == ["a", "b", "c", "d"] and set(t0["calibration"]) == set("abcd")
+    rows = (tmp / "joint/t0/train_log.tsv").read_text().splitlines()[1:]
+    assert {r.split("\t")[1] for r in rows} == {"0"}
+    t1 = read_checkpoint(_train(tmp, joint, "joint/t1", task="t1", prev="../joint/t0"))
+    assert len((tmp / "joint/t1/train_log.tsv").read_text().splitlines()) == 1  # header only
+    for k, v in t0["state_dict"].items():
+        assert torch.equal(v, t1["state_dict"][k]), k
+    assert t1["task"] == 1 and t1["calibration"] == t0["calibration"]
+
+
+def test_partial_freeze_keeps_leading_couplings_bit_identical(prepared) -> None:
+    tmp, raw = prepared
+    t0 = read_checkpoint(_train(tmp, raw, "pf/t0"))
+    pf = _variant(raw, "train", partial_freeze=1)
+    t1 = read_checkpoint(_train(tmp, pf, "pf/t1", task="t1", prev="../pf/t0"))
+    first = [k for k in t0["state_dict"] if ".couplings.0." in k]
+    later = [k for k in t0["state_dict"] if ".couplings.1." in k and k.endswith("weight")]
+    assert first and later
+    assert all(torch.equal(t0["state_dict"][k], t1["state_dict"][k]) for k in first)
+    assert any(not torch.equal(t0["state_dict"][k], t1["state_dict"][k]) for k in later)
+
+
+def test_feature_norm_stats_are_fixed_on_task_0(prepared) -> None:
+    tmp, raw = prepared
+    fn = _variant(raw, "flow", feature_norm=True)
+    init_model(parse_params(fn), tmp / "features", tmp / "fn/init")
+    t0 = read_checkpoint(_train(tmp, fn, "fn/t0", prev="../fn/init"))
+    mean0 = t0["state_dict"]["feat_mean_0"]
+    assert mean0.abs().sum() > 0 and not torch.equal(t0["state_dict"]["feat_std_0"],
+                                                     torch.ones_like(mean0))
+    fit, _ = calibration_split(5, fn["eval"]["calib_fraction"], fn["seed"])
+    feats = [load_split(tmp / "features", c, "train").subset(fit).features[0] for c in "ab"]
+    direct = torch.cat([f.float().flatten(2).transpose(1, 2) for f in feats]).reshape(-1, 40)
+    torch.testing.assert_close(mean0, direct.mean(0))
+    t1 = read_checkpoint(_train(tmp, fn, "fn/t1", task="t1", prev="../fn/t0"))
+    assert torch.equal(t1["state_dict"]["feat_mean_0"], mean0)  # never re-estimated
+
+
+def test_schedule_meta_and_sub_epochs() -> None:
+    from ccnf.train import Schedule
+
+    raw = tiny_params(Path("/nonexistent"), [["a"], ["b"]])
+    raw["train"].update(meta_epochs=3, sub_epochs=1, first_task_reg_scale=0.1, epochs=2)
+    params = parse_params(raw)
+    s0, s1 = Schedule.for_task(params, 0), Schedule.for_task(params, 1)
+    assert (s0.rounds, s1.rounds) == (3, 1)
+    assert s0.reg_factor(0) == pytest.approx(0.1) and s0.reg_factor(1) == 0.0
+    assert s1.reg_factor(0) == 1.0 and s1.reg_factor(1) == 0.0
+    assert s0.lr_factor(0, 0, 4) == pytest.approx(0.25) and s0.lr_factor(1, 0, 4) == 1.0
+    assert s1.lr_factor(0, 0, 4) == 1.0
+
+
+def test_meta_epochs_multiply_task_0_steps(prepared) -> None:
+    tmp, raw = prepared
+    base = _train(tmp, raw, "meta1/t0")
+    meta = _train(tmp, _variant(raw, "train", meta_epochs=2), "meta2/t0")
+    n1 = len((base / "train_log.tsv").read_text().splitlines()) - 1
+    n2 = len((meta / "train_log.tsv").read_text().splitlines()) - 1
+    assert n2 == 2 * n1
+
+
+def test_weak_first_task_regularization_changes_training(prepared) -> None:
+    tmp, raw = prepared
+    weak = _train(tmp, _variant(raw, "train", first_task_reg_scale=0.0), "weak/t0")
+    base = read_checkpoint(_train(tmp, raw, "strong/t0"))["state_dict"]
+    other = read_checkpoint(weak)["state_dict"]
+    assert any(not torch.equal(base[k], other[k]) for k in base if k.startswith("flows."))
+
+
+def test_every_variant_trains_and_evaluates(prepared) -> None:
+    """Each catalog switch runs through train and evaluate on the tiny data."""
+    tmp, raw = prepared
+    variants = {
+        "proto": _variant(raw, "loss", lambda_proto=0.1),
+        "mifeat": _variant(raw, "loss", lambda_mi_feat=0.1),
+        "dsm": _variant(_variant(raw, "loss", lambda_dsm=0.1, dsm_samples=8), "flow",
+                        noise_dim=4),
+        "e10": _variant(_variant(raw, "loss", center_detach=False), "flow",
+                        prior="class_mixture"),
+        "uncond": _variant(raw, "flow", class_conditioning=False),
+    }
+    for name, var in variants.items():
+        params = parse_params(var)
+        init_model(params, tmp / "features", tmp / name / "init")
+        _train(tmp, var, f"{name}/t0", prev=f"../{name}/init")
+        res = evaluate_task(params, "t0", tmp / "features", tmp / name / "t0",
+                            tmp / name / "m.json", tmp / name / "eval")
+        assert set(res["per_class"]) == {"a", "b"}, name

@@ -1,18 +1,24 @@
 """CCNF: one conditional flow per feature level, shared by all classes.
 
 Per level l (patch features x in R^{D_l}):
-    c = [e_y, PE(position)]                  class embedding (grows with classes) + 2-D PE
-    z = f_l(x; c)
-    log p(x | y) = log N(z; 0, I) + log|det df_l/dx|
-                 = -0.5 ||z||^2 - 0.5 D_l log(2 pi) + logdet.
+    x' = (x - m_l) / s_l                     fixed feature normalization (E1; identity if off)
+    c = [e_y, PE(position), phi(sigma)]      class embedding (grows with classes), 2-D PE,
+                                             noise-level embedding (P6; only if noise_dim > 0)
+    z = f_l(x'; c)
+    log p(x | y) = log N(z; mu, I) + log|det df_l/dx'| - sum_d log s_{l,d}
+                 = -0.5 ||z - mu||^2 - 0.5 D_l log(2 pi) + logdet,
+with mu = 0 (``flow.prior: standard``) or mu = mu_{y,l} (``class_mixture``, E7/E10).
 A prototype head mu_{y,l} = P_l e_y (P_l: linear, no bias, init 0.1 * I_{D_l x E}) maps the
-class embedding into each level's latent space; the detached centre loss (E11) trains it and
-the ``proto`` score reads it.
+class embedding into each level's latent space; the centre loss (E11/E10) trains it and the
+``proto`` score reads it. ``flow.class_conditioning: false`` drops e_y from c (position-only
+flow); the embedding then feeds only the prototype head.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,13 +39,31 @@ LOG_2PI = math.log(2 * math.pi)
 class LevelOutput:
     """Result of one level's flow on N patch vectors of dimension D.
 
-    z: (N, D); logdet: (N,); scale_sq: (N,) mean s^2 over couplings; log_prob: (N,) nats.
+    z: (N, D); logdet: (N,); scale_sq: (N,) mean s^2 over couplings; log_prob: (N,) nats;
+    mu: (N, D) prior mean per vector, or None for the standard prior (mu = 0).
     """
 
     z: torch.Tensor
     logdet: torch.Tensor
     scale_sq: torch.Tensor
     log_prob: torch.Tensor
+    mu: torch.Tensor | None = None
+
+    @property
+    def z_centered(self) -> torch.Tensor:
+        """z - mu: the latent the prior's regularizers should see as N(0, I)."""
+        return self.z if self.mu is None else self.z - self.mu
+
+
+def noise_embedding(sigma: torch.Tensor, dim: int) -> torch.Tensor:
+    """phi(sigma) = [sin(2^k pi sigma), cos(2^k pi sigma)]_{k < dim/2}: (N,) -> (N, dim).
+
+    sigma = 0 (clean data) maps to [0, ..., 0, 1, ..., 1]; distinct noise levels in (0, 1]
+    get distinct codes.
+    """
+    freq = math.pi * 2.0 ** torch.arange(dim // 2, dtype=sigma.dtype, device=sigma.device)
+    arg = sigma[:, None] * freq
+    return torch.cat([arg.sin(), arg.cos()], dim=-1)
 
 
 class CCNF(nn.Module):
@@ -59,10 +83,11 @@ class CCNF(nn.Module):
         self.cfg = cfg
         emb = cfg.embedding_dim
         self.embedding = nn.Parameter(torch.randn(n_classes, emb))
+        cond_dim = (emb if cfg.class_conditioning else 0) + cfg.pos_dim + cfg.noise_dim
         self.flows = nn.ModuleList(
             ConditionalFlow(
                 d,
-                emb + cfg.pos_dim,
+                cond_dim,
                 n_couplings=cfg.n_couplings,
                 hidden_dim=cfg.hidden_dim,
                 clamp_alpha=cfg.clamp_alpha,
@@ -78,7 +103,12 @@ class CCNF(nn.Module):
             self.protos.append(proj)
         for lvl, (h, w) in enumerate(self.grids):
             self.register_buffer(f"pos_{lvl}", positional_encoding_2d(cfg.pos_dim, h, w))
+            # E1 feature normalization; identity until set_feature_stats (and when it is off)
+            self.register_buffer(f"feat_mean_{lvl}", torch.zeros(self.channels[lvl]))
+            self.register_buffer(f"feat_std_{lvl}", torch.ones(self.channels[lvl]))
         self.register_buffer("global_step", torch.tensor(0, dtype=torch.long))
+        # loss-specific heads (E4 L_proto, E5 L_mi_feat), created by the loss that needs them
+        self.heads = nn.ModuleDict()
 
     # -- classes -----------------------------------------------------------------------------
     @property
@@ -106,27 +136,84 @@ class CCNF(nn.Module):
             if isinstance(m, SNLinear):
                 m.enabled.fill_(enabled)
 
+    # -- E1 feature normalization ------------------------------------------------------------
+    def feature_stats(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean (D_l,), std (D_l,)) applied to the level's features before the flow."""
+        return getattr(self, f"feat_mean_{level}"), getattr(self, f"feat_std_{level}")
+
+    def set_feature_stats(self, level: int, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Fix the level's normalization (done once, on task 0's training features)."""
+        m, s = self.feature_stats(level)
+        m.copy_(mean)
+        s.copy_(std)
+
+    # -- loss heads --------------------------------------------------------------------------
+    def head(self, name: str, build: Callable[[], nn.Module]) -> nn.Module:
+        """The head ``name``, created by ``build()`` the first time a loss asks for it.
+
+        Heads are built from a generator seeded by the name, so adding one never shifts the
+        global RNG stream (and with it every later draw of the run).
+        """
+        if name not in self.heads:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(zlib.crc32(name.encode()))
+                self.heads[name] = build().to(self.embedding.device)
+        return self.heads[name]
+
     # -- per-level computation ---------------------------------------------------------------
     def positions(self, level: int) -> torch.Tensor:
         """(H_l * W_l, pos_dim) positional encodings of the level's grid."""
         return getattr(self, f"pos_{level}")
 
-    def condition(self, level: int, y: torch.Tensor, pos_index: torch.Tensor) -> torch.Tensor:
-        """c = [e_y, PE(pos)]: y (N,) class ids, pos_index (N,) flat grid index -> (N, E+P)."""
-        return torch.cat([self.embedding[y], self.positions(level)[pos_index]], dim=-1)
+    def condition(
+        self,
+        level: int,
+        y: torch.Tensor,
+        pos_index: torch.Tensor,
+        sigma: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """c = [e_y, PE(pos), phi(sigma)]: y, pos_index, sigma (N,) -> (N, cond_dim).
+
+        e_y is left out without class conditioning, phi(sigma) without a noise embedding;
+        sigma None means clean data (sigma = 0).
+        """
+        parts = [self.positions(level)[pos_index]]
+        if self.cfg.class_conditioning:
+            parts.insert(0, self.embedding[y])
+        if self.cfg.noise_dim > 0:
+            if sigma is None:
+                sigma = torch.zeros(y.shape[0], device=y.device)
+            parts.append(noise_embedding(sigma.float(), self.cfg.noise_dim))
+        return torch.cat(parts, dim=-1)
 
     def prototype(self, level: int, y: torch.Tensor) -> torch.Tensor:
         """mu_{y,l} = P_l e_y: y (M,) -> (M, D_l)."""
         return self.protos[level](self.embedding[y])
 
     def forward_level(
-        self, level: int, x: torch.Tensor, y: torch.Tensor, pos_index: torch.Tensor
+        self,
+        level: int,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        pos_index: torch.Tensor,
+        sigma: torch.Tensor | None = None,
     ) -> LevelOutput:
-        """x (N, D_l) patch features, y (N,) class ids, pos_index (N,) -> LevelOutput."""
-        z, logdet, scale_sq = self.flows[level](x, self.condition(level, y, pos_index), self.warm())
+        """x (N, D_l) patch features, y (N,) class ids, pos_index (N,) -> LevelOutput.
+
+        sigma (N,): noise level of x for the P6 noise-conditioned flow (None: clean).
+        """
+        mean, std = self.feature_stats(level)
+        if self.cfg.feature_norm:
+            x = (x - mean) / std
+        cond = self.condition(level, y, pos_index, sigma)
+        z, logdet, scale_sq = self.flows[level](x, cond, self.warm())
+        if self.cfg.feature_norm:
+            logdet = logdet - std.log().sum()
         d = x.shape[1]
-        log_prob = -0.5 * z.pow(2).sum(dim=-1) - 0.5 * d * LOG_2PI + logdet
-        return LevelOutput(z=z, logdet=logdet, scale_sq=scale_sq, log_prob=log_prob)
+        mu = self.prototype(level, y) if self.cfg.prior == "class_mixture" else None
+        centred = z if mu is None else z - mu
+        log_prob = -0.5 * centred.pow(2).sum(dim=-1) - 0.5 * d * LOG_2PI + logdet
+        return LevelOutput(z=z, logdet=logdet, scale_sq=scale_sq, log_prob=log_prob, mu=mu)
 
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint(self, **extra: Any) -> dict[str, Any]:
@@ -135,12 +222,18 @@ class CCNF(nn.Module):
             "channels": self.channels,
             "grids": self.grids,
             "n_classes": self.n_classes,
+            "heads": {name: _head_shapes(h) for name, h in self.heads.items()},
             **extra,
         }
 
     @staticmethod
     def from_checkpoint(ckpt: dict[str, Any], cfg: FlowConfig) -> CCNF:
-        model = CCNF(ckpt["channels"], ckpt["grids"], cfg, n_classes=ckpt["n_classes"])
+        # building the module draws random inits that load_state_dict then overwrites: keep
+        # them off the global stream so what the caller draws next does not depend on them
+        with torch.random.fork_rng(devices=[]):
+            model = CCNF(ckpt["channels"], ckpt["grids"], cfg, n_classes=ckpt["n_classes"])
+            for name, shapes in ckpt.get("heads", {}).items():
+                model.heads[name] = _head_from_shapes(shapes)
         try:
             model.load_state_dict(ckpt["state_dict"], strict=True)
         except RuntimeError as err:
@@ -156,3 +249,12 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not file.is_file():
         raise CcnfError(f"checkpoint not found: {file}", fix="run the stage that writes it")
     return torch.load(file, map_location="cpu", weights_only=False)
+
+
+def _head_shapes(head: nn.Module) -> list[list[int]]:
+    """A head is a ModuleList of bias-free Linear layers: its [out, in] shapes rebuild it."""
+    return [list(m.weight.shape) for m in head.modules() if isinstance(m, nn.Linear)]
+
+
+def _head_from_shapes(shapes: list[list[int]]) -> nn.Module:
+    return nn.ModuleList(nn.Linear(i, o, bias=False) for o, i in shapes)
