@@ -117,7 +117,7 @@ def mutual_info_margin(
     """Hinge on the per-dimension log-likelihood gap to a random other seen class."""
     n_seen = seen.numel()
     slot = torch.searchsorted(seen, batch.image_class)
-    offset = torch.randint(1, n_seen, (slot.numel(),), generator=gen)
+    offset = torch.randint(1, n_seen, (slot.numel(),), generator=gen).to(slot.device)
     neg_class = seen[(slot + offset) % n_seen][batch.image]
     neg = model.forward_level(level, batch.x, neg_class, batch.pos)
     gap = (out.log_prob - neg.log_prob) / batch.x.shape[1]
@@ -135,7 +135,7 @@ def class_entropy(
 ) -> torch.Tensor:
     """Mean entropy of the class posterior softmax_c(log p(x|c) / (D tau)) on a subset."""
     n = batch.x.shape[0]
-    pick = torch.randperm(n, generator=gen)[: min(samples, n)]
+    pick = torch.randperm(n, generator=gen)[: min(samples, n)].to(batch.x.device)
     x, pos = batch.x[pick], batch.pos[pick]
     m, c = x.shape[0], seen.numel()
     out = model.forward_level(
@@ -222,7 +222,7 @@ def dsm_loss(
     the sigma^2 weight makes every noise level contribute on the same scale.
     """
     n, d = batch.x.shape
-    pick = torch.randperm(n, generator=gen)[: min(samples, n)]
+    pick = torch.randperm(n, generator=gen)[: min(samples, n)].to(batch.x.device)
     x, y, pos = batch.x[pick], batch.y[pick], batch.pos[pick]
     levels = torch.tensor(sigmas, dtype=x.dtype)
     sigma = levels[torch.randint(len(sigmas), (x.shape[0],), generator=gen)].to(x.device)

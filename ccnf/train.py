@@ -22,6 +22,7 @@ from torch import nn
 
 from ccnf.atomic import atomic_path, write_json
 from ccnf.config import Params
+from ccnf.device import resolve_device
 from ccnf.errors import CcnfError, NonFiniteLossError
 from ccnf.features import FeatureSplit, load_split
 from ccnf.flows.ccnf import CCNF, read_checkpoint
@@ -81,20 +82,23 @@ def _stack_task(splits: dict[int, FeatureSplit]) -> TaskData:
 def _sample_batch(
     data: TaskData, images: torch.Tensor, level: int, k: int | None, gen: torch.Generator
 ) -> LevelBatch:
+    """Random positions are drawn on the CPU generator (same draws on every device)."""
     feats = data.feats[level]
+    device = feats.device
     b, hw = images.numel(), feats.shape[1]
     if k is None or k >= hw:
         pos = torch.arange(hw).expand(b, hw)
     else:
         pos = torch.rand(b, hw, generator=gen).argsort(dim=1)[:, :k]
     kk = pos.shape[1]
+    images, pos = images.to(device), pos.to(device)
     x = feats[images[:, None], pos].reshape(b * kk, -1)
     image_class = data.labels[images]
     return LevelBatch(
         x=x,
         y=image_class.repeat_interleave(kk),
         pos=pos.reshape(-1),
-        image=torch.arange(b).repeat_interleave(kk),
+        image=torch.arange(b, device=device).repeat_interleave(kk),
         image_class=image_class,
     )
 
@@ -219,6 +223,7 @@ def train_task(
             fix="the task split or train.strategy changed: dvc repro re-runs the chain",
         )
     model = CCNF.from_checkpoint(ckpt, params.flow)
+    device = resolve_device(params.device)
     if not task_classes:  # joint, after task 0: nothing new to learn
         _write_checkpoint(
             out_dir,
@@ -249,7 +254,9 @@ def train_task(
         for cls, idx in replay.items()
         if idx
     }
+    model.to(device)
     data = _stack_task({**fit, **replayed})
+    data = TaskData([f.to(device) for f in data.feats], data.labels.to(device))
     if params.flow.feature_norm and t == 0:
         _set_feature_stats(model, data)
 
@@ -260,7 +267,7 @@ def train_task(
     optimizer = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
     schedule = Schedule.for_task(params, t)
     gen = torch.Generator().manual_seed(params.seed * 7919 + t)
-    seen = torch.arange(offset + len(task_classes))
+    seen = torch.arange(offset + len(task_classes), device=device)
     n_img = data.labels.numel()
     steps_per_epoch = math.ceil(n_img / tc.images_per_step)
     rows: list[dict[str, float]] = []
@@ -317,6 +324,7 @@ def train_task(
         if not torch.isfinite(p).all():
             raise NonFiniteLossError(f"non-finite weights after task {task}; nothing written")
 
+    model.to("cpu")  # TODO(device): score on the device once scoring moves features there
     calibration = {}
     for cid, cls in zip(class_ids, task_classes, strict=True):
         scores = score_images(

@@ -121,7 +121,7 @@ class CCNF(nn.Module):
 
     def add_classes(self, n: int) -> None:
         """Grow the embedding table by n rows, N(0, 1) from the global RNG (seed first)."""
-        new = torch.randn(n, self.embedding.shape[1], device=self.embedding.device)
+        new = torch.randn(n, self.embedding.shape[1]).to(self.embedding.device)
         self.embedding = nn.Parameter(torch.cat([self.embedding.detach(), new], dim=0))
 
     # -- stabilizer switches -----------------------------------------------------------------
