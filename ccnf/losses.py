@@ -105,43 +105,38 @@ def balance(z: torch.Tensor) -> torch.Tensor:
     return ((0.5 * z.pow(2).sum(dim=-1) / z.shape[1]).mean() - 0.5).pow(2)
 
 
-def mutual_info_margin(
-    model: CCNF,
-    level: int,
-    batch: LevelBatch,
-    out: LevelOutput,
-    seen: torch.Tensor,
-    margin: float,
-    gen: torch.Generator,
-) -> torch.Tensor:
-    """Hinge on the per-dimension log-likelihood gap to a random other seen class."""
+def negative_classes(batch: LevelBatch, seen: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """(N,) a random other seen class per image, repeated over the image's vectors (L_mi)."""
     n_seen = seen.numel()
     slot = torch.searchsorted(seen, batch.image_class)
     offset = torch.randint(1, n_seen, (slot.numel(),), generator=gen).to(slot.device)
-    neg_class = seen[(slot + offset) % n_seen][batch.image]
-    neg = model.forward_level(level, batch.x, neg_class, batch.pos)
-    gap = (out.log_prob - neg.log_prob) / batch.x.shape[1]
-    return F.relu(margin - gap).mean()
+    return seen[(slot + offset) % n_seen][batch.image]
 
 
-def class_entropy(
-    model: CCNF,
-    level: int,
-    batch: LevelBatch,
-    seen: torch.Tensor,
-    tau: float,
-    samples: int,
-    gen: torch.Generator,
+def mi_margin(
+    log_prob: torch.Tensor, neg_log_prob: torch.Tensor, dim: int, margin: float
 ) -> torch.Tensor:
-    """Mean entropy of the class posterior softmax_c(log p(x|c) / (D tau)) on a subset."""
+    """Hinge on the per-dimension log-likelihood gap to the negative class: (N,), (N,) -> ()."""
+    return F.relu(margin - (log_prob - neg_log_prob) / dim).mean()
+
+
+def entropy_inputs(
+    batch: LevelBatch, seen: torch.Tensor, samples: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random subset of M vectors, each paired with every one of the C seen classes.
+
+    Returns x (C*M, D), y (C*M,), pos (C*M,), class-major (row c*M + i is vector i, class c).
+    """
     n = batch.x.shape[0]
     pick = torch.randperm(n, generator=gen)[: min(samples, n)].to(batch.x.device)
     x, pos = batch.x[pick], batch.pos[pick]
-    m, c = x.shape[0], seen.numel()
-    out = model.forward_level(
-        level, x.repeat(c, 1), seen.repeat_interleave(m), pos.repeat(c)
-    )
-    logits = (out.log_prob / (x.shape[1] * tau)).view(c, m).t()  # (m, c)
+    c, m = seen.numel(), x.shape[0]
+    return x.repeat(c, 1), seen.repeat_interleave(m), pos.repeat(c)
+
+
+def class_entropy(log_prob: torch.Tensor, n_classes: int, dim: int, tau: float) -> torch.Tensor:
+    """Mean entropy of softmax_c(log p(x|c) / (D tau)); log_prob (C*M,) class-major -> ()."""
+    logits = (log_prob / (dim * tau)).view(n_classes, -1).t()  # (M, C)
     logp = F.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp).sum(dim=-1).mean()
 
@@ -242,10 +237,34 @@ def level_losses(
     cfg: LossConfig,
     gen: torch.Generator,
 ) -> dict[str, torch.Tensor]:
-    """Every enabled term for one level. seen: sorted (C,) ids of all classes seen so far."""
+    """Every enabled term for one level. seen: sorted (C,) ids of all classes seen so far.
+
+    The batch, L_mi's negative-class copy and L_e's class-paired subset go through the flow
+    in one pass: one set of (spectral-normalized) weights per step and a few large matrix
+    products instead of three rounds of small ones.
+    """
     w = weights(cfg)
-    dim = batch.x.shape[1]
-    out = model.forward_level(level, batch.x, batch.y, batch.pos)
+    n, dim = batch.x.shape
+    xs, ys, ps = [batch.x], [batch.y], [batch.pos]
+    use_mi = seen.numel() >= 2 and w["L_mi"] > 0
+    use_e = seen.numel() >= 2 and w["L_e"] > 0
+    if use_mi:
+        xs.append(batch.x)
+        ys.append(negative_classes(batch, seen, gen))
+        ps.append(batch.pos)
+    if use_e:
+        x_e, y_e, p_e = entropy_inputs(batch, seen, cfg.entropy_samples, gen)
+        xs.append(x_e)
+        ys.append(y_e)
+        ps.append(p_e)
+    joint = model.forward_level(level, torch.cat(xs), torch.cat(ys), torch.cat(ps))
+    out = LevelOutput(
+        z=joint.z[:n],
+        logdet=joint.logdet[:n],
+        scale_sq=joint.scale_sq[:n],
+        log_prob=joint.log_prob[:n],
+        mu=None if joint.mu is None else joint.mu[:n],
+    )
     terms: dict[str, torch.Tensor] = {}
     if w["L_g"] > 0:
         terms["L_g"] = nll(out, dim)
@@ -257,13 +276,14 @@ def level_losses(
         terms["L_balance"] = balance(out.z_centered)
     if w["L_scale_penalty"] > 0:
         terms["L_scale_penalty"] = out.scale_sq.mean()
+    if use_mi:
+        terms["L_mi"] = mi_margin(out.log_prob, joint.log_prob[n : 2 * n], dim, cfg.mi_margin)
+    if use_e:
+        start = 2 * n if use_mi else n
+        terms["L_e"] = class_entropy(
+            joint.log_prob[start:], seen.numel(), dim, cfg.entropy_tau
+        )
     if seen.numel() >= 2:
-        if w["L_mi"] > 0:
-            terms["L_mi"] = mutual_info_margin(model, level, batch, out, seen, cfg.mi_margin, gen)
-        if w["L_e"] > 0:
-            terms["L_e"] = class_entropy(
-                model, level, batch, seen, cfg.entropy_tau, cfg.entropy_samples, gen
-            )
         if w["L_proto"] > 0:
             terms["L_proto"] = proto_head_loss(model, level, batch, out.z, seen, cfg.proto_tau)
         if w["L_mi_feat"] > 0:

@@ -271,3 +271,26 @@ def test_reg_scale_scales_only_the_regularizers() -> None:
                   "L_z_reg": torch.tensor(5.0)}]
     assert float(total_loss(per_level, cfg, reg_scale=0.1)[0]) == pytest.approx(2.0 + 0.8)
     assert float(total_loss(per_level, cfg, reg_scale=0.0)[0]) == pytest.approx(2.0)
+
+
+def test_one_pass_terms_equal_separate_forwards() -> None:
+    """L_mi and L_e from the single concatenated pass equal their direct definitions."""
+    from ccnf.losses import class_entropy, entropy_inputs, mi_margin, negative_classes
+
+    model, batch = _model_and_batch()
+    model.eval()  # same spectral-norm estimate in every forward
+    seen = torch.arange(3)
+    cfg = LossConfig(entropy_samples=7)
+    terms = level_losses(model, 0, batch, seen, cfg, torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    neg = negative_classes(batch, seen, gen)
+    assert bool((neg != batch.y).all())
+    pos_out = model.forward_level(0, batch.x, batch.y, batch.pos)
+    neg_out = model.forward_level(0, batch.x, neg, batch.pos)
+    want_mi = mi_margin(pos_out.log_prob, neg_out.log_prob, 6, cfg.mi_margin)
+    x_e, y_e, p_e = entropy_inputs(batch, seen, 7, gen)
+    ent = model.forward_level(0, x_e, y_e, p_e)
+    want_e = class_entropy(ent.log_prob, 3, 6, cfg.entropy_tau)
+    torch.testing.assert_close(terms["L_mi"], want_mi)
+    torch.testing.assert_close(terms["L_e"], want_e)
+    assert 0 < float(want_e) <= math.log(3) + 1e-6
