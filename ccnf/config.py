@@ -301,6 +301,23 @@ class Params(_Section):
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
+    def _check_bank(self) -> Params:
+        if self.model.kind == "ccnf":
+            return self
+        if self.train.strategy != "naive":
+            raise ValueError(
+                f"train.strategy '{self.train.strategy}' does not apply to model.kind "
+                f"'{self.model.kind}' (a per-class bank learns each class once and cannot "
+                "forget): use train.strategy=naive"
+            )
+        if self.score.class_select == "prototype":
+            raise ValueError(
+                f"score.class_select 'prototype' needs CCNF's class centres; model.kind "
+                f"'{self.model.kind}' supports likelihood or oracle"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_tasks(self) -> Params:
         names = list(self.tasks)
         if not names:

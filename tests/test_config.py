@@ -113,3 +113,17 @@ def test_params_synthetic_split_is_the_generators(raw_params: dict) -> None:
 
     assert raw_params["splits"]["synthetic"] == SYNTHETIC_SPLIT
     assert sorted(c for t in SYNTHETIC_SPLIT for c in t) == sorted(SYNTHETIC_CLASSES)
+
+
+def test_bank_models_reject_ccnf_only_settings(raw_params: dict) -> None:
+    raw_params["model"]["kind"] = "gaussian"
+    raw_params["train"]["strategy"] = "replay"
+    raw_params["train"]["replay_buffer"] = 3
+    with pytest.raises(CcnfError, match="does not apply to model.kind 'gaussian'"):
+        parse_params(raw_params)
+    raw_params["train"]["strategy"] = "naive"
+    raw_params["score"]["class_select"] = "prototype"
+    with pytest.raises(CcnfError, match="class centres"):
+        parse_params(raw_params)
+    raw_params["score"]["class_select"] = "likelihood"
+    assert parse_params(raw_params).model.kind == "gaussian"

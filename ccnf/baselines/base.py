@@ -1,0 +1,117 @@
+"""The interface every per-class baseline model implements (issue 4).
+
+A per-class model sees the cached training features of exactly one class, once, and afterwards
+only scores. Feature lists follow the cache: ``feats[l]`` is (N, C_l, H_l, W_l) for level l
+(any float dtype; fp16 from the cache is upcast to float32 here).
+
+Patch scores are "higher = more anomalous", one map per level, (B, 1, H_l, W_l), so that
+they go through the same upsample / level-average / blur / pooling as CCNF's ``nf`` score
+(:mod:`ccnf.baselines.maps`).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ccnf.config import TrainConfig
+from ccnf.errors import CcnfError, NonFiniteLossError
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+class PerClassModel(nn.Module, ABC):
+    """One class's anomaly model over L feature levels.
+
+    Args:
+        channels: C_l per level.  grids: (H_l, W_l) per level.
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(self, channels: list[int], grids: list[list[int]]) -> None:
+        super().__init__()
+        if len(channels) != len(grids):
+            raise ValueError(f"{len(channels)} channel counts but {len(grids)} grids")
+        self.channels = [int(c) for c in channels]
+        self.grids = [[int(h), int(w)] for h, w in grids]
+
+    # -- what subclasses provide ---------------------------------------------------------------
+    @abstractmethod
+    def spec(self) -> dict[str, Any]:
+        """Constructor keyword arguments (JSON-able): enough to rebuild the empty model."""
+
+    @abstractmethod
+    def fit(
+        self, feats: list[torch.Tensor], train: TrainConfig, gen: torch.Generator
+    ) -> list[dict[str, float]]:
+        """Learn the class from its training features; returns one log row per optimizer step.
+
+        All randomness of training comes from ``gen`` (CPU generator), so a fit is a pure
+        function of (initial weights, features, train params, generator seed).
+        """
+
+    @abstractmethod
+    def patch_scores(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """feats[l] (B, C_l, H_l, W_l) -> per level (B, 1, H_l, W_l) anomaly scores (float32)."""
+
+    # -- shared helpers ------------------------------------------------------------------------
+    @property
+    def n_levels(self) -> int:
+        return len(self.channels)
+
+    @property
+    def device(self) -> torch.device:
+        for t in (*self.parameters(), *self.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+    def n_parameters(self) -> int:
+        """Stored real values: learned weights plus estimated statistics (float state only).
+
+        Integer bookkeeping (permutations, step counters) is not counted; it is in the
+        checkpoint bytes.
+        """
+        return sum(v.numel() for v in self.state_dict().values() if v.is_floating_point())
+
+    def check_features(self, feats: list[torch.Tensor], where: str) -> list[torch.Tensor]:
+        """Validate shapes against the model's levels; return float32 copies on its device."""
+        if len(feats) != self.n_levels:
+            raise CcnfError(
+                f"{self.kind} model has {self.n_levels} feature levels, got {len(feats)}",
+                where=where,
+                fix="the feature cache changed since the model was built: re-run the train stage",
+            )
+        out = []
+        for lvl, (f, c, (h, w)) in enumerate(zip(feats, self.channels, self.grids, strict=True)):
+            if f.dim() != 4 or tuple(f.shape[1:]) != (c, h, w):
+                raise CcnfError(
+                    f"level {lvl} features have shape {tuple(f.shape)}, the {self.kind} model "
+                    f"expects (N, {c}, {h}, {w})",
+                    where=where,
+                    fix="backbone.* or data.image_size changed: re-run extract and train",
+                )
+            out.append(f.to(self.device, torch.float32))
+        return out
+
+
+def require_images(n: int, minimum: int, kind: str) -> None:
+    if n < minimum:
+        raise CcnfError(
+            f"{kind} needs at least {minimum} training images per class, got {n}",
+            where="baseline fit",
+            fix="add training images or lower eval.calib_fraction",
+        )
+
+
+def check_finite(value: torch.Tensor, name: str, step: int, kind: str) -> None:
+    if not torch.isfinite(value).all():
+        raise NonFiniteLossError(
+            f"non-finite {name} in the {kind} baseline at step {step}; no checkpoint was written",
+            where=f"{kind} fit",
+            fix="lower train.lr, lower flow.clamp_alpha or set train.grad_clip",
+        )

@@ -1,0 +1,210 @@
+"""FastFlow-style 2-D flow over a level's whole feature map (Yu et al. 2021), per class.
+
+One flow per level maps the map X (C, H, W) to Z (C, H, W):
+    actnorm:  X' = (X - b) * exp(-log_sigma)          per channel; b, log_sigma initialised
+                                                      from the class's training data (Glow)
+    K steps:  split channels X' = [A, B] (C_a = C // 2), (s_raw, t) = g_k(A) with g_k a small
+              conv net (conv k x k -> ReLU -> conv k x k, hidden = ratio * C, zero padding),
+              s = alpha * tanh(s_raw / alpha) * w     soft clamp, warm-up w as in CCNF
+              B' = B * exp(s) + t;  then a fixed channel permutation
+Steps alternate kernel ``k`` and 1 x 1, as FastFlow does for its ResNet variants.
+
+B' at pixel p depends on A only through the subnet, so each step's Jacobian is block
+triangular and its log-det is a sum over pixels of sum_c s_c(p): the log-det splits exactly
+into per-position terms, logdet_p = sum_k sum_c s_{k,c}(p) - sum_c log_sigma_c, and
+    log p(X) = sum_p [ -0.5 ||z_p||^2 - 0.5 C log(2 pi) + logdet_p ].
+Patch score at p = -(-0.5 ||z_p||^2 - 0.5 C log(2 pi) + logdet_p) / C; the training loss is
+its mean over positions, images and levels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ccnf.baselines.base import LOG_2PI, PerClassModel, check_finite, require_images
+from ccnf.config import TrainConfig
+
+
+class ConvAffineCoupling(nn.Module):
+    """Channel-split affine coupling with a convolutional subnet.
+
+    forward(x (B, C, H, W), warm) -> (y (B, C, H, W), logdet (B, H, W)).
+    """
+
+    def __init__(self, channels: int, hidden: int, kernel: int, clamp_alpha: float) -> None:
+        super().__init__()
+        if channels < 2:
+            raise ValueError(f"coupling needs at least 2 channels, got {channels}")
+        if kernel % 2 != 1:
+            raise ValueError(f"kernel must be odd (same-size output), got {kernel}")
+        self.c_a = channels // 2
+        self.c_b = channels - self.c_a
+        self.clamp_alpha = clamp_alpha
+        pad = kernel // 2
+        self.subnet = nn.Sequential(
+            nn.Conv2d(self.c_a, hidden, kernel, padding=pad),
+            nn.ReLU(),
+            nn.Conv2d(hidden, 2 * self.c_b, kernel, padding=pad),
+        )
+
+    def _scale_shift(self, a: torch.Tensor, warm: float) -> tuple[torch.Tensor, torch.Tensor]:
+        s_raw, t = self.subnet(a).chunk(2, dim=1)
+        return self.clamp_alpha * torch.tanh(s_raw / self.clamp_alpha) * warm, t
+
+    def forward(self, x: torch.Tensor, warm: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = x[:, : self.c_a], x[:, self.c_a :]
+        s, t = self._scale_shift(a, warm)
+        return torch.cat([a, b * torch.exp(s) + t], dim=1), s.sum(dim=1)
+
+    def inverse(self, y: torch.Tensor, warm: float = 1.0) -> torch.Tensor:
+        a, b = y[:, : self.c_a], y[:, self.c_a :]
+        s, t = self._scale_shift(a, warm)
+        return torch.cat([a, (b - t) * torch.exp(-s)], dim=1)
+
+
+class FastFlow2d(nn.Module):
+    """Actnorm + K convolutional couplings with channel permutations, for one level.
+
+    forward(x (B, C, H, W), warm) -> (z (B, C, H, W), logdet (B, H, W) per position).
+    """
+
+    def __init__(
+        self, channels: int, *, n_steps: int, hidden: int, kernel: int, clamp_alpha: float
+    ) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(channels))
+        self.log_sigma = nn.Parameter(torch.zeros(channels))
+        self.couplings = nn.ModuleList(
+            ConvAffineCoupling(channels, hidden, kernel if k % 2 == 0 else 1, clamp_alpha)
+            for k in range(n_steps)
+        )
+        # As in ConditionalFlow: the half a step left unchanged becomes the half the next step
+        # transforms (shuffled within halves), so no channel passes through untransformed.
+        c_a = channels // 2
+        perms = torch.stack(
+            [
+                torch.cat([c_a + torch.randperm(channels - c_a), torch.randperm(c_a)])
+                for _ in range(n_steps)
+            ]
+        )
+        self.register_buffer("perms", perms)
+        self.register_buffer("inv_perms", torch.argsort(perms, dim=1))
+
+    @torch.no_grad()
+    def init_actnorm(self, x: torch.Tensor) -> None:
+        """Data-dependent init (Glow): per-channel mean/std of x (N, C, H, W) -> unit scale."""
+        self.shift.copy_(x.mean(dim=(0, 2, 3)))
+        self.log_sigma.copy_(x.std(dim=(0, 2, 3)).clamp_min(1e-6).log())
+
+    def forward(self, x: torch.Tensor, warm: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        b, _, h, w = x.shape
+        x = (x - self.shift[:, None, None]) * torch.exp(-self.log_sigma)[:, None, None]
+        logdet = (-self.log_sigma.sum()).expand(b, h, w)
+        for coupling, perm in zip(self.couplings, self.perms, strict=True):
+            x, ld = coupling(x, warm)
+            x = x[:, perm]
+            logdet = logdet + ld
+        return x, logdet
+
+    def inverse(self, z: torch.Tensor, warm: float = 1.0) -> torch.Tensor:
+        for coupling, inv in zip(reversed(self.couplings), reversed(self.inv_perms), strict=True):
+            z = coupling.inverse(z[:, inv], warm)
+        return z * torch.exp(self.log_sigma)[:, None, None] + self.shift[:, None, None]
+
+
+class FastFlowModel(PerClassModel):
+    """One class's FastFlow: a :class:`FastFlow2d` per level."""
+
+    kind = "fastflow"
+
+    def __init__(
+        self,
+        channels: list[int],
+        grids: list[list[int]],
+        *,
+        n_steps: int,
+        hidden_ratio: float,
+        kernel: int,
+        clamp_alpha: float,
+        warmup_steps: int,
+    ) -> None:
+        super().__init__(channels, grids)
+        self._spec = {
+            "n_steps": n_steps,
+            "hidden_ratio": hidden_ratio,
+            "kernel": kernel,
+            "clamp_alpha": clamp_alpha,
+            "warmup_steps": warmup_steps,
+        }
+        self.warmup_steps = warmup_steps
+        self.flows = nn.ModuleList(
+            FastFlow2d(
+                c,
+                n_steps=n_steps,
+                hidden=max(1, round(hidden_ratio * c)),
+                kernel=kernel,
+                clamp_alpha=clamp_alpha,
+            )
+            for c in self.channels
+        )
+        self.register_buffer("global_step", torch.tensor(0, dtype=torch.long))
+
+    def spec(self) -> dict[str, Any]:
+        return {"channels": self.channels, "grids": self.grids, **self._spec}
+
+    def warm(self) -> float:
+        if self.warmup_steps == 0:
+            return 1.0
+        return min(1.0, float(self.global_step) / self.warmup_steps)
+
+    def level_nll_map(self, level: int, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> -log p per position / C, (B, 1, H, W)."""
+        z, logdet = self.flows[level](x, self.warm())
+        c = x.shape[1]
+        log_p = -0.5 * z.pow(2).sum(dim=1) - 0.5 * c * LOG_2PI + logdet
+        return (-log_p / c)[:, None]
+
+    def fit(
+        self, feats: list[torch.Tensor], train: TrainConfig, gen: torch.Generator
+    ) -> list[dict[str, float]]:
+        feats = self.check_features(feats, "fastflow fit")
+        n = feats[0].shape[0]
+        require_images(n, 2, self.kind)
+        for flow, f in zip(self.flows, feats, strict=True):
+            flow.init_actnorm(f)
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+        steps_per_epoch = math.ceil(n / train.images_per_step)
+        rows: list[dict[str, float]] = []
+        self.train()
+        for epoch in range(train.epochs):
+            order = torch.randperm(n, generator=gen).to(feats[0].device)
+            for i in range(steps_per_epoch):
+                images = order[i * train.images_per_step : (i + 1) * train.images_per_step]
+                # Whole maps (no position sampling): the conv subnets need the neighbourhood.
+                loss = torch.stack(
+                    [self.level_nll_map(lvl, f[images]).mean() for lvl, f in enumerate(feats)]
+                ).mean()
+                step = int(self.global_step)
+                check_finite(loss, "loss", step, self.kind)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if train.grad_clip is not None:
+                    norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
+                    check_finite(norm, "gradient norm", step, self.kind)
+                opt.step()
+                self.global_step += 1
+                rows.append({"step": step, "epoch": epoch, "loss": loss.item(), "L_g": loss.item()})
+        self.eval()
+        return rows
+
+    @torch.no_grad()
+    def patch_scores(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """-log p per position / C_l: per level (B, 1, H_l, W_l)."""
+        feats = self.check_features(feats, "fastflow scoring")
+        self.eval()
+        return [self.level_nll_map(lvl, f) for lvl, f in enumerate(feats)]

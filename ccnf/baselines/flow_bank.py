@@ -1,0 +1,162 @@
+"""Per-class CFlow-style flow: one position-conditioned flow per level, owned by one class.
+
+Per level l (patch vector x in R^{D_l} at grid position p):
+    c = PE(p)                                  2-D sinusoidal encoding (no class embedding)
+    z = f_l(x; c)                              the same ConditionalFlow CCNF uses
+    log p(x) = -0.5 ||z||^2 - 0.5 D_l log(2 pi) + log|det df_l/dx|
+    patch score = -log p(x) / D_l
+Training: L_g = mean over levels of mean(-log p / D_l) on ``train.patches_per_image`` random
+positions of ``train.images_per_step`` images per step, AdamW, gradient-norm clipping, the
+soft clamp and the additive-to-affine warm-up of the CCNF couplings (``flow.*``).
+
+With ``flow.feature_norm`` each channel is first standardised with this class's own training
+mean/std (stored with the model); log p then includes the standardisation's log-det
+-sum_c log std_c, so likelihoods stay comparable across classes (class selection).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ccnf.baselines.base import LOG_2PI, PerClassModel, check_finite, require_images
+from ccnf.config import TrainConfig
+from ccnf.flows.flow import ConditionalFlow
+from ccnf.flows.positional import positional_encoding_2d
+
+
+class FlowBankModel(PerClassModel):
+    """One class's multi-level position-conditioned flow (CFlow-style)."""
+
+    kind = "flow_bank"
+
+    def __init__(
+        self,
+        channels: list[int],
+        grids: list[list[int]],
+        *,
+        n_couplings: int,
+        hidden_dim: int,
+        clamp_alpha: float,
+        spectral_norm: bool,
+        pos_dim: int,
+        warmup_steps: int,
+        feature_norm: bool,
+    ) -> None:
+        super().__init__(channels, grids)
+        self._spec = {
+            "n_couplings": n_couplings,
+            "hidden_dim": hidden_dim,
+            "clamp_alpha": clamp_alpha,
+            "spectral_norm": spectral_norm,
+            "pos_dim": pos_dim,
+            "warmup_steps": warmup_steps,
+            "feature_norm": feature_norm,
+        }
+        self.warmup_steps = warmup_steps
+        self.feature_norm = feature_norm
+        self.flows = nn.ModuleList(
+            ConditionalFlow(
+                c,
+                pos_dim,
+                n_couplings=n_couplings,
+                hidden_dim=hidden_dim,
+                clamp_alpha=clamp_alpha,
+                spectral_norm=spectral_norm,
+            )
+            for c in self.channels
+        )
+        for lvl, (c, (h, w)) in enumerate(zip(self.channels, self.grids, strict=True)):
+            # Deterministic from the grid: recomputed on load, so not stored in checkpoints.
+            self.register_buffer(
+                f"pos_{lvl}", positional_encoding_2d(pos_dim, h, w), persistent=False
+            )
+            self.register_buffer(f"feat_mean_{lvl}", torch.zeros(c))
+            self.register_buffer(f"feat_std_{lvl}", torch.ones(c))
+        self.register_buffer("global_step", torch.tensor(0, dtype=torch.long))
+
+    def spec(self) -> dict[str, Any]:
+        return {"channels": self.channels, "grids": self.grids, **self._spec}
+
+    def warm(self) -> float:
+        """Additive-to-affine factor min(1, step / warmup_steps), as in CCNF."""
+        if self.warmup_steps == 0:
+            return 1.0
+        return min(1.0, float(self.global_step) / self.warmup_steps)
+
+    def level_log_prob(self, level: int, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """x (N, D_l) raw patch features at flat grid positions pos (N,) -> log p(x) (N,)."""
+        mean, std = getattr(self, f"feat_mean_{level}"), getattr(self, f"feat_std_{level}")
+        x = (x - mean) / std
+        z, logdet, _ = self.flows[level](x, getattr(self, f"pos_{level}")[pos], self.warm())
+        d = x.shape[1]
+        return -0.5 * z.pow(2).sum(-1) - 0.5 * d * LOG_2PI + logdet - std.log().sum()
+
+    def fit(
+        self, feats: list[torch.Tensor], train: TrainConfig, gen: torch.Generator
+    ) -> list[dict[str, float]]:
+        feats = self.check_features(feats, "flow_bank fit")
+        n = feats[0].shape[0]
+        require_images(n, 1, self.kind)
+        per_level = [f.flatten(2).transpose(1, 2).contiguous() for f in feats]  # (N, P_l, D_l)
+        if self.feature_norm:
+            for lvl, x in enumerate(per_level):
+                flat = x.reshape(-1, x.shape[-1])
+                getattr(self, f"feat_mean_{lvl}").copy_(flat.mean(0))
+                getattr(self, f"feat_std_{lvl}").copy_(flat.std(0).clamp_min(1e-6))
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+        steps_per_epoch = math.ceil(n / train.images_per_step)
+        rows: list[dict[str, float]] = []
+        self.train()
+        for epoch in range(train.epochs):
+            order = torch.randperm(n, generator=gen)
+            for i in range(steps_per_epoch):
+                images = order[i * train.images_per_step : (i + 1) * train.images_per_step]
+                losses = []
+                for lvl, x_all in enumerate(per_level):
+                    x, pos = _sample(x_all, images, train.patches_per_image, gen)
+                    losses.append((-self.level_log_prob(lvl, x, pos) / x.shape[1]).mean())
+                loss = torch.stack(losses).mean()
+                step = int(self.global_step)
+                check_finite(loss, "loss", step, self.kind)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if train.grad_clip is not None:
+                    norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
+                    check_finite(norm, "gradient norm", step, self.kind)
+                opt.step()
+                self.global_step += 1
+                rows.append({"step": step, "epoch": epoch, "loss": loss.item(), "L_g": loss.item()})
+        self.eval()
+        return rows
+
+    @torch.no_grad()
+    def patch_scores(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """-log p(x_p) / D_l per patch: per level (B, 1, H_l, W_l)."""
+        feats = self.check_features(feats, "flow_bank scoring")
+        self.eval()  # eval: no spectral-norm power iteration, the stored weights stay untouched
+        out = []
+        for lvl, f in enumerate(feats):
+            b, d, h, w = f.shape
+            x = f.flatten(2).transpose(1, 2).reshape(b * h * w, d)
+            pos = torch.arange(h * w, device=f.device).repeat(b)
+            out.append((-self.level_log_prob(lvl, x, pos) / d).view(b, 1, h, w))
+        return out
+
+
+def _sample(
+    x_all: torch.Tensor, images: torch.Tensor, k: int | None, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k random positions per image (all when k is None or >= P): ((B*k, D), (B*k,) positions)."""
+    b, p = images.numel(), x_all.shape[1]
+    if k is None or k >= p:
+        pos = torch.arange(p).expand(b, p)
+    else:
+        pos = torch.rand(b, p, generator=gen).argsort(dim=1)[:, :k]
+    pos = pos.to(x_all.device)
+    idx = images.to(x_all.device)[:, None]
+    return x_all[idx, pos].reshape(-1, x_all.shape[-1]), pos.reshape(-1)

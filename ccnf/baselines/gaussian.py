@@ -1,0 +1,75 @@
+"""PaDiM-like floor: one Gaussian per class, level and patch position.
+
+For level l and position p with training vectors x_{n,p} in R^{C_l} (n = 1..N images):
+    mu_p    = mean_n x_{n,p}
+    Sigma_p = sum_n (x_{n,p} - mu_p)(x_{n,p} - mu_p)^T / (N - 1) + eps * I
+    score(x_p) = sqrt((x_p - mu_p)^T Sigma_p^{-1} (x_p - mu_p))        (Mahalanobis distance)
+No training loop and no randomness. Unlike PaDiM there is no random channel subset: every
+cached channel is kept (C_l is small here), so the model is exact rather than sampled.
+
+Memory per class: sum_l H_l W_l (C_l + C_l^2) floats (default levels: 784 * 1640 +
+196 * 12656, about 3.8 M floats = 15 MB in float32), the price of a per-position covariance.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ccnf.baselines.base import PerClassModel, require_images
+from ccnf.config import TrainConfig
+
+
+class GaussianModel(PerClassModel):
+    """Per-position Gaussian (mean + precision) per level.
+
+    Buffers per level l: ``mean_l`` (H_l W_l, C_l) and ``precision_l`` (H_l W_l, C_l, C_l),
+    float32, estimated in float64.
+    """
+
+    kind = "gaussian"
+
+    def __init__(self, channels: list[int], grids: list[list[int]], *, eps: float) -> None:
+        super().__init__(channels, grids)
+        if eps <= 0:
+            raise ValueError(f"gaussian eps must be > 0, got {eps}")
+        self.eps = float(eps)
+        for lvl, (c, (h, w)) in enumerate(zip(self.channels, self.grids, strict=True)):
+            self.register_buffer(f"mean_{lvl}", torch.zeros(h * w, c))
+            self.register_buffer(f"precision_{lvl}", torch.eye(c).expand(h * w, c, c).clone())
+
+    def spec(self) -> dict[str, Any]:
+        return {"channels": self.channels, "grids": self.grids, "eps": self.eps}
+
+    def fit(
+        self, feats: list[torch.Tensor], train: TrainConfig, gen: torch.Generator
+    ) -> list[dict[str, float]]:
+        """Estimate mean and precision per position (train and gen are unused: closed form)."""
+        feats = self.check_features(feats, "gaussian fit")
+        n = feats[0].shape[0]
+        require_images(n, 2, self.kind)
+        for lvl, f in enumerate(feats):
+            x = f.double().flatten(2).permute(2, 0, 1)  # (P, N, C)
+            mean = x.mean(dim=1)
+            d = x - mean[:, None]
+            cov = d.transpose(1, 2) @ d / (n - 1)  # (P, C, C)
+            cov = cov + self.eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+            # Cholesky inverse: the ridge makes Sigma_p SPD even when N < C (rank-deficient).
+            prec = torch.cholesky_inverse(torch.linalg.cholesky(cov))
+            getattr(self, f"mean_{lvl}").copy_(mean.float())
+            getattr(self, f"precision_{lvl}").copy_(prec.float())
+        return []
+
+    @torch.no_grad()
+    def patch_scores(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Mahalanobis distance per patch: per level (B, 1, H_l, W_l)."""
+        feats = self.check_features(feats, "gaussian scoring")
+        out = []
+        for lvl, f in enumerate(feats):
+            b, _, h, w = f.shape
+            d = f.flatten(2).permute(2, 0, 1) - getattr(self, f"mean_{lvl}")[:, None]  # (P, B, C)
+            m = ((d @ getattr(self, f"precision_{lvl}")) * d).sum(dim=-1)  # (P, B)
+            # float32 round-off can push a tiny quadratic form below 0; the distance is >= 0.
+            out.append(m.clamp_min(0).sqrt().t().reshape(b, 1, h, w))
+        return out

@@ -1,0 +1,96 @@
+"""Measure the bank baselines on one class of the real feature cache (no DVC, no side effects).
+
+    .venv/bin/python -m ccnf.baselines.measure --cls weave [--kinds gaussian,flow_bank,fastflow]
+        [--set train.epochs=16 --set flow.feature_norm=true]
+
+Per kind: fit time on the class's fit split (the training images minus the calibration slice,
+exactly as the train stage splits them), scoring time per test image, image and pixel AUROC of
+the ``nf``-style map (patch scores -> upsample -> level mean -> blur -> pooling), stored
+parameters and checkpoint bytes of the class's model. Prints one JSON object per kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from ccnf.baselines.bank import ClassBank, class_seed
+from ccnf.baselines.maps import score_images
+from ccnf.config import Params, parse_params
+from ccnf.errors import CcnfError
+from ccnf.features import FeatureMeta, load_split
+from ccnf.metrics import auroc
+from ccnf.train import calibration_split
+
+
+def load_with_overrides(path: Path, overrides: list[str]) -> dict:
+    """params.yaml as a dict with ``section.key=value`` overrides (values parsed as YAML)."""
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise CcnfError(f"bad override '{item}'", fix="use --set section.key=value")
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def measure(kind: str, cls: str, raw: dict, features_dir: Path) -> dict[str, float | str]:
+    params: Params = parse_params({**raw, "model": {**raw.get("model", {}), "kind": kind}})
+    meta = FeatureMeta.load(features_dir)
+    train = load_split(features_dir, cls, "train")
+    fit_idx, _ = calibration_split(len(train), params.eval.calib_fraction, params.seed)
+    fit = train.subset(fit_idx)
+    test = load_split(features_dir, cls, "test")
+    bank = ClassBank.from_params(params, meta.channels, meta.grids)
+    t0 = time.perf_counter()
+    rows = bank.add_class(cls, fit.features, params.train, class_seed(params.seed, 0))
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    maps, image = score_images(
+        bank[cls], test.features, params.score, params.data.mask_size, params.eval.batch_images
+    )
+    score_s = time.perf_counter() - t0
+    assert test.masks is not None
+    return {
+        "kind": kind,
+        "class": cls,
+        "fit_images": len(fit),
+        "fit_s": round(fit_s, 3),
+        "fit_s_per_epoch": round(fit_s / params.train.epochs, 3) if rows else 0.0,
+        "steps": len(rows),
+        "final_loss": round(rows[-1]["loss"], 4) if rows else float("nan"),
+        "score_ms_per_image": round(1000 * score_s / len(test), 2),
+        "image_auroc": round(auroc(test.labels.numpy(), image), 4),
+        "pixel_auroc": round(auroc(test.masks.numpy(), maps), 4),
+        "n_parameters": bank.n_parameters(cls),
+        "checkpoint_bytes": bank.checkpoint_nbytes(cls),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cls", default="weave")
+    ap.add_argument("--kinds", default="gaussian,flow_bank,fastflow")
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--features", type=Path, default=Path("features"))
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (timings)")
+    ap.add_argument("--set", action="append", default=[], help="override: section.key=value")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    raw = load_with_overrides(args.params, args.set)
+    for kind in args.kinds.split(","):
+        row = measure(kind, args.cls, raw, args.features)
+        print(json.dumps({**row, "overrides": args.set}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
