@@ -2,12 +2,26 @@
 
 R[t][j] (metric of task j after training task t) per score and metric; final average =
 mean_j R[T-1][j]; forgetting = mean_{j<T-1} max_{t in [j, T-2]} R[t][j] - R[T-1][j].
+Everything is computed for the task-aware block (oracle class) and the task-agnostic one
+(class chosen by ``score.class_select``, see :mod:`ccnf.evaluate`).
 
 Writes (all small, git-tracked):
     metrics/summary.json    {score: {image_auroc, pixel_auroc, aupro, image_ap, image_f1max,
-                             image_forgetting, pixel_forgetting, aupro_forgetting}}
-    metrics/matrices.json   {score: {metric: R as nested lists (null above the diagonal)}}
-    metrics/per_class.json  final model, {class: {"task": j, score: {metric: value}}}
+                             image_forgetting, pixel_forgetting, aupro_forgetting,
+                             image_{precision,recall,f1}_{kstd,pct}},      (task-aware)
+                             "agnostic": {score: same keys},
+                             "class_select": {"method", "accuracy", "forgetting",
+                                              "likelihood_accuracy", "prototype_accuracy"}}
+                            (the two *_accuracy entries only when a selection pass ran)
+    metrics/matrices.json   {score: {metric: R}, "agnostic": {score: {metric: R}},
+                             "class_select": {"accuracy": R, "likelihood": R, ...}}
+                            (R as nested lists, null above the diagonal)
+    metrics/per_class.json  final model, {class: {"task": j, score: {metric: value},
+                                                  "agnostic": {"selection_accuracy": a,
+                                                               "selected": {class: n},
+                                                               score: {metric: value}}}}
+                            ("selected" and the per-method accuracies only when a selection
+                            pass ran)
     plots/*.png, plots/loss.tsv
 """
 
@@ -24,8 +38,8 @@ from ccnf.atomic import write_json, write_text
 from ccnf.config import Params
 from ccnf.data.images import load_image
 from ccnf.errors import CcnfError
-from ccnf.evaluate import METRICS
-from ccnf.metrics import final_average, forgetting, roc_curve
+from ccnf.evaluate import ALL_METRICS, DECIMALS
+from ccnf.metrics import forgetting, roc_curve
 from ccnf.plots import (
     GalleryRow,
     plot_gallery,
@@ -34,7 +48,7 @@ from ccnf.plots import (
     plot_roc_curves,
     plot_task_curves,
 )
-from ccnf.scoring import SCORES
+from ccnf.scoring import SCORES, SELECT_METHODS
 
 FORGETTING_OF = {"image_auroc": "image", "pixel_auroc": "pixel", "aupro": "aupro"}
 
@@ -45,33 +59,150 @@ def load_task_results(params: Params, metrics_dir: Path) -> list[dict[str, Any]]
         path = metrics_dir / "tasks" / f"{task}.json"
         if not path.is_file():
             raise CcnfError(f"evaluation of task {task} missing: {path}", fix="dvc repro")
-        results.append(json.loads(path.read_text()))
+        res = json.loads(path.read_text())
+        if "agnostic" not in res:
+            raise CcnfError(
+                f"{path} predates the task-agnostic evaluation (no 'agnostic' block)",
+                fix="re-run the evaluation: dvc repro",
+            )
+        results.append(res)
+    methods = {r["class_select"] for r in results}
+    if len(methods) > 1:
+        raise CcnfError(
+            f"the task evaluations used different score.class_select values: {sorted(methods)}",
+            where=str(metrics_dir / "tasks"),
+            fix="re-run the evaluations with one setting: dvc repro",
+        )
     return results
 
 
-def matrices(results: list[dict[str, Any]], task_names: list[str]) -> dict[str, dict]:
-    """{score: {metric: R (T, T) with NaN above the diagonal}}."""
+def _agnostic_per_task(res: dict[str, Any]) -> dict[str, Any] | None:
+    """The agnostic block's per-task metrics (the task-aware ones under oracle selection);
+    None for a task whose agnostic block was skipped (``eval.agnostic_every_task: false``)."""
+    agn = res["agnostic"]
+    if agn.get("skipped"):
+        return None
+    return res["per_task"] if agn["same_as_aware"] else agn["per_task"]
+
+
+def scores_of(results: list[dict[str, Any]]) -> list[str]:
+    """The score definitions the evaluations report (all three for CCNF, nf for a baseline)."""
+    first = next(iter(results[-1]["per_task"].values()))
+    return [s for s in SCORES if s in first]
+
+
+def _score_matrices(per_task_of: list[dict[str, Any] | None], task_names: list[str]) -> dict:
+    """Rows of skipped evaluations (None) stay NaN."""
     n = len(task_names)
+    present = next(p for p in reversed(per_task_of) if p is not None)
+    first = next(iter(present.values()))
     out: dict[str, dict[str, np.ndarray]] = {}
-    for score in SCORES:
+    for score in [s for s in SCORES if s in first]:
         out[score] = {}
-        for metric in METRICS:
+        for metric in ALL_METRICS:
             r = np.full((n, n), np.nan)
-            for t, res in enumerate(results):
+            for t, per_task in enumerate(per_task_of):
+                if per_task is None:
+                    continue
                 for j, tname in enumerate(task_names[: t + 1]):
-                    r[t, j] = res["per_task"][tname][score][metric]
+                    r[t, j] = per_task[tname][score][metric]
             out[score][metric] = r
     return out
 
 
+def matrices(results: list[dict[str, Any]], task_names: list[str]) -> dict[str, dict]:
+    """Task-aware {score: {metric: R (T, T)}} with NaN above the diagonal."""
+    return _score_matrices([r["per_task"] for r in results], task_names)
+
+
+def agnostic_matrices(results: list[dict[str, Any]], task_names: list[str]) -> dict[str, dict]:
+    """Task-agnostic {score: {metric: R (T, T)}}."""
+    return _score_matrices([_agnostic_per_task(r) for r in results], task_names)
+
+
+def selection_matrices(
+    results: list[dict[str, Any]], task_names: list[str]
+) -> dict[str, np.ndarray]:
+    """Class-selection accuracy R (T, T): {"accuracy": configured method, method: R, ...}.
+
+    Oracle selection is right by definition (R = 1); per-method matrices exist only when a
+    selection pass ran (any method other than oracle).
+    """
+    n = len(task_names)
+    final = results[-1]["agnostic"]
+    ran = not final["same_as_aware"]
+    methods = (
+        list(next(iter(final["per_task"].values()))["selection_accuracy_by_method"])
+        if ran
+        else []
+    )
+    keys = ["accuracy", *methods]
+    out = {k: np.full((n, n), np.nan) for k in keys}
+    for t, res in enumerate(results):
+        if res["agnostic"].get("skipped"):
+            continue
+        for j, tname in enumerate(task_names[: t + 1]):
+            if not ran:
+                out["accuracy"][t, j] = 1.0
+                continue
+            entry = res["agnostic"]["per_task"][tname]
+            out["accuracy"][t, j] = entry["selection_accuracy"]
+            for m in methods:
+                out[m][t, j] = entry["selection_accuracy_by_method"][m]
+    return out
+
+
+def _complete(r: np.ndarray) -> bool:
+    return bool(np.isfinite(r[np.tril_indices(r.shape[0])]).all())
+
+
+def _final(r: np.ndarray) -> float:
+    """Final average; only the last row is needed, so it works when earlier rows were skipped."""
+    return float(np.mean(r[-1]))
+
+
 def summarize(mats: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
+    """{score: {metric: final average, <short>_forgetting: forgetting}}, rounded to 1e-6."""
     summary: dict[str, dict[str, float]] = {}
     for score, by_metric in mats.items():
-        entry = {m: round(final_average(r), 6) for m, r in by_metric.items()}
+        entry = {m: round(_final(r), DECIMALS) for m, r in by_metric.items()}
         for metric, short in FORGETTING_OF.items():
-            entry[f"{short}_forgetting"] = round(forgetting(by_metric[metric]), 6)
+            if _complete(by_metric[metric]):  # forgetting needs every task's evaluation
+                entry[f"{short}_forgetting"] = round(forgetting(by_metric[metric]), DECIMALS)
         summary[score] = entry
     return summary
+
+
+def summarize_selection(method: str, sel: dict[str, np.ndarray]) -> dict[str, Any]:
+    """{"method", "accuracy": final average, "forgetting", "<method>_accuracy": final avg}."""
+    out: dict[str, Any] = {
+        "method": method,
+        "accuracy": round(_final(sel["accuracy"]), DECIMALS),
+    }
+    if _complete(sel["accuracy"]):
+        out["forgetting"] = round(forgetting(sel["accuracy"]), DECIMALS)
+    for m in SELECT_METHODS:
+        if m in sel:
+            out[f"{m}_accuracy"] = round(_final(sel[m]), DECIMALS)
+    return out
+
+
+def _final_per_class(last: dict[str, Any]) -> dict[str, Any]:
+    """Per-class metrics of the final model, each class with its agnostic entry nested."""
+    agn = last["agnostic"]
+    out = {}
+    for cls, entry in last["per_class"].items():
+        if agn["same_as_aware"]:
+            nested = {"selection_accuracy": 1.0} | {s: entry[s] for s in SCORES if s in entry}
+        else:
+            a = agn["per_class"][cls]
+            nested = {k: v for k, v in a.items() if k != "task"}
+        out[cls] = entry | {"agnostic": nested}
+    return out
+
+
+def _json_matrix(r: np.ndarray) -> list[list[float | None]]:
+    return [[None if np.isnan(v) else round(float(v), DECIMALS) for v in row] for row in r]
 
 
 def _loss_rows(models_dir: Path, task_names: list[str]) -> list[dict[str, Any]]:
@@ -113,22 +244,31 @@ def aggregate(
 ) -> dict[str, Any]:
     task_names = params.task_names
     results = load_task_results(params, metrics_dir)
+    method = results[-1]["class_select"]
     mats = matrices(results, task_names)
-    summary = summarize(mats)
+    agn_mats = agnostic_matrices(results, task_names)
+    sel = selection_matrices(results, task_names)
+    scores = scores_of(results)
+    summary: dict[str, Any] = summarize(mats)
+    summary["agnostic"] = summarize(agn_mats)
+    summary["class_select"] = summarize_selection(method, sel)
     write_json(metrics_dir / "summary.json", summary)
+    as_lists = {s: {m: _json_matrix(r) for m, r in by_m.items()} for s, by_m in mats.items()}
     write_json(
         metrics_dir / "matrices.json",
-        {
-            s: {m: [[None if np.isnan(v) else round(float(v), 6) for v in row] for row in r]
-                for m, r in by_m.items()}
-            for s, by_m in mats.items()
+        as_lists
+        | {
+            "agnostic": {
+                s: {m: _json_matrix(r) for m, r in by_m.items()} for s, by_m in agn_mats.items()
+            },
+            "class_select": {k: _json_matrix(r) for k, r in sel.items()},
         },
     )
-    write_json(metrics_dir / "per_class.json", results[-1]["per_class"])
+    write_json(metrics_dir / "per_class.json", _final_per_class(results[-1]))
 
     plots_dir.mkdir(parents=True, exist_ok=True)
     plot_task_curves(
-        {f"{s} {m.replace('_', ' ')}": mats[s][m] for s in SCORES for m in ("image_auroc",
+        {f"{s} {m.replace('_', ' ')}": mats[s][m] for s in scores for m in ("image_auroc",
                                                                            "pixel_auroc")},
         task_names,
         plots_dir / "task_curves.png",
@@ -136,18 +276,31 @@ def aggregate(
     )
     for metric in ("image_auroc", "pixel_auroc"):
         plot_matrices(
-            {s: mats[s][metric] for s in SCORES},
+            {s: mats[s][metric] for s in scores},
             task_names,
             plots_dir / f"R_{metric}.png",
             f"R[t][j]: {metric.replace('_', ' ')} of task j after task t",
         )
+    plot_matrices(
+        {s: agn_mats[s]["image_auroc"] for s in scores},
+        task_names,
+        plots_dir / "R_agnostic_image_auroc.png",
+        f"R[t][j]: task-agnostic image AUROC (class by {method})",
+    )
+    by_method = {m: sel[m] for m in SELECT_METHODS if m in sel} or {method: sel["accuracy"]}
+    plot_matrices(
+        by_method,
+        task_names,
+        plots_dir / "R_class_select.png",
+        f"R[t][j]: class-selection accuracy on task j after task t (used: {method})",
+    )
     rows = _loss_rows(models_dir, task_names)
     _write_tsv(plots_dir / "loss.tsv", rows)
     plot_loss_curves(rows, plots_dir / "loss_curves.png", "training loss terms (all tasks)")
 
     last = task_names[-1]
     raw = np.load(eval_dir / last / "image_scores.npz")
-    for score in SCORES:
+    for score in scores:
         curves = {}
         for cls in params.classes:
             labels, values = raw[f"{cls}/labels"], raw[f"{cls}/{score}"]

@@ -243,6 +243,13 @@ class ScoreConfig(_Section):
             "mean/std (per-class calibration)"
         ),
     )
+    select_level: int | None = Field(
+        -1,
+        description=(
+            "feature level whose statistics choose the class (-1: the deepest, the most "
+            "semantic and cheapest; null: the mean over all levels)"
+        ),
+    )
 
 
 class EvalConfig(_Section):
@@ -252,6 +259,14 @@ class EvalConfig(_Section):
     aupro_fpr: float = Field(0.3, gt=0, le=1)
     batch_images: int = Field(16, ge=1)
     gallery_per_class: int = Field(1, ge=0)
+    agnostic_every_task: bool = Field(
+        False,
+        description=(
+            "evaluate the task-agnostic block after every task (selection accuracy and "
+            "agnostic forgetting) instead of only after the last one; costs one flow pass per "
+            "seen class per test image at every task"
+        ),
+    )
     threshold_k: float = Field(
         3.0, ge=0, description="automatic threshold mean + k * std of training-normal scores"
     )

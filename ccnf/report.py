@@ -30,49 +30,121 @@ SUMMARY_COLUMNS = (
 NUMBER = re.compile(r"[-+]?\d+\.\d+")
 
 
+THRESHOLD_COLUMNS = (
+    ("image_f1max", "F1-max (best threshold)"),
+    ("image_f1_kstd", "F1 @ mean+k*std"),
+    ("image_precision_kstd", "precision @ mean+k*std"),
+    ("image_recall_kstd", "recall @ mean+k*std"),
+    ("image_f1_pct", "F1 @ percentile"),
+    ("image_precision_pct", "precision @ percentile"),
+    ("image_recall_pct", "recall @ percentile"),
+)
+
+
 def load_metrics(metrics_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     paths = [metrics_dir / "summary.json", metrics_dir / "per_class.json"]
     for p in paths:
         if not p.is_file():
             raise CcnfError(f"metrics not found: {p}", fix="run the study first: dvc repro")
     summary, per_class = (json.loads(p.read_text()) for p in paths)
+    if "agnostic" not in summary or "class_select" not in summary:
+        raise CcnfError(
+            f"{paths[0]} predates the task-agnostic evaluation (no 'agnostic' block)",
+            fix="re-run the study: dvc repro",
+        )
     return summary, per_class
 
 
-def summary_table(summary: dict[str, Any]) -> str:
-    head = "| score | " + " | ".join(label for _, label in SUMMARY_COLUMNS) + " |"
-    sep = "|---|" + "---:|" * len(SUMMARY_COLUMNS)
+def _table(block: dict[str, Any], columns: tuple[tuple[str, str], ...]) -> str:
+    """Markdown table, one row per score of ``block`` ({score: {key: value}})."""
+    head = "| score | " + " | ".join(label for _, label in columns) + " |"
+    sep = "|---|" + "---:|" * len(columns)
     rows = [
-        f"| {s} | " + " | ".join(f"{summary[s][k]:.4f}" for k, _ in SUMMARY_COLUMNS) + " |"
+        f"| {s} | " + " | ".join(_cell(block[s].get(k)) for k, _ in columns) + " |"
         for s in SCORES
-        if s in summary
+        if s in block
     ]
     return "\n".join([head, sep, *rows])
+
+
+def _cell(value: float | None) -> str:
+    """A number to 4 decimals; '—' where the metric was not measured (e.g. the agnostic
+    forgetting when only the last task ran the task-agnostic block)."""
+    return "—" if value is None else f"{value:.4f}"
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """Task-aware final averages and forgetting (the top-level score blocks of summary.json)."""
+    return _table(summary, SUMMARY_COLUMNS)
+
+
+def agnostic_table(summary: dict[str, Any]) -> str:
+    """Task-agnostic final averages and forgetting (summary["agnostic"])."""
+    return _table(summary["agnostic"], SUMMARY_COLUMNS)
+
+
+def selection_table(summary: dict[str, Any]) -> str:
+    """Class-selection accuracy: the method used, and every method a selection pass measured."""
+    sel = summary["class_select"]
+    head = "| class selection | accuracy (final average) | forgetting |"
+    sep = "|---|---:|---:|"
+    rows = [
+        f"| {sel['method']} (used) | {sel['accuracy']:.4f} | {_cell(sel.get('forgetting'))} |"
+    ]
+    for key, value in sel.items():
+        method = key.removesuffix("_accuracy")
+        if key.endswith("_accuracy") and method != sel["method"]:
+            rows.append(f"| {method} | {value:.4f} | — |")
+    return "\n".join([head, sep, *rows])
+
+
+def threshold_table(summary: dict[str, Any], agnostic: bool = False) -> str:
+    """Image-level F1-max next to precision/recall/F1 at the two automatic thresholds."""
+    return _table(summary["agnostic"] if agnostic else summary, THRESHOLD_COLUMNS)
 
 
 def per_class_table(per_class: dict[str, Any]) -> str:
     head = (
         "| task | class | nf image | nf pixel | nf AUPRO | proto image | hybrid image | "
-        "hybrid pixel |"
+        "hybrid pixel | agnostic nf image | selection accuracy |"
     )
-    sep = "|---:|---|---:|---:|---:|---:|---:|---:|"
+    sep = "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     rows = []
     for cls, m in per_class.items():
+        a = m["agnostic"]
         rows.append(
             f"| t{m['task']} | {cls} | {m['nf']['image_auroc']:.4f} | "
             f"{m['nf']['pixel_auroc']:.4f} | {m['nf']['aupro']:.4f} | "
             f"{m['proto']['image_auroc']:.4f} | {m['hybrid']['image_auroc']:.4f} | "
-            f"{m['hybrid']['pixel_auroc']:.4f} |"
+            f"{m['hybrid']['pixel_auroc']:.4f} | {a['nf']['image_auroc']:.4f} | "
+            f"{a['selection_accuracy']:.4f} |"
         )
     return "\n".join([head, sep, *rows])
 
 
 def results_block(summary: dict[str, Any], per_class: dict[str, Any]) -> str:
+    method = summary["class_select"]["method"]
     return (
-        "Final averages over the 5 tasks after the last task (oracle class selection), "
-        "and forgetting:\n\n"
+        "Final averages over the tasks after the last task, **task-aware** (each test image "
+        "scored under its true class), and forgetting:\n\n"
         + summary_table(summary)
-        + "\n\nPer class, final model:\n\n"
+        + "\n\n**Task-agnostic**: each test image scored under the class selected by "
+        f"`{method}` (`score.class_select`) among all classes seen so far; hybrid scores and "
+        "thresholds use the selected class's calibration (after the last task only, unless "
+        "`eval.agnostic_every_task`). Class-selection accuracy (fraction of test images "
+        "assigned their true class, mean over tasks):\n\n"
+        + selection_table(summary)
+        + "\n\n"
+        + agnostic_table(summary)
+        + "\n\nAutomatic image thresholds from each class's training-normal calibration "
+        "scores (U-Flow): mean + k*std (`eval.threshold_k`) and a percentile "
+        "(`eval.threshold_percentile`); image-level final averages next to F1-max (the best "
+        "threshold, chosen on test data), task-aware:\n\n"
+        + threshold_table(summary)
+        + "\n\nand task-agnostic:\n\n"
+        + threshold_table(summary, agnostic=True)
+        + "\n\nPer class, final model (agnostic columns: class selected by "
+        f"`{method}`):\n\n"
         + per_class_table(per_class)
     )
 

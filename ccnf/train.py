@@ -17,17 +17,25 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    track,
+)
 from torch import nn
 
-from ccnf.atomic import atomic_path, write_json
+from ccnf.atomic import atomic_path
+from ccnf.baselines import ClassBank, class_seed, model_spec
 from ccnf.config import Params
 from ccnf.device import resolve_device
 from ccnf.errors import CcnfError, NonFiniteLossError
-from ccnf.features import FeatureSplit, load_split
+from ccnf.features import FeatureMeta, FeatureSplit, load_split
 from ccnf.flows.ccnf import CCNF, read_checkpoint
 from ccnf.losses import TERMS, LevelBatch, build_heads, level_losses, total_loss
-from ccnf.scoring import calibration_stats, score_images
+from ccnf.scoring import calibration_patches
 from ccnf.seeding import seed_everything
 
 LOG_COLUMNS = ("step", "task", "epoch", "loss", *TERMS)
@@ -188,12 +196,19 @@ def _write_checkpoint(
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         torch.save(model.checkpoint(**extra), tmp / "model.pt")
-        write_json(tmp / "calibration.json", extra["calibration"])
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, delimiter="\t", restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-        (tmp / "train_log.tsv").write_text(buf.getvalue())
+        _write_log(tmp / "train_log.tsv", rows)
+
+
+def _write_log(path: Path, rows: list[dict[str, float]]) -> None:
+    """One row per optimizer step; columns: LOG_COLUMNS then any extra keys of the rows."""
+    columns = list(LOG_COLUMNS)
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, delimiter="\t", restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    path.write_text(buf.getvalue())
 
 
 def train_task(
@@ -207,13 +222,15 @@ def train_task(
 ) -> dict[str, float]:
     """Train ``task`` from ``prev_dir``'s checkpoint; write ``out_dir`` atomically.
 
-    out_dir holds model.pt (weights + seen classes + calibration stats), calibration.json and
+    out_dir holds model.pt (weights + seen classes + calibration patch scores) and
     train_log.tsv (one row per step: every loss term). With ``train.strategy: joint`` task 0
     learns every class and later tasks write the same weights under their own name.
     """
     t = params.task_index(task)
     seed_everything(params.seed * 1009 + t)
     ckpt = read_checkpoint(prev_dir)
+    if params.model.kind != "ccnf":
+        return train_bank_task(params, task, features_dir, ckpt, out_dir, console=console)
     task_classes, offset = _task_classes(params, t)
     expected = params.classes[:offset]
     if ckpt.get("classes", []) != expected:
@@ -324,18 +341,10 @@ def train_task(
         if not torch.isfinite(p).all():
             raise NonFiniteLossError(f"non-finite weights after task {task}; nothing written")
 
-    model.to("cpu")  # TODO(device): score on the device once scoring moves features there
-    calibration = {}
-    for cid, cls in zip(class_ids, task_classes, strict=True):
-        scores = score_images(
-            model,
-            calib[cid].features,
-            torch.full((len(calib[cid]),), cid),
-            params.score,
-            params.data.mask_size,
-            params.eval.batch_images,
-        )
-        calibration[cls] = calibration_stats(scores)
+    calibration = {
+        cls: calibration_patches(model, calib[cid].features, cid, params.eval.batch_images)
+        for cid, cls in zip(class_ids, task_classes, strict=True)
+    }
     all_calibration = {**ckpt.get("calibration", {}), **calibration}
     seen_classes = params.classes[: offset + len(task_classes)]
     buffer: dict[str, list[int]] = {}
@@ -360,14 +369,81 @@ def train_task(
     }
 
 
-def init_model(params: Params, features_dir: Path, out_dir: Path) -> CCNF:
-    """The seeded, class-less model that task 0 starts from (models/init)."""
-    from ccnf.features import FeatureMeta
+def train_bank_task(
+    params: Params,
+    task: str,
+    features_dir: Path,
+    ckpt: dict,
+    out_dir: Path,
+    *,
+    console: Console | None = None,
+) -> dict[str, float]:
+    """A per-class baseline (``model.kind`` != ccnf): fit one new model per class of the task.
 
+    The models of earlier classes are loaded and saved untouched. Each class is fitted on its
+    fit slice and calibrated on its held-out slice, like CCNF; the strategy does not apply
+    (a bank cannot forget).
+    """
+    t = params.task_index(task)
     meta = FeatureMeta.load(features_dir)
-    seed_everything(params.seed)
-    model = CCNF(meta.channels, meta.grids, params.flow, n_classes=0)
+    bank = ClassBank.from_checkpoint(
+        ckpt,
+        expected_kind=params.model.kind,
+        expected_spec=model_spec(params, meta.channels, meta.grids),
+        device=resolve_device(params.device),
+    )
+    offset = sum(len(c) for c in params.split[:t])
+    if bank.classes != params.classes[:offset]:
+        raise CcnfError(
+            f"checkpoint holds classes {bank.classes} but task {task} expects "
+            f"{params.classes[:offset]} before it",
+            fix="the task split changed: dvc repro re-runs the chain",
+        )
+    rows: list[dict[str, float]] = []
+    calibration = dict(ckpt.get("calibration", {}))
+    start = time.perf_counter()
+    for cls in track(
+        params.split[t], description=f"train {task} ({params.model.kind})", console=console,
+        disable=console is None,
+    ):
+        split = load_split(features_dir, cls, "train")
+        fit_idx, calib_idx = calibration_split(len(split), params.eval.calib_fraction, params.seed)
+        cid = params.classes.index(cls)
+        log = bank.add_class(
+            cls, split.subset(fit_idx).features, params.train, class_seed(params.seed, cid)
+        )
+        for row in log:
+            step = len(rows)
+            _check_finite({k: torch.tensor(v) for k, v in row.items()}, task, step)
+            rows.append({"step": step, "task": t, **row})
+        with torch.no_grad():
+            levels = bank.patch_scores(cls, split.subset(calib_idx).features)
+        calibration[cls] = {"nf": [m.float().cpu() for m in levels]}
+    seconds = time.perf_counter() - start
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        torch.save(model.checkpoint(classes=[], task=-1, calibration={}), tmp / "model.pt")
-    return model
+        torch.save(
+            bank.checkpoint(task=t, calibration=calibration, n_parameters=bank.n_parameters()),
+            tmp / "model.pt",
+        )
+        _write_log(tmp / "train_log.tsv", rows)
+    return {
+        "steps": float(len(rows)),
+        "seconds": seconds,
+        "final_loss": rows[-1].get("loss", float("nan")) if rows else float("nan"),
+    }
+
+
+def init_model(params: Params, features_dir: Path, out_dir: Path) -> None:
+    """The seeded, class-less model that task 0 starts from (models/init)."""
+    meta = FeatureMeta.load(features_dir)
+    seed_everything(params.seed)
+    if params.model.kind != "ccnf":
+        bank = ClassBank.from_params(params, meta.channels, meta.grids)
+        ckpt = bank.checkpoint(task=-1, calibration={})
+    else:
+        model = CCNF(meta.channels, meta.grids, params.flow, n_classes=0)
+        ckpt = model.checkpoint(classes=[], task=-1, calibration={})
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        torch.save(ckpt, tmp / "model.pt")

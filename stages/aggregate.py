@@ -9,6 +9,7 @@ from _common import parser
 from ccnf.aggregate import aggregate
 from ccnf.config import load_params
 from ccnf.console import console, report_user_errors
+from ccnf.scoring import SCORES
 
 
 @report_user_errors
@@ -16,13 +17,21 @@ def main() -> None:
     args = parser(__doc__).parse_args()
     params = load_params(args.params)
     summary = aggregate(params, Path("metrics"), Path("models"), Path("eval"), Path("plots"))
-    for score, vals in summary.items():
-        console.print(
-            f"{score:>6}: image AUROC {vals['image_auroc']:.4f}  pixel AUROC "
-            f"{vals['pixel_auroc']:.4f}  AUPRO {vals['aupro']:.4f}  image forgetting "
-            f"{vals['image_forgetting']:+.4f}"
-        )
-
+    for block, title in ((summary, "task-aware"), (summary["agnostic"], "task-agnostic")):
+        console.print(title)
+        for score in SCORES:
+            vals = block[score]
+            console.print(
+                f"{score:>6}: image AUROC {vals['image_auroc']:.4f}  pixel AUROC "
+                f"{vals['pixel_auroc']:.4f}  AUPRO {vals['aupro']:.4f}  image forgetting "
+                f"{vals['image_forgetting']:+.4f}  F1 max/kstd/pct {vals['image_f1max']:.3f}/"
+                f"{vals['image_f1_kstd']:.3f}/{vals['image_f1_pct']:.3f}"
+            )
+    sel = summary["class_select"]
+    console.print(
+        f"class selection ({sel['method']}): accuracy {sel['accuracy']:.4f}, "
+        f"forgetting {sel['forgetting']:+.4f}"
+    )
 
 if __name__ == "__main__":
     main()

@@ -9,6 +9,7 @@ from _common import parser
 from ccnf.config import load_params
 from ccnf.console import console, report_user_errors
 from ccnf.evaluate import evaluate_task
+from ccnf.scoring import SCORES
 
 
 @report_user_errors
@@ -24,12 +25,26 @@ def main() -> None:
         Path("eval") / args.task,
         console=console,
     )
+    agn = result["agnostic"]
     for tname, scores in result["per_task"].items():
         line = ", ".join(
-            f"{s} {v['image_auroc']:.3f}/{v['pixel_auroc']:.3f}" for s, v in scores.items()
+            f"{s} {scores[s]['image_auroc']:.3f}/{scores[s]['pixel_auroc']:.3f}" for s in SCORES
         )
-        console.print(f"after {args.task}, task {tname} (image/pixel AUROC): {line}")
-
+        console.print(f"after {args.task}, task {tname} (image/pixel AUROC), aware: {line}")
+        if not agn["same_as_aware"]:
+            a = agn["per_task"][tname]
+            line = ", ".join(
+                f"{s} {a[s]['image_auroc']:.3f}/{a[s]['pixel_auroc']:.3f}" for s in SCORES
+            )
+            console.print(
+                f"    agnostic ({agn['class_select']}, selection accuracy "
+                f"{a['selection_accuracy']:.3f}): {line}"
+            )
+    if not agn["same_as_aware"]:
+        acc = ", ".join(f"{m} {v:.3f}" for m, v in agn["selection_accuracy_by_method"].items())
+        console.print(f"class-selection accuracy over seen classes: {acc}")
+    timing = ", ".join(f"{k} {v:.1f}s" for k, v in result["timing_s"].items())
+    console.print(f"flow time: {timing}")
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""Stage init: the seeded, class-less CCNF that task 0 starts from (models/init)."""
+"""Stage init: the seeded, class-less model (CCNF or empty baseline bank) task 0 starts from."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ from ccnf.train import init_model
 def main() -> None:
     args = parser(__doc__, features=True).parse_args()
     params = load_params(args.params)
-    model = init_model(params, Path(args.features), Path(INIT_CHECKPOINT))
-    n = sum(p.numel() for p in model.parameters())
-    console.print(f"initial model written to {INIT_CHECKPOINT} ({n} parameters)")
+    init_model(params, Path(args.features), Path(INIT_CHECKPOINT))
+    console.print(f"initial {params.model.kind} model written to {INIT_CHECKPOINT}")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,28 @@
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 
 from ccnf.config import FlowConfig, ScoreConfig
+from ccnf.errors import CcnfError
 from ccnf.flows import CCNF
+from ccnf.flows.ccnf import LevelOutput
 from ccnf.scoring import (
+    STAT_KEYS,
+    bank_calibration_stats,
     calibration_stats,
+    class_statistics,
     gaussian_blur,
     image_scores,
     pixel_maps,
     pool,
     score_images,
+    select_classes,
+    stack_stats,
+    thresholds,
 )
 
 
@@ -81,3 +91,200 @@ def test_hybrid_is_weighted_sum_of_calibrated_scores() -> None:
     maps = pixel_maps(s, stats, alpha=1.0)
     want = (s.proto_map - stats["proto_pixel"][0]) / stats["proto_pixel"][1]
     np.testing.assert_allclose(maps["hybrid"], want, rtol=1e-5, atol=1e-5)
+
+
+# -- calibration, calibrated scores, thresholds ---------------------------------------------------
+
+
+def test_calibration_stats_keep_raw_image_scores() -> None:
+    _, _, s = _scored()
+    stats = calibration_stats(s)
+    assert stats["nf_image_values"] == pytest.approx(s.nf_image.tolist(), abs=0)
+    assert stats["proto_image_values"] == pytest.approx(s.proto_image.tolist(), abs=0)
+    assert stats["nf_image"][0] == pytest.approx(np.mean(stats["nf_image_values"]))
+    assert stats["proto_pixel"][1] == pytest.approx(float(s.proto_map.astype(np.float64).std()))
+
+
+def test_bank_calibration_record_is_the_nf_part() -> None:
+    _, _, s = _scored()
+    full = calibration_stats(s)
+    bank = bank_calibration_stats(s.nf_map, s.nf_image)
+    assert bank == {k: full[k] for k in ("nf_image", "nf_pixel", "nf_image_values")}
+
+
+def test_calibrated_scores_are_standardized() -> None:
+    _, _, s = _scored()
+    stats = calibration_stats(s)
+    raw = image_scores(s, stats, alpha=0.4)
+    cal = image_scores(s, stats, alpha=0.4, calibrated=True)
+    nf_z = (s.nf_image - stats["nf_image"][0]) / stats["nf_image"][1]
+    np.testing.assert_allclose(cal["nf"], nf_z)
+    np.testing.assert_allclose(
+        cal["proto"], (s.proto_image - stats["proto_image"][0]) / stats["proto_image"][1]
+    )
+    # standardized on the images the statistics came from: mean 0, std 1
+    assert cal["nf"].mean() == pytest.approx(0.0, abs=1e-9)
+    assert cal["nf"].std() == pytest.approx(1.0)
+    np.testing.assert_array_equal(raw["nf"], s.nf_image)  # off: raw scores
+    np.testing.assert_array_equal(cal["hybrid"], raw["hybrid"])  # hybrid is always calibrated
+    maps = pixel_maps(s, stats, alpha=0.4, calibrated=True)
+    want = (s.nf_map - stats["nf_pixel"][0]) / stats["nf_pixel"][1]
+    np.testing.assert_allclose(maps["nf"], want, rtol=1e-5, atol=1e-5)
+    assert maps["nf"].dtype == np.float32
+
+
+def test_per_image_statistics_apply_row_by_row() -> None:
+    _, _, s = _scored()
+    a = calibration_stats(s)
+    b = {k: [v[0] + 1.0, v[1] * 2.0] for k, v in a.items() if k in STAT_KEYS}
+    per_image = stack_stats({"a": a, "b": b}, ["a", "b", "a"])
+    assert per_image["nf_image"].shape == (3, 2)
+    got = image_scores(s, per_image, alpha=0.5, calibrated=True)
+    for i, rec in enumerate([a, b, a]):
+        want = image_scores(s, rec, alpha=0.5, calibrated=True)
+        for name in ("nf", "proto", "hybrid"):
+            assert got[name][i] == pytest.approx(want[name][i], abs=1e-12)
+    maps = pixel_maps(s, per_image, alpha=0.5)
+    np.testing.assert_allclose(maps["hybrid"][1], pixel_maps(s, b, alpha=0.5)["hybrid"][1])
+
+
+def test_thresholds_against_direct_computation() -> None:
+    rng = np.random.default_rng(0)
+    nf, proto = rng.normal(3.0, 0.5, size=11), rng.gamma(2.0, 0.1, size=11)
+    stats = {
+        "nf_image": [float(nf.mean()), float(nf.std())],
+        "proto_image": [float(proto.mean()), float(proto.std())],
+        "nf_image_values": nf.tolist(),
+        "proto_image_values": proto.tolist(),
+    }
+    thr = thresholds(stats, alpha=0.25, calibrated=False, k=3.0, percentile=95.0)
+    hybrid = 0.25 * (proto - proto.mean()) / proto.std() + 0.75 * (nf - nf.mean()) / nf.std()
+    for name, v in (("nf", nf), ("proto", proto), ("hybrid", hybrid)):
+        assert thr[name]["kstd"] == pytest.approx(v.mean() + 3.0 * v.std(ddof=0))
+        assert thr[name]["pct"] == pytest.approx(float(np.percentile(v, 95.0)), rel=1e-12)
+    # by hand: 11 values, the 95th percentile lies at rank 0.95 * 10 = 9.5 (linear interpolation)
+    ranked = np.sort(nf)
+    assert thr["nf"]["pct"] == pytest.approx(0.5 * (ranked[9] + ranked[10]))
+    cal = thresholds(stats, alpha=0.25, calibrated=True, k=3.0, percentile=95.0)
+    assert cal["nf"]["kstd"] == pytest.approx(3.0)  # mean 0, std 1 after standardizing
+    assert cal["proto"]["pct"] == pytest.approx(
+        (thr["proto"]["pct"] - proto.mean()) / proto.std()
+    )
+
+
+def test_checkpoint_without_raw_calibration_values_is_a_user_error() -> None:
+    _, _, s = _scored()
+    old = {k: v for k, v in calibration_stats(s).items() if k in STAT_KEYS}
+    with pytest.raises(CcnfError, match="dvc repro") as info:
+        thresholds(old, 0.5, False, 3.0, 99.0, cls="weave", where="models/t0/model.pt")
+    assert "weave" in str(info.value) and "models/t0/model.pt" in str(info.value)
+
+
+# -- class selection ----------------------------------------------------------------------------
+
+
+class _GaussianStub(torch.nn.Module):
+    """A stand-in 'flow' with a known answer: z = x, log p(x|y) = log N(x; m_y, I), mu_y = m_y."""
+
+    def __init__(self, means: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.means = means  # means[l]: (C, D_l)
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.means)
+
+    def forward_level(
+        self, level: int, x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor
+    ) -> LevelOutput:
+        m = self.means[level][y]
+        lp = -0.5 * (x - m).pow(2).sum(-1)
+        return LevelOutput(z=x, logdet=torch.zeros(len(x)), scale_sq=torch.zeros(len(x)),
+                           log_prob=lp)
+
+    def prototype(self, level: int, y: torch.Tensor) -> torch.Tensor:
+        return self.means[level][y]
+
+
+def test_selection_picks_the_class_whose_density_fits() -> None:
+    gen = torch.Generator().manual_seed(0)
+    n_classes, dims, grids = 4, [3, 5], [(4, 4), (2, 2)]
+    means = [3.0 * torch.randn(n_classes, d, generator=gen) for d in dims]
+    truth = torch.tensor([2, 0, 3, 1, 1, 2, 0])
+    feats = [
+        (means[lvl][truth][:, :, None, None]
+         + 0.3 * torch.randn(len(truth), d, h, w, generator=gen))
+        for lvl, (d, (h, w)) in enumerate(zip(dims, grids, strict=True))
+    ]
+    stub: Any = _GaussianStub(means)
+    # candidates in a shuffled order: the result must be class ids, not column indices
+    cands = torch.tensor([3, 1, 0, 2])
+    for method in ("likelihood", "prototype"):
+        selected, stat = select_classes(stub, feats, cands, method, batch_images=3, level=None)
+        np.testing.assert_array_equal(selected, truth.numpy())
+        assert stat.shape == (7, 4)
+    stats = class_statistics(stub, feats, cands, batch_images=2, level=None)
+    # statistic by hand for image 0 under candidate column 1 (class 1)
+    want_ll, want_pd = [], []
+    for lvl, d in enumerate(dims):
+        x = feats[lvl][0].flatten(1).t()
+        m = means[lvl][1]
+        want_ll.append(float((-0.5 * (x - m).pow(2).sum(-1) / d).mean()))
+        want_pd.append(float((x.mean(0) - m).pow(2).sum() / d))
+    assert stats.log_lik[0, 1] == pytest.approx(np.mean(want_ll), rel=1e-5)
+    assert stats.proto_dist[0, 1] == pytest.approx(np.mean(want_pd), rel=1e-5)
+    # the model is never run for the oracle
+    no_model: Any = None
+    sel, onehot = select_classes(no_model, feats, cands, "oracle", 3, true_ids=truth)
+    np.testing.assert_array_equal(sel, truth.numpy())
+    np.testing.assert_array_equal(cands.numpy()[onehot.argmax(1)], truth.numpy())
+
+
+def test_class_statistics_match_per_image_flow_passes() -> None:
+    model, feats, _ = _scored()
+    model.add_classes(1)
+    stats = class_statistics(model, feats, torch.arange(3), batch_images=2, level=None)
+    assert stats.log_lik.shape == (3, 3) and stats.proto_dist.shape == (3, 3)
+    for i in range(3):
+        for c in range(3):
+            ll, pd = [], []
+            for lvl, f in enumerate(feats):
+                d, h, w = f.shape[1:]
+                x = f[i].flatten(1).t()
+                y = torch.full((h * w,), c)
+                out = model.forward_level(lvl, x, y, torch.arange(h * w))
+                mu = model.prototype(lvl, torch.tensor([c]))[0]
+                ll.append(float(out.log_prob.detach().mean() / d))
+                pd.append(float((out.z.detach().mean(0) - mu.detach()).pow(2).sum() / d))
+            assert stats.log_lik[i, c] == pytest.approx(np.mean(ll), rel=1e-5, abs=1e-6)
+            assert stats.proto_dist[i, c] == pytest.approx(np.mean(pd), rel=1e-5, abs=1e-7)
+    np.testing.assert_array_equal(stats.select("likelihood"), stats.log_lik.argmax(1))
+    np.testing.assert_array_equal(stats.select("prototype"), stats.proto_dist.argmin(1))
+
+
+def test_calibration_record_from_patches_equals_direct_statistics() -> None:
+    """The checkpoint stores patch scores; statistics for any score.* follow from them."""
+    from ccnf.scoring import calibration_patches, calibration_record
+
+    model, feats, _ = _scored()
+    patches = calibration_patches(model, feats, 1, batch_images=2)
+    for sc in (ScoreConfig(smoothing_sigma=1.0), ScoreConfig(pooling="mean", proto_power=1)):
+        want = calibration_stats(score_images(model, feats, torch.full((3,), 1), sc, 8, 2))
+        got = calibration_record(patches, sc, 8)
+        assert set(got) == set(want)
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7)
+    with pytest.raises(CcnfError, match="predates"):
+        calibration_record({"nf_image": [0.0, 1.0]}, ScoreConfig(), 8)
+
+
+def test_selection_level_uses_only_that_level() -> None:
+    model, feats, _ = _scored()
+    model.add_classes(1)
+    deep = class_statistics(model, feats, torch.arange(3), batch_images=2, level=-1)
+    last = class_statistics(model, feats, torch.arange(3), batch_images=2, level=len(feats) - 1)
+    first = class_statistics(model, feats, torch.arange(3), batch_images=2, level=0)
+    both = class_statistics(model, feats, torch.arange(3), batch_images=2, level=None)
+    np.testing.assert_array_equal(deep.log_lik, last.log_lik)
+    np.testing.assert_allclose(both.log_lik, (first.log_lik + last.log_lik) / 2, rtol=1e-6)
+    assert not np.allclose(first.log_lik, last.log_lik)

@@ -261,3 +261,26 @@ def test_every_variant_trains_and_evaluates(prepared) -> None:
         res = evaluate_task(params, "t0", tmp / "features", tmp / name / "t0",
                             tmp / name / "m.json", tmp / name / "eval")
         assert set(res["per_class"]) == {"a", "b"}, name
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "flow_bank", "fastflow"])
+def test_baseline_banks_run_through_train_and_evaluate(prepared, kind: str) -> None:
+    tmp, raw = prepared
+    var = _variant(raw, "model", kind=kind)
+    params = parse_params(var)
+    init_model(params, tmp / "features", tmp / kind / "init")
+    _train(tmp, var, f"{kind}/t0", prev=f"../{kind}/init")
+    t0 = read_checkpoint(tmp / kind / "t0")
+    _train(tmp, var, f"{kind}/t1", task="t1", prev=f"../{kind}/t0")
+    t1 = read_checkpoint(tmp / kind / "t1")
+    assert t1["kind"] == kind and t1["classes"] == ["a", "b", "c", "d"]
+    for k, v in t0["state_dicts"]["a"].items():  # no forgetting by construction
+        assert torch.equal(v, t1["state_dicts"]["a"][k]), k
+    res = evaluate_task(params, "t1", tmp / "features", tmp / kind / "t1",
+                        tmp / kind / "m.json", tmp / kind / "eval")
+    assert set(res["per_class"]["a"]) == {"task", "nf"}  # a bank has one score
+    assert res["agnostic"]["same_as_aware"] is False
+    assert set(res["agnostic"]["selection_accuracy_by_method"]) == {"likelihood"}
+    with pytest.raises(CcnfError, match="model.kind"):
+        evaluate_task(parse_params(raw), "t1", tmp / "features", tmp / kind / "t1",
+                      tmp / kind / "m2.json", tmp / kind / "eval2")

@@ -228,6 +228,11 @@ class CCNF(nn.Module):
 
     @staticmethod
     def from_checkpoint(ckpt: dict[str, Any], cfg: FlowConfig) -> CCNF:
+        if "state_dict" not in ckpt:
+            raise CcnfError(
+                f"checkpoint holds a '{ckpt.get('kind', '?')}' model, not CCNF (model.kind)",
+                fix="model.kind changed since this checkpoint was written: dvc repro",
+            )
         # building the module draws random inits that load_state_dict then overwrites: keep
         # them off the global stream so what the caller draws next does not depend on them
         with torch.random.fork_rng(devices=[]):

@@ -1,0 +1,168 @@
+"""aggregate: summary.json layout (task-aware, task-agnostic, class selection), matrices, the
+README results block built from them."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from test_evaluate import build_study, with_select
+
+from ccnf.aggregate import aggregate, selection_matrices, summarize_selection
+from ccnf.evaluate import ALL_METRICS, evaluate_task
+from ccnf.report import check_readme, load_metrics, results_block, update_readme
+from ccnf.scoring import SCORES
+
+SUMMARY_KEYS = set(ALL_METRICS) | {"image_forgetting", "pixel_forgetting", "aupro_forgetting"}
+
+
+def _fake_results(acc: list[list[float]], by_method: dict[str, list[list[float]]]) -> list[dict]:
+    """Task results holding only the selection accuracies of R (T, T)."""
+    out = []
+    for t, row in enumerate(acc):
+        per_task = {
+            f"t{j}": {
+                "selection_accuracy": row[j],
+                "selection_accuracy_by_method": {m: r[t][j] for m, r in by_method.items()},
+            }
+            for j in range(t + 1)
+        }
+        out.append({"agnostic": {"same_as_aware": False, "per_task": per_task}})
+    return out
+
+
+def test_selection_accuracy_final_average_and_forgetting() -> None:
+    acc = [[1.0], [0.8, 0.9], [0.5, 0.6, 0.7]]
+    other = [[0.9], [0.7, 0.8], [0.6, 0.4, 0.9]]
+    tasks = ["t0", "t1", "t2"]
+    sel = selection_matrices(
+        _fake_results(acc, {"likelihood": acc, "prototype": other}), tasks
+    )
+    assert np.isnan(sel["accuracy"][0, 1])
+    np.testing.assert_array_equal(sel["prototype"][2], [0.6, 0.4, 0.9])
+    got = summarize_selection("likelihood", sel)
+    assert got["method"] == "likelihood"
+    assert got["accuracy"] == pytest.approx((0.5 + 0.6 + 0.7) / 3)
+    # forgetting: task 0 best before the end 1.0 -> 0.5, task 1 best 0.9 -> 0.6
+    assert got["forgetting"] == pytest.approx(((1.0 - 0.5) + (0.9 - 0.6)) / 2)
+    assert got["prototype_accuracy"] == pytest.approx((0.6 + 0.4 + 0.9) / 3)
+    assert got["likelihood_accuracy"] == got["accuracy"]
+    oracle = [{"agnostic": {"same_as_aware": True}} for _ in tasks]
+    sel = selection_matrices(oracle, tasks)
+    assert set(sel) == {"accuracy"} and sel["accuracy"][2, 0] == 1.0
+    assert summarize_selection("oracle", sel) == {
+        "method": "oracle", "accuracy": 1.0, "forgetting": 0.0
+    }
+
+
+def _study(root: Path, method: str, every_task: bool = True) -> Path:
+    params = with_select(
+        build_study(root, {"eval": {"gallery_per_class": 0, "agnostic_every_task": every_task}}),
+        method,
+    )
+    for task in params.task_names:
+        evaluate_task(params, task, root / "features", root / "models" / task,
+                      root / "metrics/tasks" / f"{task}.json", root / "eval" / task)
+        (root / "models" / task / "train_log.tsv").write_text(
+            "step\ttask\tepoch\tloss\tL_g\n0\t0\t0\t1.5\t1.2\n1\t0\t0\t1.25\t1.0\n"
+        )
+    aggregate(params, root / "metrics", root / "models", root / "eval", root / "plots")
+    return root
+
+
+@pytest.fixture(scope="module")
+def aggregated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _study(tmp_path_factory.mktemp("aggregate"), "likelihood")
+
+
+def test_summary_has_aware_agnostic_and_selection_blocks(aggregated: Path) -> None:
+    summary = json.loads((aggregated / "metrics/summary.json").read_text())
+    assert set(summary) == {*SCORES, "agnostic", "class_select"}
+    for score in SCORES:
+        assert set(summary[score]) == SUMMARY_KEYS
+        assert set(summary["agnostic"][score]) == SUMMARY_KEYS
+    sel = summary["class_select"]
+    assert set(sel) == {
+        "method", "accuracy", "forgetting", "likelihood_accuracy", "prototype_accuracy"
+    }
+    assert sel["method"] == "likelihood" and sel["accuracy"] == sel["likelihood_accuracy"]
+    last = json.loads((aggregated / "metrics/tasks/t1.json").read_text())
+    # final average = mean over tasks of the last evaluation's per-task values
+    for score in SCORES:
+        for metric in ALL_METRICS:
+            want = np.mean([last["agnostic"]["per_task"][t][score][metric] for t in ("t0", "t1")])
+            assert summary["agnostic"][score][metric] == pytest.approx(want, abs=1e-6)
+    want = np.mean([last["agnostic"]["per_task"][t]["selection_accuracy"] for t in ("t0", "t1")])
+    assert sel["accuracy"] == pytest.approx(want, abs=1e-6)
+    # every value rounded to 6 decimals
+    flat = [v for s in SCORES for blk in (summary[s], summary["agnostic"][s]) for v in blk.values()]
+    assert all(round(v, 6) == v for v in flat)
+    mats = json.loads((aggregated / "metrics/matrices.json").read_text())
+    assert mats["class_select"]["accuracy"][0][1] is None
+    assert set(mats["agnostic"]["nf"]) == set(ALL_METRICS)
+    per_class = json.loads((aggregated / "metrics/per_class.json").read_text())
+    assert set(per_class) == {"a", "b", "c", "d"}
+    assert "selection_accuracy" in per_class["a"]["agnostic"]
+    assert (aggregated / "plots/R_class_select.png").stat().st_size > 1000
+    assert (aggregated / "plots/R_agnostic_image_auroc.png").stat().st_size > 1000
+
+
+def test_agnostic_after_the_last_task_only(tmp_path: Path) -> None:
+    """Default eval.agnostic_every_task: false: final averages, no agnostic forgetting."""
+    root = _study(tmp_path, "likelihood", every_task=False)
+    first = json.loads((root / "metrics/tasks/t0.json").read_text())
+    assert first["agnostic"] == {"class_select": "likelihood", "same_as_aware": False,
+                                 "skipped": True}
+    summary = json.loads((root / "metrics/summary.json").read_text())
+    last = json.loads((root / "metrics/tasks/t1.json").read_text())
+    want = np.mean([last["agnostic"]["per_task"][t]["nf"]["image_auroc"] for t in ("t0", "t1")])
+    assert summary["agnostic"]["nf"]["image_auroc"] == pytest.approx(want, abs=1e-6)
+    assert "image_forgetting" not in summary["agnostic"]["nf"]
+    assert "image_forgetting" in summary["nf"]
+    assert "forgetting" not in summary["class_select"]
+
+
+def test_readme_block_round_trip_and_check(aggregated: Path, tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- results:begin -->\nold\n<!-- results:end -->\ntail\n")
+    update_readme(readme, aggregated / "metrics")
+    text = readme.read_text()
+    assert "Task-agnostic" in text and "| likelihood (used) |" in text
+    assert "F1 @ mean+k*std" in text and text.endswith("tail\n")
+    assert check_readme(readme, aggregated / "metrics", 1e-4) == []
+    # the second "| nf |" row is the task-agnostic table's (the first is the task-aware one)
+    lines = text.splitlines()
+    rows = [i for i, ln in enumerate(lines) if ln.startswith("| nf |")]
+    assert len(rows) == 4  # aware, agnostic, thresholds aware, thresholds agnostic
+    summary, _ = load_metrics(aggregated / "metrics")
+    value = f"{summary['agnostic']['nf']['image_auroc']:.4f}"
+    assert lines[rows[1]].startswith(f"| nf | {value} |")
+    lines[rows[1]] = lines[rows[1]].replace(f"| nf | {value} |", "| nf | 0.1234 |")
+    readme.write_text("\n".join(lines) + "\n")
+    problems = check_readme(readme, aggregated / "metrics", 1e-4)
+    assert len(problems) == 1 and "0.1234" in problems[0]
+
+
+def test_oracle_study_reports_the_aware_block_as_agnostic(tmp_path: Path) -> None:
+    root = _study(tmp_path, "oracle")
+    summary = json.loads((root / "metrics/summary.json").read_text())
+    assert summary["agnostic"] == {s: summary[s] for s in SCORES}
+    assert summary["class_select"] == {"method": "oracle", "accuracy": 1.0, "forgetting": 0.0}
+    per_class = json.loads((root / "metrics/per_class.json").read_text())
+    assert per_class["c"]["agnostic"]["nf"] == per_class["c"]["nf"]
+    results_block(*load_metrics(root / "metrics"))  # renders without selection pass data
+
+
+def test_old_summary_without_agnostic_block_asks_for_repro(aggregated: Path, tmp_path) -> None:
+    from ccnf.errors import CcnfError
+
+    summary: dict[str, Any] = json.loads((aggregated / "metrics/summary.json").read_text())
+    old = copy.deepcopy({s: summary[s] for s in SCORES})
+    (tmp_path / "summary.json").write_text(json.dumps(old))
+    (tmp_path / "per_class.json").write_text((aggregated / "metrics/per_class.json").read_text())
+    with pytest.raises(CcnfError, match="dvc repro"):
+        load_metrics(tmp_path)

@@ -1,0 +1,257 @@
+"""evaluate_task: task-aware and task-agnostic blocks, class selection, automatic thresholds.
+
+A tiny study is built directly on disk (feature cache + checkpoints of a small CCNF), so the
+evaluation runs in about a second without a backbone or training.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_params
+
+import ccnf.evaluate as evaluate_module
+from ccnf.config import Params, parse_params
+from ccnf.errors import CcnfError
+from ccnf.evaluate import METRICS, THRESHOLD_METRICS, evaluate_task
+from ccnf.flows import CCNF
+from ccnf.metrics import precision_recall_f1_at
+from ccnf.scoring import (
+    SCORES,
+    ClassStatistics,
+    calibration_patches,
+    calibration_record,
+    image_scores,
+    score_images,
+    thresholds,
+)
+
+SPLIT = [["a", "b"], ["c", "d"]]
+CHANNELS, GRIDS = [5, 6], [[4, 4], [2, 2]]
+N_GOOD, N_BAD, N_TRAIN = 3, 3, 5
+
+
+def _features(gen: torch.Generator, n: int, shift: float) -> list[torch.Tensor]:
+    return [
+        shift + torch.randn(n, d, h, w, generator=gen)
+        for d, (h, w) in zip(CHANNELS, GRIDS, strict=True)
+    ]
+
+
+def build_study(root: Path, raw_overrides: dict[str, dict[str, Any]] | None = None) -> Params:
+    """Feature cache in root/features, checkpoints root/models/t0 and t1; returns the params.
+
+    Classes differ by a feature offset; defective test images get a bright 2x2 patch (level
+    0) and their masks mark the matching quarter of the image.
+    """
+    raw = tiny_params(root / "data", SPLIT)
+    raw["eval"].update(batch_images=4, gallery_per_class=1)
+    for section, values in (raw_overrides or {}).items():
+        raw[section].update(values)
+    params = parse_params(raw)
+    size = params.data.mask_size
+    gen = torch.Generator().manual_seed(0)
+    for k, cls in enumerate(params.classes):
+        shift = 0.5 * k
+        train = _features(gen, N_TRAIN, shift)
+        n = N_GOOD + N_BAD
+        test = _features(gen, n, shift)
+        masks = torch.zeros(n, size, size, dtype=torch.bool)
+        for i in range(N_GOOD, n):
+            test[0][i, :, :2, :2] += 4.0
+            masks[i, : size // 2, : size // 2] = True
+        labels = torch.tensor([0] * N_GOOD + [1] * N_BAD)
+        for split, feats, lab, m in (
+            ("train", train, torch.zeros(N_TRAIN, dtype=torch.long), None),
+            ("test", test, labels, masks),
+        ):
+            path = root / "features" / cls / f"{split}.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            names = [f"{cls}/{split}/{i:03d}.png" for i in range(len(lab))]
+            torch.save(
+                {"features": [f.half() for f in feats], "names": names, "labels": lab,
+                 "defects": ["good" if v == 0 else "hole" for v in lab.tolist()], "masks": m},
+                path,
+            )
+    torch.manual_seed(0)
+    model = CCNF(CHANNELS, GRIDS, params.flow, n_classes=0)
+    calibration: dict[str, Any] = {}
+    for t, task in enumerate(params.task_names):
+        model.add_classes(len(SPLIT[t]))
+        for cls in SPLIT[t]:
+            train = torch.load(root / "features" / cls / "train.pt", weights_only=False)
+            cid = params.classes.index(cls)
+            calibration[cls] = calibration_patches(model, train["features"], cid, 4)
+        out = root / "models" / task
+        out.mkdir(parents=True, exist_ok=True)
+        seen = [c for j in range(t + 1) for c in SPLIT[j]]
+        torch.save(model.checkpoint(classes=seen, task=t, calibration=dict(calibration)),
+                   out / "model.pt")
+    return params
+
+
+def _stats(ckpt: dict, cls: str, params: Params) -> dict:
+    """The statistics evaluation derives from the checkpoint's calibration patch scores."""
+    return calibration_record(ckpt["calibration"][cls], params.score, params.data.mask_size)
+
+
+def run(root: Path, params: Params, task: str = "t1", name: str = "run") -> dict[str, Any]:
+    return evaluate_task(
+        params, task, root / "features", root / "models" / task,
+        root / name / "metrics" / f"{task}.json", root / name / "eval" / task,
+    )
+
+
+def with_select(params: Params, method: str, **eval_or_score: Any) -> Params:
+    raw = params.model_dump()
+    raw["score"]["class_select"] = method
+    for key, value in eval_or_score.items():
+        section = "eval" if key.startswith("threshold") else "score"
+        raw[section][key] = value
+    return parse_params(raw)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Params]:
+    root = tmp_path_factory.mktemp("evaluate")
+    return root, build_study(root)
+
+
+def test_oracle_agnostic_block_is_the_aware_one_and_aware_never_changes(study) -> None:
+    root, params = study
+    oracle = run(root, with_select(params, "oracle"), name="oracle")
+    assert oracle["agnostic"] == {
+        "class_select": "oracle", "same_as_aware": True, "selection_accuracy": 1.0
+    }
+    assert oracle["timing_s"]["selection"] == 0.0  # no selection pass
+    on_disk = json.loads((root / "oracle/metrics/t1.json").read_text())
+    assert "timing_s" not in on_disk and on_disk["agnostic"]["same_as_aware"] is True
+    lik = run(root, with_select(params, "likelihood"), name="lik")
+    # the task-aware block does not depend on the selection method
+    assert lik["per_class"] == oracle["per_class"]
+    assert lik["per_task"] == oracle["per_task"]
+    assert lik["agnostic"]["same_as_aware"] is False
+    for entry in lik["per_class"].values():
+        for score in SCORES:
+            assert set(entry[score]) == set(METRICS) | set(THRESHOLD_METRICS)
+            assert all(0.0 <= v <= 1.0 for v in entry[score].values())
+
+
+def test_selection_accuracy_and_agnostic_scores_against_direct_computation(
+    study, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, params = study
+    params = with_select(params, "prototype")
+    # a fixed selection: class a gets image 4 wrong (as d), b all right, c two wrong (as a),
+    # d all right
+    n = N_GOOD + N_BAD
+    wrong = {"a": {4: 3}, "b": {}, "c": {0: 0, 5: 0}, "d": {}}
+    calls: list[str] = []
+
+    def fixed_selection(
+        model: CCNF, features: list[torch.Tensor], candidates: torch.Tensor, batch_images: int,
+        level: int | None = -1,
+    ) -> ClassStatistics:
+        cls = "abcd"[len(calls)]
+        calls.append(cls)
+        cid = params.classes.index(cls)
+        pick = np.array([wrong[cls].get(i, cid) for i in range(n)])
+        dist = np.ones((n, len(candidates)))
+        dist[np.arange(n), pick] = 0.0
+        return ClassStatistics(np.arange(len(candidates)), log_lik=-dist, proto_dist=dist)
+
+    monkeypatch.setattr(evaluate_module, "class_statistics", fixed_selection)
+    res = run(root, params, name="fixed")
+    agn = res["agnostic"]
+    acc = {cls: agn["per_class"][cls]["selection_accuracy"] for cls in "abcd"}
+    assert acc == pytest.approx({"a": 5 / 6, "b": 1.0, "c": 4 / 6, "d": 1.0}, abs=1e-6)
+    assert agn["per_task"]["t0"]["selection_accuracy"] == pytest.approx((5 / 6 + 1) / 2, abs=1e-6)
+    assert agn["per_task"]["t1"]["selection_accuracy"] == pytest.approx((4 / 6 + 1) / 2, abs=1e-6)
+    assert agn["selection_accuracy"] == pytest.approx((5 / 6 + 1 + 4 / 6 + 1) / 4, abs=1e-6)
+    assert agn["per_class"]["a"]["selected"] == {"a": 5, "d": 1}
+    assert agn["per_class"]["c"]["selected"] == {"a": 2, "c": 4}
+    # classes selected right throughout: agnostic metrics are the task-aware ones
+    for cls in "bd":
+        for score in SCORES:
+            assert agn["per_class"][cls][score] == res["per_class"][cls][score]
+    # class c: images 0 and 5 scored under class a, with a's calibration and a's thresholds
+    ckpt = torch.load(root / "models/t1/model.pt", weights_only=False)
+    model = CCNF.from_checkpoint(ckpt, params.flow)
+    feats = torch.load(root / "features/c/test.pt", weights_only=False)
+    ids = torch.tensor([0, 2, 2, 2, 2, 0])
+    s = score_images(model, feats["features"], ids, params.score, params.data.mask_size, 4)
+    raw = np.load(root / "fixed/eval/t1/image_scores.npz")
+    np.testing.assert_array_equal(raw["c/selected"], ids.numpy())
+    labels = feats["labels"].numpy()
+    for i, cls in enumerate(["a", "c", "c", "c", "c", "a"]):
+        want = image_scores(s, _stats(ckpt, cls, params), params.score.alpha)
+        for score in SCORES:
+            assert raw[f"c/agnostic/{score}"][i] == pytest.approx(want[score][i], rel=1e-5)
+    thr = {c: thresholds(_stats(ckpt, c, params), params.score.alpha, False,
+                         params.eval.threshold_k, params.eval.threshold_percentile)
+           for c in ("a", "c")}
+    names = ["a", "c", "c", "c", "c", "a"]
+    for score in SCORES:
+        values = raw[f"c/agnostic/{score}"]
+        for kind in ("kstd", "pct"):
+            pred = np.array([values[i] >= thr[c][score][kind] for i, c in enumerate(names)])
+            tp = int(np.sum(pred & (labels == 1)))
+            precision = tp / pred.sum() if pred.sum() else 0.0
+            recall = tp / (labels == 1).sum()
+            got = agn["per_class"]["c"][score]
+            assert got[f"image_precision_{kind}"] == pytest.approx(precision, abs=1e-6)
+            assert got[f"image_recall_{kind}"] == pytest.approx(recall, abs=1e-6)
+
+
+def test_threshold_metrics_against_direct_computation(study) -> None:
+    root, params = study
+    for k, pct in ((3.0, 99.0), (0.0, 50.0)):  # the second makes some predictions positive
+        p = with_select(params, "oracle", threshold_k=k, threshold_percentile=pct)
+        res = run(root, p, name=f"thr{k}")
+        ckpt = torch.load(root / "models/t1/model.pt", weights_only=False)
+        raw = np.load(root / f"thr{k}/eval/t1/image_scores.npz")
+        for cls, entry in res["per_class"].items():
+            thr = thresholds(_stats(ckpt, cls, p), p.score.alpha, False, k, pct)
+            assert res["thresholds"]["per_class"][cls]["nf"]["kstd"] == pytest.approx(
+                thr["nf"]["kstd"], abs=1e-6
+            )
+            for score in SCORES:
+                for kind, tag in (("kstd", "kstd"), ("pct", "pct")):
+                    want = precision_recall_f1_at(
+                        raw[f"{cls}/labels"], raw[f"{cls}/{score}"], thr[score][kind]
+                    )
+                    got = [entry[score][f"image_{m}_{tag}"] for m in ("precision", "recall", "f1")]
+                    assert got == pytest.approx(list(want), abs=1e-6)
+
+
+def test_calibrated_scores_leave_oracle_ranking_metrics_unchanged(study) -> None:
+    root, params = study
+    plain = run(root, with_select(params, "oracle"), name="plain")
+    cal = run(root, with_select(params, "oracle", calibrated=True), name="cal")
+    raw = np.load(root / "cal/eval/t1/image_scores.npz")
+    ckpt = torch.load(root / "models/t1/model.pt", weights_only=False)
+    stats = _stats(ckpt, "a", params)["nf_image"]
+    plain_raw = np.load(root / "plain/eval/t1/image_scores.npz")
+    np.testing.assert_allclose(raw["a/nf"], (plain_raw["a/nf"] - stats[0]) / stats[1])
+    for cls in plain["per_class"]:
+        for score in SCORES:
+            for metric, value in plain["per_class"][cls][score].items():
+                assert cal["per_class"][cls][score][metric] == pytest.approx(value, abs=1e-5)
+
+
+def test_checkpoint_without_calibration_patches_asks_for_repro(tmp_path: Path) -> None:
+    params = build_study(tmp_path)
+    path = tmp_path / "models/t1/model.pt"
+    ckpt = torch.load(path, weights_only=False)
+    for cls in ckpt["calibration"]:  # a record of statistics, as older checkpoints held
+        ckpt["calibration"][cls] = {"nf_image": [0.0, 1.0]}
+    torch.save(ckpt, path)
+    with pytest.raises(CcnfError, match="dvc repro") as info:
+        run(tmp_path, params)
+    assert "predates score-independent calibration" in str(info.value)
+    assert not (tmp_path / "run/metrics/t1.json").exists()
