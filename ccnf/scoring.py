@@ -77,7 +77,7 @@ def pool(maps: np.ndarray, cfg: ScoreConfig) -> np.ndarray:
     return np.sort(flat, axis=1)[:, -k:].mean(axis=1)
 
 
-def _to_map(levels: list[torch.Tensor], size: int, sigma: float) -> torch.Tensor:
+def levels_to_map(levels: list[torch.Tensor], size: int, sigma: float) -> torch.Tensor:
     """Per-level (B, 1, H_l, W_l) patch scores -> (B, size, size): upsample, average, blur."""
     up = [F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False) for m in levels]
     return gaussian_blur(torch.cat(up, dim=1).mean(dim=1), sigma)
@@ -124,8 +124,8 @@ def _batch_patches(
 
 def _assemble(batches: list[_BatchPatches], cfg: ScoreConfig, mask_size: int) -> Scores:
     """Maps and image scores of N images from their batches' patch scores."""
-    nf_maps = [_to_map(bp.nf, mask_size, cfg.smoothing_sigma).numpy() for bp in batches]
-    proto_maps = [_to_map(bp.proto, mask_size, cfg.smoothing_sigma).numpy() for bp in batches]
+    nf_maps = [levels_to_map(bp.nf, mask_size, cfg.smoothing_sigma).numpy() for bp in batches]
+    proto_maps = [levels_to_map(bp.proto, mask_size, cfg.smoothing_sigma).numpy() for bp in batches]
     nf_map = np.concatenate(nf_maps).astype(np.float32)
     proto_image = np.concatenate([bp.proto_image.numpy() for bp in batches]).astype(np.float64)
     if cfg.proto_power == 1:
@@ -250,7 +250,7 @@ def calibration_record(
             fix="re-train so the checkpoints store them: dvc repro",
         )
     if "proto" not in patches:
-        maps = _to_map(patches["nf"], mask_size, cfg.smoothing_sigma).numpy().astype(np.float32)
+        maps = levels_to_map(patches["nf"], mask_size, cfg.smoothing_sigma).numpy()
         return bank_calibration_stats(maps, pool(maps, cfg))
     batch = _BatchPatches(patches["nf"], patches["proto"], patches["proto_image"])
     return calibration_stats(_assemble([batch], cfg, mask_size))

@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ccnf.baselines.base import PerClassModel
 from ccnf.config import ScoreConfig
-from ccnf.scoring import gaussian_blur, pool
+from ccnf.scoring import levels_to_map, pool
 
 
 def anomaly_map(levels: list[torch.Tensor], size: int, sigma: float) -> torch.Tensor:
     """Per-level (B, 1, H_l, W_l) patch scores -> (B, size, size) smoothed map (CPU, float32)."""
-    up = [
-        F.interpolate(m.float().cpu(), size=(size, size), mode="bilinear", align_corners=False)
-        for m in levels
-    ]
-    return gaussian_blur(torch.cat(up, dim=1).mean(dim=1), sigma)
+    return levels_to_map([m.float().cpu() for m in levels], size, sigma)
 
 
 @torch.no_grad()
