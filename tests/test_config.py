@@ -119,7 +119,7 @@ def test_bank_models_reject_ccnf_only_settings(raw_params: dict) -> None:
     raw_params["model"]["kind"] = "gaussian"
     raw_params["train"]["strategy"] = "replay"
     raw_params["train"]["replay_buffer"] = 3
-    with pytest.raises(CcnfError, match="does not apply to model.kind 'gaussian'"):
+    with pytest.raises(CcnfError, match=r"does not apply to model\.kind 'gaussian'"):
         parse_params(raw_params)
     raw_params["train"]["strategy"] = "naive"
     raw_params["score"]["class_select"] = "prototype"
@@ -127,3 +127,12 @@ def test_bank_models_reject_ccnf_only_settings(raw_params: dict) -> None:
         parse_params(raw_params)
     raw_params["score"]["class_select"] = "likelihood"
     assert parse_params(raw_params).model.kind == "gaussian"
+
+
+def test_params_yaml_reads_as_dvc_reads_it() -> None:
+    """DVC parses params.yaml with ruamel, which rejects duplicate keys PyYAML lets through."""
+    from conftest import REPO
+    from ruamel.yaml import YAML
+
+    loaded = YAML(typ="rt").load((REPO / "params.yaml").read_text())
+    assert set(loaded) >= {"seed", "device", "data", "flow", "loss", "train", "score", "eval"}
