@@ -137,7 +137,7 @@ class LossConfig(_Section):
     lambda_entropy: float = Field(0.01, ge=0)
     entropy_tau: float = Field(1.0, gt=0)
     entropy_samples: int = Field(
-        256, ge=1, description="patch vectors per step on which L_e evaluates every seen class"
+        64, ge=1, description="patch vectors per step on which L_e evaluates every seen class"
     )
     lambda_center: float = Field(1.0, ge=0, description="prototype centre loss (E11 / E10)")
     center_detach: bool = Field(
@@ -303,6 +303,16 @@ class Params(_Section):
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA when available, else CPU (CPU is the reference)"
+    )
+    threads: int = Field(
+        1,
+        ge=1,
+        description=(
+            "torch CPU threads of the init/train/evaluate stages. 1 keeps the float reductions "
+            "(hence the metrics) the same on any machine, and two threads on a busy 2-core "
+            "machine were measured 4-15x slower per step than one; use the cores by running "
+            "experiments side by side (ccnf catalog run --jobs N)"
+        ),
     )
     data: DataConfig = DataConfig()
     splits: dict[str, list[list[str]]]

@@ -209,6 +209,7 @@ def evaluate_task(
     re-runs write identical bytes.
     """
     t = params.task_index(task)
+    torch.set_num_threads(params.threads)
     seed_everything(params.seed)
     ckpt = read_checkpoint(model_dir)
     where = str(model_dir / "model.pt")

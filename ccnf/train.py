@@ -227,6 +227,7 @@ def train_task(
     learns every class and later tasks write the same weights under their own name.
     """
     t = params.task_index(task)
+    torch.set_num_threads(params.threads)
     seed_everything(params.seed * 1009 + t)
     ckpt = read_checkpoint(prev_dir)
     if params.model.kind != "ccnf":
@@ -437,6 +438,7 @@ def train_bank_task(
 def init_model(params: Params, features_dir: Path, out_dir: Path) -> None:
     """The seeded, class-less model that task 0 starts from (models/init)."""
     meta = FeatureMeta.load(features_dir)
+    torch.set_num_threads(params.threads)
     seed_everything(params.seed)
     if params.model.kind != "ccnf":
         bank = ClassBank.from_params(params, meta.channels, meta.grids)

@@ -281,6 +281,6 @@ def test_baseline_banks_run_through_train_and_evaluate(prepared, kind: str) -> N
     assert set(res["per_class"]["a"]) == {"task", "nf"}  # a bank has one score
     assert res["agnostic"]["same_as_aware"] is False
     assert set(res["agnostic"]["selection_accuracy_by_method"]) == {"likelihood"}
-    with pytest.raises(CcnfError, match="model.kind"):
+    with pytest.raises(CcnfError, match=r"model\.kind"):
         evaluate_task(parse_params(raw), "t1", tmp / "features", tmp / kind / "t1",
                       tmp / kind / "m2.json", tmp / kind / "eval2")
