@@ -6,6 +6,7 @@
     ccnf info                   the current run's results in the terminal
     ccnf score IMAGE --cls C    score one image with a trained checkpoint
     ccnf report readme|check    write / verify the README's result tables
+    ccnf catalog list|run|table|report|check   the variant catalog through DVC
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def score(
     from ccnf.backbone import Backbone
     from ccnf.data.images import load_image
     from ccnf.flows.ccnf import CCNF, read_checkpoint
-    from ccnf.scoring import image_scores, pixel_maps, score_images
+    from ccnf.scoring import calibration_record, image_scores, pixel_maps, score_images
 
     p = load_params(params)
     model_dir = model_dir or Path("models") / p.task_names[-1]
@@ -151,7 +152,7 @@ def score(
     feats = Backbone(p.backbone)(torch.from_numpy(pixels).permute(2, 0, 1)[None])
     cid = torch.tensor([ckpt["classes"].index(cls)])
     raw = score_images(model, list(feats), cid, p.score, p.data.mask_size, 1)
-    stats = ckpt["calibration"][cls]
+    stats = calibration_record(ckpt["calibration"][cls], p.score, p.data.mask_size, cls=cls)
     imgs = image_scores(raw, stats, p.score.alpha)
     table = Table(title=f"{image} as '{cls}'")
     table.add_column("score")
@@ -208,6 +209,242 @@ def report_check(
             fix="if the change is intended: ccnf report readme, then commit README.md",
         )
     console.print(f"README results match {metrics} within {tolerance}")
+
+
+# ----------------------------------------------------------------------------- catalog
+# The variant catalog (catalog.yaml): ccnf/catalog.py and ccnf/study_report.py hold the logic.
+
+catalog_app = typer.Typer(
+    help="The variant catalog (catalog.yaml): list, run through DVC, tabulate, check.",
+    no_args_is_help=True,
+)
+app.add_typer(catalog_app, name="catalog")
+CATALOG = typer.Option(Path("catalog.yaml"), "--catalog", help="catalog file")
+
+
+def _catalog_rows(catalog_path: Path, params: Path) -> tuple:
+    from ccnf.catalog import load_catalog, load_records, match_records
+
+    cat = load_catalog(catalog_path, params)
+    return cat, match_records(cat, load_records(Path.cwd()))
+
+
+@catalog_app.command("list")
+@report_user_errors
+def catalog_list(catalog: Path = CATALOG, params: Path = PARAMS) -> None:
+    """Every catalog experiment: id, what it tests, its overrides, the note's MVTec figure."""
+    from ccnf.catalog import load_catalog
+
+    cat = load_catalog(catalog, params)
+    table = Table(title=f"{catalog}: {len(cat.experiments)} experiments (valid against {params})")
+    table.add_column("id", no_wrap=True)
+    table.add_column("description", overflow="fold", ratio=1)
+    table.add_column("overrides (dvc exp run -S)", no_wrap=True)
+    table.add_column("note MVTec img/pix", no_wrap=True)
+    for exp in cat.experiments.values():
+        tag = " (reference)" if exp.id == cat.reference else ""
+        tag += " [CI]" if exp.id in cat.ci_subset else ""
+        note = f"{exp.note.image_auroc:.4f} / {exp.note.pixel_auroc:.4f}" if exp.note else ""
+        table.add_row(exp.id + tag, exp.description, "\n".join(exp.overrides) or "(none)", note)
+    console.print(table)
+
+
+@catalog_app.command("run")
+@report_user_errors
+def catalog_run(
+    ids: list[str] = typer.Argument(None, help="experiment ids (ccnf catalog list)"),
+    all_: bool = typer.Option(False, "--all", help="every experiment of the catalog"),
+    ci: bool = typer.Option(False, "--ci", help="add the catalog's ci_subset"),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="parallel DVC queue workers"),
+    mode: str = typer.Option(
+        "auto", help="temp: `dvc exp run --temp` one at a time; queue: `dvc exp run --queue` "
+        "then `dvc queue start -j N`; auto: temp for 1 job, queue for more"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the DVC commands only"),
+    timing: Path = typer.Option(
+        None, help="write the wall time here (default with --all: "
+        "docs/report/catalog_timing.json)"),
+    catalog: Path = CATALOG,
+    params: Path = PARAMS,
+) -> None:
+    """Run experiments through DVC (an earlier experiment of the same id is replaced)."""
+    import datetime
+    import os
+    import subprocess
+    import time
+
+    from ccnf.atomic import write_json
+    from ccnf.catalog import (
+        check_workspace,
+        load_catalog,
+        remove_existing,
+        run_queue,
+        run_sequential,
+    )
+    from ccnf.study_report import TIMING_FILE
+
+    cat = load_catalog(catalog, params)
+    exps = cat.select(ids or [], all_=all_, ci=ci)
+    if mode not in ("auto", "temp", "queue"):
+        raise CcnfError(f"unknown --mode '{mode}'", fix="use auto, temp or queue")
+    if mode == "auto":
+        mode = "queue" if jobs > 1 else "temp"
+    if mode == "temp" and jobs > 1:
+        raise CcnfError("--mode temp runs one experiment at a time",
+                        fix="use --mode queue for --jobs > 1")
+    if dry_run:
+        for exp in exps:
+            typer.echo(" ".join(exp.dvc_command(queue=mode == "queue", temp=mode == "temp")))
+        if mode == "queue":
+            typer.echo(f"dvc queue start -j {jobs}")
+        return
+    cwd = Path.cwd()
+    check_workspace(cwd)
+    remove_existing([e.id for e in exps], cwd, console.print, queue=mode == "queue")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    t0 = time.perf_counter()
+    if mode == "queue":
+        outcomes = run_queue(exps, cwd, jobs, console.print)
+    else:
+        outcomes = run_sequential(exps, cwd, console.print)
+    wall = time.perf_counter() - t0
+    summary = Table(title=f"{len(exps)} experiment(s), {wall / 60:.1f} min ({mode}, {jobs} job(s))")
+    for col in ("id", "seconds", "stages run", "result"):
+        summary.add_column(col)
+    for o in outcomes:
+        summary.add_row(o.id, f"{o.seconds:.0f}", str(len(o.stages_run)),
+                        "ok" if o.ok else "[red]FAILED[/]")
+    console.print(summary)
+    target = timing if timing is not None else (TIMING_FILE if all_ else None)
+    if target is not None:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+        write_json(target, {
+            "ids": [e.id for e in exps],
+            "mode": mode,
+            "jobs": jobs,
+            "wall_s": round(wall, 1),
+            "cpus": os.cpu_count(),
+            "load_avg_start": None if load is None else round(load, 2),
+            "date": datetime.date.today().isoformat(),
+            "commit": commit,
+            "experiments": {o.id: {"seconds": round(o.seconds, 1), "stages_run": o.stages_run,
+                                   "ok": o.ok} for o in outcomes},
+        })
+        console.print(f"wall time recorded in {target}")
+    shared = {o.id: o.shared_stages_run for o in outcomes if o.shared_stages_run}
+    if shared:
+        console.print(f"[yellow]warning:[/] shared stages re-ran (features not reused): {shared}")
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        raise CcnfError(
+            f"{len(failed)} experiment(s) failed: {', '.join(o.id for o in failed)}\n"
+            + "\n".join(f"--- {o.id}:\n{o.tail[-1500:]}" for o in failed),
+            fix="fix the cause, then re-run those ids (the failed entries are replaced)",
+        )
+
+
+@catalog_app.command("table")
+@report_user_errors
+def catalog_table(
+    out: Path = typer.Option(None, help="write the markdown here instead of stdout"),
+    catalog: Path = CATALOG,
+    params: Path = PARAMS,
+) -> None:
+    """The comparison tables (markdown) from DVC's experiment records (dvc exp show --json)."""
+    from ccnf.atomic import write_text
+    from ccnf.study_report import table_block
+
+    cat, rows = _catalog_rows(catalog, params)
+    text = table_block(rows, cat.reference) + "\n"
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        write_text(out, text)
+        console.print(f"tables written to {out}")
+
+
+@catalog_app.command("report")
+@report_user_errors
+def catalog_report(
+    report: Path = typer.Option(Path("REPORT.md"), help="the report to create or update"),
+    plots: bool = typer.Option(True, help="also redraw the plots under docs/report/"),
+    catalog: Path = CATALOG,
+    params: Path = PARAMS,
+) -> None:
+    """Rewrite REPORT.md's generated blocks (tables, plots, timing); the rest is kept."""
+    from ccnf.study_report import write_report
+
+    cat, rows = _catalog_rows(catalog, params)
+    written = write_report(rows, cat.reference, report, make_plots=plots)
+    done = sum(r.record is not None for r in rows)
+    console.print(f"{report}: {done}/{len(rows)} experiments with results; "
+                  f"{len(written)} plot(s) written")
+
+
+@catalog_app.command("check")
+@report_user_errors
+def catalog_check(
+    ids: list[str] = typer.Argument(None, help="only these experiments (default: all)"),
+    ci: bool = typer.Option(False, "--ci", help="the catalog's ci_subset and its reference"),
+    tolerance: float = typer.Option(0.002, help="largest allowed absolute difference"),
+    report: Path = typer.Option(Path("REPORT.md")),
+    catalog: Path = CATALOG,
+    params: Path = PARAMS,
+) -> None:
+    """Fail if REPORT.md's table differs from DVC's current experiment records."""
+    from ccnf.study_report import check_report
+
+    cat, rows = _catalog_rows(catalog, params)
+    wanted: list[str] | None = None
+    if ids or ci:
+        wanted = [e.id for e in cat.select(ids or [], ci=ci)]
+        if ci and cat.reference not in wanted:
+            wanted.append(cat.reference)
+    problems = check_report(rows, cat.reference, report, tolerance, wanted)
+    if problems:
+        raise CcnfError(
+            f"REPORT.md differs from the experiment records (tolerance {tolerance}), "
+            f"{len(problems)} difference(s):\n  " + "\n  ".join(problems),
+            fix="if the change is intended: ccnf catalog report, then commit REPORT.md",
+        )
+    n = len(wanted) if wanted is not None else len(rows)
+    console.print(f"REPORT.md matches the experiment records of {n} experiment(s) "
+                  f"within {tolerance}")
+
+
+
+# ------------------------------------------------------------------------------- bench
+@app.command("bench")
+@report_user_errors
+def bench(
+    out: Path = typer.Option(Path("metrics/bench.json"), help="where to write the figures"),
+    repeats: int = typer.Option(3, min=1, help="runs per figure (the median is reported)"),
+    e2e: bool = typer.Option(
+        True, "--e2e/--no-e2e", help="also time dvc repro vs dvc exp run in a snapshot (slow)"
+    ),
+    committed: bool = typer.Option(
+        False, "--committed", help="end to end on the last commit, not the working tree"
+    ),
+    device: str = typer.Option(None, help="auto | cpu | cuda (default: params.yaml device)"),
+    params: Path = PARAMS,
+) -> None:
+    """Time extraction, training, inference, class selection, memory and DVC runs."""
+    import sys
+
+    from ccnf.bench import render, run_bench
+
+    result = run_bench(
+        params, out, repeats=repeats, e2e=e2e, committed_only=committed,
+        device_setting=device, console=console, command="ccnf " + " ".join(sys.argv[1:]),
+    )
+    render(result, console)
+    console.print(f"written to {out}")
+    if result["errors"]:
+        raise CcnfError(
+            f"bench sections failed: {', '.join(result['errors'])}",
+            where=str(out),
+            fix="see the messages above; the other figures were written",
+        )
 
 
 if __name__ == "__main__":

@@ -229,7 +229,7 @@ class ScoreConfig(_Section):
     proto_power: Literal[1, 2] = Field(2, description="2: squared distance (E12-1), 1: plain")
     alpha: float = Field(0.5, ge=0, le=1, description="hybrid weight of the proto score")
     class_select: Literal["oracle", "likelihood", "prototype"] = Field(
-        "likelihood",
+        "prototype",
         description=(
             "class used in the task-agnostic block: likelihood = argmax_y log p(x|y) over "
             "seen classes, prototype = nearest centre; oracle = true label. Task-aware "

@@ -12,7 +12,11 @@ A few large files per class keep DVC fast (no file per image).
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +30,7 @@ from ccnf.backbone import Backbone
 from ccnf.config import Params
 from ccnf.data.images import load_image, load_mask
 from ccnf.data.manifest import Manifest, Record
+from ccnf.device import resolve_device
 from ccnf.errors import CcnfError
 
 
@@ -100,76 +105,131 @@ def _progress(console: Console | None = None) -> Progress:
     )
 
 
-def _extract_records(
-    backbone: Backbone,
-    root: Path,
-    records: list[Record],
-    params: Params,
-    progress: Progress,
-    task_id: int,
-    with_masks: bool,
-) -> tuple[FeatureSplit, float]:
-    bs = params.backbone.batch_size
-    dtype = getattr(torch, params.backbone.feature_dtype)
-    size, msize = params.data.image_size, params.data.mask_size
-    levels: list[list[torch.Tensor]] = [[] for _ in backbone.channels]
-    masks: list[np.ndarray] = []
-    forward_s = 0.0
-    for start in range(0, len(records), bs):
-        batch = records[start : start + bs]
-        images = np.stack([load_image(root / r.image, size) for r in batch])
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-        t0 = time.perf_counter()
-        feats = backbone(x)
-        forward_s += time.perf_counter() - t0
-        for lvl, f in enumerate(feats):
-            levels[lvl].append(f.to(dtype))
-        if with_masks:
-            for r in batch:
-                if r.mask is None:
-                    masks.append(np.zeros((msize, msize), dtype=bool))
-                else:
-                    masks.append(load_mask(root / r.mask, msize))
-        progress.advance(task_id, len(batch))
-    split = FeatureSplit(
-        features=[torch.cat(level) for level in levels],
-        names=[r.image for r in records],
-        labels=torch.tensor([r.label for r in records], dtype=torch.long),
-        defects=[r.defect for r in records],
-        masks=torch.from_numpy(np.stack(masks)) if with_masks else None,
-    )
-    return split, forward_s
+def _load_record(
+    root: Path, record: Record, size: int, msize: int, with_mask: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode one image to (3, size, size) float32 in [0, 1] (and its mask when asked)."""
+    image = np.ascontiguousarray(load_image(root / record.image, size).transpose(2, 0, 1))
+    if not with_mask:
+        return image, None
+    if record.mask is None:
+        return image, np.zeros((msize, msize), dtype=bool)
+    return image, load_mask(root / record.mask, msize)
+
+
+def _prefetched(
+    batches: list[tuple[int, list[Record]]],
+    load: Callable[[int, Record], tuple[np.ndarray, np.ndarray | None]],
+    workers: int,
+    ahead: int = 2,
+) -> Iterator[tuple[int, list[Record], list[tuple[np.ndarray, np.ndarray | None]]]]:
+    """Yield (job, records, decoded records) batch by batch, in order.
+
+    Decoding (PIL releases the GIL) runs in ``workers`` threads up to ``ahead`` batches in
+    front of the consumer, across job boundaries, so it overlaps the backbone forward instead
+    of adding to it. Order and content are exactly those of a sequential loop.
+    """
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        queue: deque[tuple[int, list[Record], list[Future]]] = deque()
+        it = iter(batches)
+        while True:
+            while len(queue) < ahead + 1:
+                nxt = next(it, None)
+                if nxt is None:
+                    break
+                job, records = nxt
+                queue.append((job, records, [pool.submit(load, job, r) for r in records]))
+            if not queue:
+                return
+            job, records, futures = queue.popleft()
+            yield job, records, [f.result() for f in futures]
+
+
+def _decode_workers(device: torch.device) -> int:
+    # on a CPU the forward already uses every core: one decoder thread is enough to hide
+    # decoding; a GPU forward is so fast that decoding is the bottleneck, so use more
+    if device.type == "cpu":
+        return 1
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 def extract_features(
-    manifest: Manifest, params: Params, out_dir: Path, *, console: Console | None = None
+    manifest: Manifest,
+    params: Params,
+    out_dir: Path,
+    *,
+    console: Console | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, float]:
     """Run the backbone over every image of the split's classes; write the cache atomically.
 
+    ``device`` defaults to ``params.device`` resolved (:func:`ccnf.device.resolve_device`);
+    features are cached on the CPU either way, and a CPU run is bit-for-bit the reference.
     Returns throughput figures: images, seconds, images/s of the stage and of the bare
-    backbone forward (the ratio is the cost of decoding, resizing and caching).
+    backbone forward (the ratio is the cost of decoding, resizing and caching), and the
+    seconds spent building the backbone (not counted in either rate).
     """
+    device = resolve_device(params.device) if device is None else device
     torch.manual_seed(params.seed)
-    backbone = Backbone(params.backbone)
+    t_build = time.perf_counter()
+    backbone = Backbone(params.backbone).to(device)
+    build_s = time.perf_counter() - t_build
     root = Path(manifest.root)
     classes = params.classes
     jobs = [(c, s, manifest.select(c, s)) for c in classes for s in ("train", "test")]
     total = sum(len(r) for _, _, r in jobs)
-    grids = []
+    bs = params.backbone.batch_size
+    dtype = getattr(torch, params.backbone.feature_dtype)
+    size, msize = params.data.image_size, params.data.mask_size
     with torch.no_grad():
-        probe = backbone(torch.zeros(1, 3, params.data.image_size, params.data.image_size))
+        probe = backbone(torch.zeros(1, 3, size, size, device=device))
         grids = [list(f.shape[-2:]) for f in probe]
+    # every job (class, split) in batches of backbone.batch_size, the last one partial: batch
+    # composition stays exactly that of one loop per job, so the features stay byte-identical
+    batches = [
+        (j, records[i : i + bs])
+        for j, (_, _, records) in enumerate(jobs)
+        for i in range(0, len(records), bs)
+    ]
+    remaining = [len(records) for _, _, records in jobs]
+    levels: list[list[torch.Tensor]] = []
+    masks: list[np.ndarray] = []
+
+    def load(job: int, record: Record) -> tuple[np.ndarray, np.ndarray | None]:
+        return _load_record(root, record, size, msize, with_mask=jobs[job][1] == "test")
+
     counts: dict[str, dict[str, int]] = {}
     start = time.perf_counter()
     forward_s = 0.0
     with atomic_path(out_dir) as tmp, _progress(console) as progress:
         task_id = progress.add_task("extracting features", total=total, rate="")
-        for cls, split, records in jobs:
-            progress.update(task_id, description=f"extract {cls}/{split}")
-            fs, secs = _extract_records(
-                backbone, root, records, params, progress, task_id, with_masks=(split == "test")
+        for job, records, decoded in _prefetched(batches, load, _decode_workers(device)):
+            cls, split, job_records = jobs[job]
+            if not levels:
+                levels = [[] for _ in backbone.channels]
+                masks = []
+                progress.update(task_id, description=f"extract {cls}/{split}")
+            x = torch.from_numpy(np.stack([img for img, _ in decoded]))
+            t0 = time.perf_counter()
+            feats = backbone(x.to(device, non_blocking=True))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            forward_s += time.perf_counter() - t0
+            for lvl, f in enumerate(feats):
+                levels[lvl].append(f.to(dtype).cpu())
+            masks.extend(m for _, m in decoded if m is not None)
+            progress.advance(task_id, len(records))
+            remaining[job] -= len(records)
+            if remaining[job]:
+                continue
+            fs = FeatureSplit(
+                features=[torch.cat(level) for level in levels],
+                names=[r.image for r in job_records],
+                labels=torch.tensor([r.label for r in job_records], dtype=torch.long),
+                defects=[r.defect for r in job_records],
+                masks=torch.from_numpy(np.stack(masks)) if split == "test" else None,
             )
-            forward_s += secs
+            levels, masks = [], []
             (tmp / cls).mkdir(parents=True, exist_ok=True)
             torch.save(fs.__dict__, tmp / cls / f"{split}.pt")
             counts.setdefault(cls, {})[split] = len(fs)
@@ -191,6 +251,7 @@ def extract_features(
     return {
         "images": float(total),
         "seconds": elapsed,
+        "build_seconds": build_s,
         "stage_images_per_s": total / elapsed,
         "forward_images_per_s": total / max(forward_s, 1e-9),
     }

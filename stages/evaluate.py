@@ -26,25 +26,31 @@ def main() -> None:
         console=console,
     )
     agn = result["agnostic"]
+    ran = not agn["same_as_aware"] and not agn.get("skipped")
     for tname, scores in result["per_task"].items():
         line = ", ".join(
-            f"{s} {scores[s]['image_auroc']:.3f}/{scores[s]['pixel_auroc']:.3f}" for s in SCORES
+            f"{s} {scores[s]['image_auroc']:.3f}/{scores[s]['pixel_auroc']:.3f}"
+            for s in SCORES
+            if s in scores
         )
         console.print(f"after {args.task}, task {tname} (image/pixel AUROC), aware: {line}")
-        if not agn["same_as_aware"]:
+        if ran:
             a = agn["per_task"][tname]
             line = ", ".join(
-                f"{s} {a[s]['image_auroc']:.3f}/{a[s]['pixel_auroc']:.3f}" for s in SCORES
+                f"{s} {a[s]['image_auroc']:.3f}/{a[s]['pixel_auroc']:.3f}"
+                for s in SCORES
+                if s in a
             )
             console.print(
                 f"    agnostic ({agn['class_select']}, selection accuracy "
                 f"{a['selection_accuracy']:.3f}): {line}"
             )
-    if not agn["same_as_aware"]:
+    if ran:
         acc = ", ".join(f"{m} {v:.3f}" for m, v in agn["selection_accuracy_by_method"].items())
         console.print(f"class-selection accuracy over seen classes: {acc}")
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in result["timing_s"].items())
     console.print(f"flow time: {timing}")
+
 
 if __name__ == "__main__":
     main()

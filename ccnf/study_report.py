@@ -1,0 +1,485 @@
+"""REPORT.md: the whole catalog's comparison table, plots, timing, and the check CI runs.
+
+Everything generated lives between markers, so ``ccnf catalog report`` rewrites only those
+blocks and keeps the hand-written reading around them:
+
+* ``<!-- catalog-table:begin/end -->``: one markdown table per score definition (nf, proto,
+  hybrid: image/pixel AUROC, AUPRO, image/pixel forgetting), plus class selection and the
+  task-agnostic nf AUROC next to the research note's MVTec figures. Rendered from DVC's
+  experiment records (``dvc exp show --json``), never from files of our own.
+* ``<!-- catalog-plots:begin/end -->``: links to the plots under ``docs/report/``.
+* ``<!-- catalog-timing:begin/end -->``: wall time of the last ``ccnf catalog run --all``
+  (``docs/report/catalog_timing.json``).
+
+``ccnf catalog check`` re-renders the table from the current records and compares every number
+with the committed one within a tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ccnf.atomic import atomic_path, write_text
+from ccnf.catalog import SCORE_DEFS, Row
+from ccnf.errors import CcnfError
+
+REPORT_FILE = Path("REPORT.md")
+REPORT_DIR = Path("docs/report")
+TIMING_FILE = REPORT_DIR / "catalog_timing.json"
+DEFAULT_TOLERANCE = 0.002
+MISSING = "—"
+BLOCKS = ("catalog-table", "catalog-plots", "catalog-timing")
+METRIC_COLUMNS = (
+    ("image_auroc", "image AUROC"),
+    ("pixel_auroc", "pixel AUROC"),
+    ("aupro", "AUPRO"),
+    ("image_forgetting", "image forgetting"),
+    ("pixel_forgetting", "pixel forgetting"),
+)
+SCORE_TITLES = {
+    "nf": "nf: -log p(x|y)/D, oracle (task-aware) class",
+    "proto": "proto: distance of the latent mean to the class prototype, oracle class",
+    "hybrid": "hybrid (E12): calibrated mix of proto and nf, oracle class",
+}
+NUMBER = re.compile(r"[-+]?\d+\.\d+")
+
+
+# ----------------------------------------------------------------------------- values
+
+
+def _get(metrics: dict[str, Any], *path: str) -> float | None:
+    node: Any = metrics
+    for p in path:
+        if not isinstance(node, dict) or p not in node:
+            return None
+        node = node[p]
+    if isinstance(node, bool) or not isinstance(node, int | float):
+        return None
+    return None if math.isnan(float(node)) else float(node)
+
+
+def _fmt(v: float | None) -> str:
+    return MISSING if v is None else f"{v:.4f}"
+
+
+def _metrics(row: Row) -> dict[str, Any]:
+    return row.record.metrics if row.record is not None else {}
+
+
+def _class_select(row: Row) -> tuple[str, float | None]:
+    cs = _metrics(row).get("class_select")
+    if not isinstance(cs, dict):
+        return MISSING, None
+    method = cs.get("method")
+    return (str(method) if method else MISSING), _get(cs, "accuracy")
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def score_table(rows: Sequence[Row], score: str) -> str:
+    """Markdown table of one score definition: a row per catalog experiment."""
+    head = "| experiment | " + " | ".join(label for _, label in METRIC_COLUMNS) + " |"
+    sep = "|---|" + "---:|" * len(METRIC_COLUMNS)
+    lines = [head, sep]
+    for row in rows:
+        m = _metrics(row)
+        cells = [_fmt(_get(m, score, key)) for key, _ in METRIC_COLUMNS]
+        lines.append(f"| {row.exp.id} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def selection_table(rows: Sequence[Row]) -> str:
+    """Class selection, task-agnostic nf AUROC, and the note's MVTec figure next to ours."""
+    head = ("| experiment | class select | selection accuracy | agnostic nf image AUROC | "
+            "agnostic nf pixel AUROC | ours nf image AUROC | ours nf pixel AUROC | "
+            "note (MVTec) image AUROC | note (MVTec) pixel AUROC |")
+    sep = "|---|---|" + "---:|" * 7
+    lines = [head, sep]
+    for row in rows:
+        m = _metrics(row)
+        method, acc = _class_select(row)
+        note = row.exp.note
+        cells = [
+            method,
+            _fmt(acc),
+            _fmt(_get(m, "agnostic", "nf", "image_auroc")),
+            _fmt(_get(m, "agnostic", "nf", "pixel_auroc")),
+            _fmt(_get(m, "nf", "image_auroc")),
+            _fmt(_get(m, "nf", "pixel_auroc")),
+            _fmt(note.image_auroc if note else None),
+            _fmt(note.pixel_auroc if note else None),
+        ]
+        lines.append(f"| {row.exp.id} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table_block(rows: Sequence[Row], reference: str) -> str:
+    """The generated table block of REPORT.md (all tables, and any record problems)."""
+    parts = [
+        f"Final averages after the last task, per score definition; forgetting = mean over "
+        f"earlier tasks of (best earlier value - final value). `{reference}` is params.yaml "
+        f"itself; {MISSING} = not run, or not reported by this version of the pipeline. "
+        f"Source: `dvc exp show --json` (rendered by `ccnf catalog table`).",
+    ]
+    for score in SCORE_DEFS:
+        parts.append(f"#### {SCORE_TITLES[score]}\n\n{score_table(rows, score)}")
+    parts.append(
+        "#### class selection (task-agnostic block) and the research note\n\n"
+        "The note's figures are its final nf image/pixel AUROC on MVTec AD (1 epoch per task); "
+        "ours are on the embedded synthetic data.\n\n" + selection_table(rows)
+    )
+    problems = [f"- `{r.exp.id}`: {r.problem}" for r in rows if r.problem]
+    missing = [r.exp.id for r in rows if r.record is None]
+    if missing:
+        problems.append(f"- not run: {', '.join(missing)} (`ccnf catalog run "
+                        f"{' '.join(missing)}`)")
+    if problems:
+        parts.append("Record problems:\n\n" + "\n".join(problems))
+    return "\n\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- check
+
+
+@dataclass(frozen=True)
+class TableRow:
+    """A parsed markdown table row: which table, which experiment, its cells."""
+
+    table: str
+    exp_id: str
+    cells: tuple[str, ...]
+    header: tuple[str, ...]
+
+
+def parse_tables(block: str) -> list[TableRow]:
+    """Rows of every ``#### title`` table in a rendered block (header and separator skipped)."""
+    rows: list[TableRow] = []
+    title = ""
+    header: tuple[str, ...] = ()
+    for line in block.splitlines():
+        s = line.strip()
+        if s.startswith("#### "):
+            title, header = s[5:].strip(), ()
+            continue
+        if not s.startswith("|"):
+            continue
+        cells = tuple(c.strip() for c in s.strip("|").split("|"))
+        if not header:
+            header = cells
+            continue
+        if all(set(c) <= set("-:") for c in cells):
+            continue
+        rows.append(TableRow(title, cells[0], cells[1:], header[1:]))
+    return rows
+
+
+def compare_tables(
+    committed: str, fresh: str, tolerance: float, ids: Sequence[str] | None = None
+) -> list[str]:
+    """Every difference between two rendered blocks beyond ``tolerance`` (empty: they match).
+
+    ``ids`` restricts the comparison to those experiments (CI runs a subset of the catalog).
+    A number against '—' (an experiment not run, a metric not reported) is a difference.
+    """
+    old = {(r.table, r.exp_id): r for r in parse_tables(committed)}
+    new = {(r.table, r.exp_id): r for r in parse_tables(fresh)}
+    wanted = set(ids) if ids is not None else None
+    problems = []
+    for key in sorted(set(old) | set(new)):
+        table, exp_id = key
+        if wanted is not None and exp_id not in wanted:
+            continue
+        short = table.split(":")[0]
+        if key not in new:
+            problems.append(f"{short} / {exp_id}: in REPORT.md but not in the catalog any more")
+            continue
+        if key not in old:
+            problems.append(f"{short} / {exp_id}: not in REPORT.md (regenerate it)")
+            continue
+        o, n = old[key], new[key]
+        if o.header != n.header:
+            problems.append(f"{short}: columns differ: REPORT.md {o.header} vs fresh {n.header}")
+            continue
+        for col, oc, nc in zip(n.header, o.cells, n.cells, strict=False):
+            if NUMBER.fullmatch(oc) and NUMBER.fullmatch(nc):
+                if abs(float(oc) - float(nc)) > tolerance:
+                    problems.append(f"{short} / {exp_id} / {col}: REPORT.md {oc} vs fresh {nc} "
+                                    f"(|diff| {abs(float(oc) - float(nc)):.4f} > {tolerance})")
+            elif oc != nc:
+                problems.append(f"{short} / {exp_id} / {col}: REPORT.md '{oc}' vs fresh '{nc}'")
+    if wanted is not None:
+        present = {k[1] for k in new}
+        for exp_id in sorted(wanted - present):
+            problems.append(f"{exp_id}: not a catalog experiment")
+    return problems
+
+
+# ----------------------------------------------------------------------------- the file
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+def get_block(text: str, name: str, path: Path) -> str:
+    """The text between a block's markers."""
+    begin, end = _markers(name)
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise CcnfError(f"{path} lacks one well-formed '{name}' block",
+                        where=str(path), fix=f"keep exactly one {begin} ... {end} pair in it")
+    return text.split(begin, 1)[1].split(end, 1)[0].strip("\n")
+
+
+def set_block(text: str, name: str, body: str, path: Path) -> str:
+    """``text`` with a block's contents replaced (everything outside it is kept)."""
+    get_block(text, name, path)
+    begin, end = _markers(name)
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{body}\n{end}{tail}"
+
+
+TEMPLATE = """# ccnf: the variant catalog on the default data
+
+Every experiment of `catalog.yaml` (ids E0 ... P6, each a set of `dvc exp run -S` overrides of
+`params.yaml`), run through DVC on the embedded synthetic dataset; the features are extracted
+once and shared by all of them. The tables below are rendered from DVC's own experiment records.
+
+    bash scripts/catalog.sh                 # set up, run the whole catalog, rewrite this file
+    ccnf catalog run E0 E6                  # some experiments (= dvc exp run -n ID -S ...)
+    ccnf catalog table                      # the tables below, from dvc exp show --json
+    ccnf catalog check --tolerance 0.002    # compare them with this file (CI: --ci)
+    dvc exp show --md --keep 'nf|Experiment'
+    dvc metrics diff E0 E11                 # any two catalog experiments, every score
+
+## Results
+
+<!-- catalog-table:begin -->
+<!-- catalog-table:end -->
+
+## Plots
+
+<!-- catalog-plots:begin -->
+<!-- catalog-plots:end -->
+
+## Time
+
+<!-- catalog-timing:begin -->
+<!-- catalog-timing:end -->
+
+## Reading
+
+(Hand-written; `ccnf catalog report` rewrites only the marked blocks above.)
+"""
+
+
+def plots_block(paths: Sequence[Path], report: Path) -> str:
+    """Markdown image links to the plots, relative to REPORT.md."""
+    captions = {
+        "forgetting": "forgetting per variant (nf and hybrid score, image and pixel)",
+        "scores": "score definitions side by side: final image and pixel AUROC per variant",
+        "image_vs_pixel": "nf image vs pixel AUROC: ours (synthetic) and the note (MVTec AD)",
+    }
+    lines = []
+    for p in paths:
+        rel = Path(p).resolve().relative_to(report.resolve().parent) if Path(p).is_absolute() \
+            else p
+        lines.append(f"![{captions.get(Path(p).stem, Path(p).stem)}]({rel.as_posix()})")
+    return "\n\n".join(lines) if lines else "(no plots: no experiment has results yet)"
+
+
+def timing_block(timing: dict[str, Any] | None) -> str:
+    """The time section, from the JSON that ``ccnf catalog run --all`` writes."""
+    if not timing:
+        return (f"Not measured yet: `ccnf catalog run --all` writes {TIMING_FILE.as_posix()}.")
+    per = timing.get("experiments", {})
+    total = float(timing.get("wall_s", 0.0))
+    lines = [
+        f"The whole catalog ({len(per)} experiments, `ccnf catalog run --all "
+        f"--mode {timing.get('mode')} --jobs {timing.get('jobs')}`) took **{total / 60:.1f} "
+        f"min** of wall time on {timing.get('cpus')} CPU cores ({timing.get('date', '?')}, "
+        f"commit {str(timing.get('commit', '?'))[:7]}, load average "
+        f"{timing.get('load_avg_start', '?')} at the start), on top of one default study "
+        f"(`dvc repro`) whose features every experiment reuses.",
+        "",
+        "| experiment | seconds | stages DVC ran |",
+        "|---|---:|---|",
+    ]
+    for exp_id, e in per.items():
+        stages = e.get("stages_run") or []
+        shown = ", ".join(_compress_stages(stages)) or "(none: restored from the run cache)"
+        lines.append(f"| {exp_id} | {float(e.get('seconds', 0)):.0f} | {shown} |")
+    shared = sorted({s for e in per.values() for s in e.get("stages_run", [])
+                     if s.split("@")[0] in ("synth", "prepare", "extract")})
+    lines += ["", "Shared stages re-run by any experiment: "
+              + (", ".join(shared) if shared else "none (features extracted once).")]
+    return "\n".join(lines)
+
+
+def _compress_stages(stages: Sequence[str]) -> list[str]:
+    """['train@t0', 'train@t1', 'aggregate'] -> ['train@t0..t1', 'aggregate']."""
+    groups: dict[str, list[str]] = {}
+    order: list[str] = []
+    for s in stages:
+        base, _, item = s.partition("@")
+        if base not in groups:
+            order.append(base)
+            groups[base] = []
+        if item:
+            groups[base].append(item)
+    out = []
+    for base in order:
+        items = groups[base]
+        if not items:
+            out.append(base)
+        elif len(items) == 1:
+            out.append(f"{base}@{items[0]}")
+        else:
+            out.append(f"{base}@{items[0]}..{items[-1]}")
+    return out
+
+
+def read_timing(path: Path = TIMING_FILE) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CcnfError(f"{path} is not valid JSON: {err}",
+                        fix="re-run ccnf catalog run --all, or delete the file") from None
+    return data if isinstance(data, dict) else None
+
+
+def write_report(
+    rows: Sequence[Row],
+    reference: str,
+    report: Path = REPORT_FILE,
+    plot_dir: Path = REPORT_DIR,
+    timing_file: Path = TIMING_FILE,
+    make_plots: bool = True,
+) -> list[Path]:
+    """Create or update REPORT.md's generated blocks (and the plots); returns plot paths."""
+    text = report.read_text(encoding="utf-8") if report.is_file() else TEMPLATE
+    plots = plot_all(rows, plot_dir) if make_plots else []
+    rel_plots = [_relative(p, report) for p in plots]
+    text = set_block(text, "catalog-table", table_block(rows, reference), report)
+    text = set_block(text, "catalog-plots", plots_block(rel_plots, report), report)
+    text = set_block(text, "catalog-timing", timing_block(read_timing(timing_file)), report)
+    write_text(report, text)
+    return plots
+
+
+def _relative(p: Path, report: Path) -> Path:
+    try:
+        return p.resolve().relative_to(report.resolve().parent)
+    except ValueError:
+        return p
+
+
+def check_report(rows: Sequence[Row], reference: str, report: Path, tolerance: float,
+                 ids: Sequence[str] | None = None) -> list[str]:
+    """Differences between REPORT.md's committed table and one rendered from ``rows``."""
+    if not report.is_file():
+        raise CcnfError(f"{report} not found", fix="ccnf catalog report (after catalog run)")
+    committed = get_block(report.read_text(encoding="utf-8"), "catalog-table", report)
+    fresh = table_block(rows, reference)
+    problems = compare_tables(committed, fresh, tolerance, ids)
+    selected = [r for r in rows if ids is None or r.exp.id in set(ids)]
+    problems += [f"{r.exp.id}: {r.problem}" for r in selected if r.problem]
+    return problems
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _save(fig: Any, target: Path) -> Path:
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    return target
+
+
+def plot_all(rows: Sequence[Row], out_dir: Path) -> list[Path]:
+    """The report's plots (only experiments with results); returns the written paths."""
+    done = [r for r in rows if r.record is not None and _get(r.record.metrics, "nf",
+                                                              "image_auroc") is not None]
+    if not done:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ids = [r.exp.id for r in done]
+    y = list(range(len(ids)))
+    paths = []
+
+    # 1. forgetting per variant
+    series = [("nf", "image_forgetting"), ("nf", "pixel_forgetting"),
+              ("hybrid", "image_forgetting"), ("hybrid", "pixel_forgetting")]
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(ids) + 1.5))
+    h = 0.8 / len(series)
+    for k, (score, key) in enumerate(series):
+        vals = [_get(r.record.metrics, score, key) or 0.0 for r in done]  # type: ignore[union-attr]
+        ax.barh([v + (k - 1.5) * h for v in y], vals, height=h,
+                label=f"{score} {key.replace('_forgetting', '')}")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(y, ids)
+    ax.invert_yaxis()
+    ax.set_xlabel("forgetting (AUROC lost by earlier tasks; lower is better)")
+    ax.set_title("forgetting per variant")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    paths.append(_save(fig, out_dir / "forgetting.png"))
+    plt.close(fig)
+
+    # 2. score definitions side by side
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.32 * len(ids) + 1.5), sharey=True)
+    h = 0.8 / len(SCORE_DEFS)
+    for ax, key, title in zip(axes, ("image_auroc", "pixel_auroc"),
+                              ("image AUROC", "pixel AUROC"), strict=True):
+        for k, score in enumerate(SCORE_DEFS):
+            vals = [_get(r.record.metrics, score, key) or 0.0 for r in done]  # type: ignore[union-attr]
+            ax.barh([v + (k - 1) * h for v in y], vals, height=h, label=score)
+        ax.axvline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_xlim(0.3, 1.0)
+        ax.set_title(f"final {title}")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y, ids)
+    axes[0].invert_yaxis()
+    axes[1].legend(loc="lower right", fontsize=8)
+    fig.suptitle("score definitions side by side (oracle class)")
+    paths.append(_save(fig, out_dir / "scores.png"))
+    plt.close(fig)
+
+    # 3. image vs pixel AUROC: ours and the note's, same ids
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    for r in done:
+        m = r.record.metrics  # type: ignore[union-attr]
+        xi, yp = _get(m, "nf", "image_auroc"), _get(m, "nf", "pixel_auroc")
+        if xi is None or yp is None:
+            continue
+        axes[0].scatter(xi, yp, color="C0" if r.exp.note else "C7", s=18)
+        axes[0].annotate(r.exp.id, (xi, yp), fontsize=7, xytext=(3, 2),
+                         textcoords="offset points")
+        if r.exp.note:
+            axes[1].scatter(r.exp.note.image_auroc, r.exp.note.pixel_auroc, color="C1", s=18)
+            axes[1].annotate(r.exp.id, (r.exp.note.image_auroc, r.exp.note.pixel_auroc),
+                             fontsize=7, xytext=(3, 2), textcoords="offset points")
+    axes[0].set_title("ours: synthetic data (blue: has a note figure)")
+    axes[1].set_title("research note: MVTec AD")
+    for ax in axes:
+        ax.set_xlabel("nf image AUROC")
+        ax.set_ylabel("nf pixel AUROC")
+        ax.grid(alpha=0.3)
+    fig.suptitle("image vs pixel AUROC per variant")
+    paths.append(_save(fig, out_dir / "image_vs_pixel.png"))
+    plt.close(fig)
+    return paths

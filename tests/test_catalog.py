@@ -1,0 +1,364 @@
+"""The variant catalog: validation, `dvc exp run -S` overrides, running through DVC."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+from typer.testing import CliRunner
+
+from ccnf.catalog import (
+    Experiment,
+    apply_overrides,
+    load_catalog,
+    match_records,
+    parse_exp_show,
+    parse_override,
+    schema_key_error,
+)
+from ccnf.cli import app
+from ccnf.config import parse_params
+from ccnf.errors import CcnfError
+
+PARAMS = REPO / "params.yaml"
+CATALOG = REPO / "catalog.yaml"
+
+
+def _write_catalog(tmp_path: Path, experiments: dict, **top) -> Path:
+    doc = {"reference": "E11", "ci_subset": [], **top,
+           "experiments": {"E11": {"description": "default", "overrides": []}, **experiments}}
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _load_error(tmp_path: Path, experiments: dict, **top) -> str:
+    with pytest.raises(CcnfError) as err:
+        load_catalog(_write_catalog(tmp_path, experiments, **top), PARAMS)
+    return err.value.render()
+
+
+# ----------------------------------------------------------------------------- the file
+
+
+def test_repository_catalog_is_valid_and_complete() -> None:
+    cat = load_catalog(CATALOG, PARAMS)
+    for required in ("E0", "E1", "E2", "E3", "E4", "E5", "E6", "E7", "E9-cal", "E10", "E11",
+                     "E12-1", "P6", "P6-sn0", "U", "W32", "replay", "joint", "S-oracle"):
+        assert required in cat.experiments, required
+    assert cat.reference == "E11" and cat.experiments["E11"].overrides == ()
+    assert set(cat.ci_subset) <= set(cat.experiments) and 1 <= len(cat.ci_subset) <= 4
+    e0 = cat.experiments["E0"]
+    assert e0.overrides == ("loss.lambda_center=0.0",)
+    assert e0.note is not None and (e0.note.image_auroc, e0.note.pixel_auroc) == (0.6811, 0.8360)
+    # every experiment differs from the reference, and no two experiments are the same run
+    base = yaml.safe_load(PARAMS.read_text())
+    seen: dict[str, str] = {}
+    for exp in cat.experiments.values():
+        applied = json.dumps(apply_overrides(base, exp.overrides), sort_keys=True)
+        assert applied not in seen, f"{exp.id} is the same run as {seen.get(applied)}"
+        seen[applied] = exp.id
+
+
+def test_unknown_key_names_the_experiment_and_suggests(tmp_path: Path) -> None:
+    msg = _load_error(tmp_path, {"Ebad": {"description": "x",
+                                          "overrides": ["loss.lambda_centre=0.1"]}})
+    assert "Ebad" in msg and "loss.lambda_centre" in msg
+    assert "did you mean 'loss.lambda_center'" in msg
+    msg = _load_error(tmp_path, {"Ebad": {"description": "x", "overrides": ["floww.prior=x"]}})
+    assert "Ebad" in msg and "'floww.prior' is not a params key" in msg
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("loss.lambda_center=-1.0", "loss.lambda_center"),  # negative weight
+        ("train.strategy=sometimes", "train.strategy"),  # not one of the literals
+        ("flow.hidden_dim=wide", "flow.hidden_dim"),  # text for an int
+        ("score.proto_power=3", "score.proto_power"),
+        ("train.strategy=replay", "replay_buffer"),  # cross-field rule of the schema
+    ],
+)
+def test_bad_value_names_the_experiment_and_key(tmp_path: Path, override: str,
+                                                expected: str) -> None:
+    msg = _load_error(tmp_path, {"Ebad": {"description": "x", "overrides": [override]}})
+    assert "experiment 'Ebad'" in msg and expected in msg
+
+
+@pytest.mark.parametrize(
+    ("experiments", "top", "expected"),
+    [
+        ({"E1": {"description": "x", "overrides": ["+loss.new=1"]}}, {}, "adds or deletes"),
+        ({"E1": {"description": "x", "overrides": ["~loss.lambda_mi"]}}, {}, "adds or deletes"),
+        ({"E1": {"description": "x", "overrides": ["loss.lambda_mi=0.1,0.2"]}}, {}, "sweep"),
+        ({"E1": {"description": "x", "overrides": ["loss.lambda_mi=0.1", "loss.lambda_mi=0.2"]}},
+         {}, "sets 'loss.lambda_mi' twice"),
+        ({"E1": {"description": "x", "overrides": ["loss=1"]}}, {}, "whole section"),
+        ({"E 1": {"description": "x", "overrides": []}}, {}, "not usable as a DVC experiment"),
+        ({"E1": {"description": "x", "overides": []}}, {}, "overides"),
+        ({"E1": {"description": "x", "overrides": []}}, {"ci_subset": ["E9"]}, "unknown "
+         "experiment 'E9'"),
+        ({"E1": {"description": "x", "overrides": []}}, {"reference": "E1"}, None),
+        ({"E1": {"description": "x", "overrides": [],
+                 "note": {"label": "n", "image_auroc": 1.5, "pixel_auroc": 0.8}}}, {},
+         "image_auroc"),
+    ],
+)
+def test_malformed_catalogs_are_rejected(tmp_path: Path, experiments: dict, top: dict,
+                                         expected: str | None) -> None:
+    if expected is None:  # a valid variant of the file: loads
+        cat = load_catalog(_write_catalog(tmp_path, experiments, **top), PARAMS)
+        assert cat.reference == top["reference"]
+        return
+    assert expected in _load_error(tmp_path, experiments, **top)
+
+
+def test_reference_with_overrides_and_duplicate_ids_are_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.yaml"
+    path.write_text("reference: E11\nexperiments:\n  E11:\n    description: a\n"
+                    "    overrides: [seed=1]\n")
+    with pytest.raises(CcnfError, match="reference 'E11' has overrides"):
+        load_catalog(path, PARAMS)
+    path.write_text("reference: E11\nexperiments:\n  E11:\n    description: a\n"
+                    "  E0:\n    description: b\n  E0:\n    description: c\n")
+    with pytest.raises(CcnfError, match="duplicate key 'E0'"):
+        load_catalog(path, PARAMS)
+
+
+def test_select_orders_and_rejects_unknown_ids() -> None:
+    cat = load_catalog(CATALOG, PARAMS)
+    assert [e.id for e in cat.select(["E6", "E0"])] == ["E0", "E6"]  # catalog order
+    assert [e.id for e in cat.select([], ci=True)] == [
+        i for i in cat.ids if i in cat.ci_subset]
+    assert len(cat.select([], all_=True)) == len(cat.ids)
+    with pytest.raises(CcnfError, match="did you mean 'E9-cal'"):
+        cat.select(["E9cal"])
+    with pytest.raises(CcnfError, match="no experiment selected"):
+        cat.select([])
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "value"),
+    [
+        ("loss.lambda_center=0.0", "loss.lambda_center", 0.0),
+        ("train.sub_epochs=3", "train.sub_epochs", 3),
+        ("train.sub_epochs=null", "train.sub_epochs", None),
+        ("flow.feature_norm=true", "flow.feature_norm", True),
+        ("flow.prior=class_mixture", "flow.prior", "class_mixture"),
+        ("train.lr=1e-3", "train.lr", 0.001),  # a float for DVC (PyYAML would say '1e-3')
+        ("loss.noise_sigmas=[0.1,0.2]", "loss.noise_sigmas", [0.1, 0.2]),
+        ("backbone.name='123'", "backbone.name", "123"),
+    ],
+)
+def test_parse_override_types_values_like_dvc(text: str, key: str, value: object) -> None:
+    got_key, got = parse_override(text)
+    assert got_key == key and got == value and type(got) is type(value)
+
+
+def test_apply_overrides_walks_lists_and_refuses_new_keys() -> None:
+    raw = yaml.safe_load(PARAMS.read_text())
+    out = apply_overrides(raw, ["splits.mvtec.0=[a,b,c]", "train.sub_epochs=2"])
+    assert out["splits"]["mvtec"][0] == ["a", "b", "c"] and out["train"]["sub_epochs"] == 2
+    assert raw["train"]["sub_epochs"] is None  # the input is not modified
+    with pytest.raises(CcnfError, match=r"no key 'loss\.lambda_centre'"):
+        apply_overrides(raw, ["loss.lambda_centre=1.0"])
+    with pytest.raises(CcnfError, match="not an index"):
+        apply_overrides(raw, ["splits.mvtec.9=[a]"])
+    assert schema_key_error("flow.prior") is None
+    assert schema_key_error("splits.mvtec.0") is None
+    assert "is a value" in (schema_key_error("seed.x") or "")
+
+
+def test_overrides_equal_what_dvc_exp_run_writes(tmp_path: Path) -> None:
+    """Every catalog entry: our applied params == DVC's own `-S` rewrite of params.yaml.
+
+    `dvc exp run -S` calls dvc.utils.hydra.apply_overrides on params.yaml (queue/base.py);
+    call it on a copy and compare the parsed files, value and type.
+    """
+    from dvc.utils.hydra import apply_overrides as dvc_apply
+
+    cat = load_catalog(CATALOG, PARAMS)
+    base = yaml.safe_load(PARAMS.read_text())
+    for exp in cat.experiments.values():
+        target = tmp_path / f"{exp.id}.yaml"
+        shutil.copy(PARAMS, target)
+        dvc_apply(target, list(exp.overrides))
+        theirs = yaml.safe_load(target.read_text())
+        ours = apply_overrides(base, exp.overrides)
+        assert json.dumps(ours, sort_keys=True) == json.dumps(theirs, sort_keys=True), exp.id
+        parse_params(ours)
+
+
+def test_a_wrong_application_would_be_caught(tmp_path: Path) -> None:
+    """The comparison above can fail: a value typed differently is told apart."""
+    from dvc.utils.hydra import apply_overrides as dvc_apply
+
+    target = tmp_path / "p.yaml"
+    shutil.copy(PARAMS, target)
+    dvc_apply(target, ["train.sub_epochs=3"])
+    theirs = yaml.safe_load(target.read_text())
+    wrong = apply_overrides(yaml.safe_load(PARAMS.read_text()), ["train.sub_epochs='3'"])
+    assert json.dumps(wrong, sort_keys=True) != json.dumps(theirs, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- through DVC
+
+FAKE_STAGE = """\
+import hashlib, json, os, yaml
+p = yaml.safe_load(open("params.yaml"))
+h = int(hashlib.sha1(json.dumps(p, sort_keys=True).encode()).hexdigest()[:6], 16) / 16**6
+m = {s: {"image_auroc": round(h, 6), "pixel_auroc": 0.7, "aupro": 0.4, "image_forgetting": 0.1,
+         "pixel_forgetting": 0.05} for s in ("nf", "proto", "hybrid")}
+os.makedirs("metrics", exist_ok=True)
+json.dump(m, open("metrics/summary.json", "w"))
+open("ran_train.txt", "w").write("x")
+"""
+
+FAKE_DVC_YAML = """\
+stages:
+  extract:
+    cmd: python -c "open('features.txt', 'w').write('f')"
+    params:
+    - backbone
+    outs:
+    - features.txt
+  train:
+    cmd: python train.py
+    deps:
+    - train.py
+    - features.txt
+    params:
+    - flow
+    - loss
+    - train
+    - score
+    outs:
+    - metrics/summary.json:
+        cache: false
+metrics:
+- metrics/summary.json
+"""
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "DVC_NO_ANALYTICS": "1",
+            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
+
+
+def _git(*args: str, cwd: Path) -> None:
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, env=_env())
+
+
+def _dvc(*args: str, cwd: Path) -> str:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True,
+                          text=True, env=_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def mini_repo(tmp_path_factory) -> Path:
+    """A git + DVC repo with the real params.yaml and catalog, and a 2-stage stand-in pipeline."""
+    work = tmp_path_factory.mktemp("catalog_repo")
+    shutil.copy(PARAMS, work / "params.yaml")
+    shutil.copy(CATALOG, work / "catalog.yaml")
+    (work / "train.py").write_text(FAKE_STAGE)
+    (work / "dvc.yaml").write_text(FAKE_DVC_YAML)
+    _git("init", "-q", cwd=work)
+    _git("config", "user.name", "t", cwd=work)
+    _git("config", "user.email", "t@t", cwd=work)
+    _dvc("init", "-q", cwd=work)
+    _dvc("repro", "-q", cwd=work)
+    _git("add", "-A", cwd=work)
+    _git("commit", "-qm", "base", cwd=work)
+    return work
+
+
+def test_catalog_run_equals_dvc_exp_run_with_its_overrides(mini_repo: Path,
+                                                           monkeypatch) -> None:
+    """`ccnf catalog run ID` records exactly params.yaml + ID's overrides, as DVC sees them."""
+    monkeypatch.chdir(mini_repo)
+    runner = CliRunner()
+    res = runner.invoke(app, ["catalog", "run", "E4", "--timing", "timing.json"])
+    assert res.exit_code == 0, res.output
+    timing = json.loads((mini_repo / "timing.json").read_text())
+    assert timing["ids"] == ["E4"] and timing["wall_s"] > 0
+    assert timing["experiments"]["E4"]["stages_run"] == ["train"]  # extract reused
+
+    show = json.loads(_dvc("exp", "show", "--json", cwd=mini_repo))
+    records = {r.name: r for r in parse_exp_show(show)}
+    cat = load_catalog("catalog.yaml", "params.yaml")
+    e4 = cat.experiments["E4"]
+    base = yaml.safe_load((mini_repo / "params.yaml").read_text())
+    assert records["E4"].params == apply_overrides(base, e4.overrides)
+    assert records["E4"].params != base
+    # the same experiment typed by hand: DVC records the same params
+    _dvc("exp", "run", "--queue", "-n", "E4-by-hand", *e4.set_args(), cwd=mini_repo)
+    queued = json.loads(_dvc("exp", "show", "--json", cwd=mini_repo))
+    hand = next(e["revs"][0] for c in queued for e in c.get("experiments") or []
+                if e["name"] == "E4-by-hand")
+    assert hand["data"]["params"]["params.yaml"]["data"] == records["E4"].params
+    _dvc("queue", "remove", "E4-by-hand", cwd=mini_repo)
+    rows = {r.exp.id: r for r in match_records(cat, parse_exp_show(show))}
+    assert rows["E4"].problem is None
+    assert rows["E11"].record is not None and rows["E11"].record.kind == "workspace"
+    assert rows["E0"].record is None
+
+    # a second run replaces the first; the table comes from DVC's records
+    res = runner.invoke(app, ["catalog", "run", "E4"])
+    assert res.exit_code == 0 and "replaced earlier experiment(s): E4" in res.output
+    assert _dvc("exp", "list", "--name-only", cwd=mini_repo).split().count("E4") == 1
+    res = runner.invoke(app, ["catalog", "table"])
+    assert res.exit_code == 0
+    e4_line = next(ln for ln in res.output.splitlines() if ln.startswith("| E4 |"))
+    assert "| 0.7000 | 0.4000 | 0.1000 | 0.0500 |" in e4_line  # the stand-in stage's metrics
+    assert next(ln for ln in res.output.splitlines() if ln.startswith("| E0 |")).count("—") == 5
+    # every headline metric per score definition between two catalog experiments
+    diff = json.loads(_dvc("metrics", "diff", "HEAD", "E4", "--all", "--json", cwd=mini_repo))
+    keys = set(diff["metrics/summary.json"])
+    for score in ("nf", "proto", "hybrid"):
+        for metric in ("image_auroc", "pixel_auroc", "aupro", "image_forgetting",
+                       "pixel_forgetting"):
+            assert f"{score}.{metric}" in keys
+
+
+def test_catalog_run_dry_run_prints_the_dvc_commands(monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+    res = CliRunner().invoke(app, ["catalog", "run", "E3-metaE4", "E0", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.strip().splitlines()
+    assert lines == [
+        "dvc exp run --temp -n E0 -S loss.lambda_center=0.0",
+        "dvc exp run --temp -n E3-metaE4 -S train.first_task_reg_scale=0.1 "
+        "-S train.meta_epochs=4",
+    ]
+    res = CliRunner().invoke(app, ["catalog", "run", "--ci", "--jobs", "2", "--dry-run"])
+    assert res.exit_code == 0 and res.output.strip().endswith("dvc queue start -j 2")
+    assert all("--queue" in ln for ln in res.output.strip().splitlines()[:-1])
+
+
+def test_catalog_list_and_errors_are_one_clean_message(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(REPO)
+    res = CliRunner().invoke(app, ["catalog", "list"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "E3-metaE4-subE3" in res.output and "0.6507" in res.output
+    bad = _write_catalog(tmp_path, {"E1": {"description": "x", "overrides": ["lossy.x=1"]}})
+    res = CliRunner().invoke(app, ["catalog", "list", "--catalog", str(bad)])
+    assert res.exit_code == 1 and "error:" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(app, ["catalog", "run", "E99", "--dry-run"])
+    assert res.exit_code == 1 and "unknown experiment id 'E99'" in res.output
+
+
+def test_experiment_command_shape() -> None:
+    exp = Experiment("X", "d", ("a.b=1", "c=x y"))
+    assert exp.dvc_command(queue=True) == ["dvc", "exp", "run", "--queue", "-n", "X", "-S",
+                                           "a.b=1", "-S", "c=x y"]

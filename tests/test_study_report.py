@@ -1,0 +1,187 @@
+"""REPORT.md: tables from DVC's experiment records, regeneration, and the CI check."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from ccnf.catalog import load_catalog, match_records, parse_exp_show
+from ccnf.errors import CcnfError
+from ccnf.study_report import (
+    check_report,
+    compare_tables,
+    get_block,
+    parse_tables,
+    table_block,
+    timing_block,
+    write_report,
+)
+
+# `dvc exp show --json` of a real catalog run (the default study as the baseline commit, plus
+# E0, E9-cal and S-oracle), trimmed to params and metrics (tests/data/make_exp_show_sample.py)
+SAMPLE = Path(__file__).parent / "data" / "exp_show_sample.json"
+
+
+@pytest.fixture
+def sample() -> list[dict]:
+    return json.loads(SAMPLE.read_text())
+
+
+def _rows(sample: list[dict]):
+    cat = load_catalog(REPO / "catalog.yaml", REPO / "params.yaml")
+    return cat, match_records(cat, parse_exp_show(sample))
+
+
+def _line(block: str, title_start: str, exp_id: str) -> list[str]:
+    for row in parse_tables(block):
+        if row.table.startswith(title_start) and row.exp_id == exp_id:
+            return list(row.cells)
+    raise AssertionError(f"no row {exp_id} in {title_start}")
+
+
+def _summary(sample: list[dict], name: str) -> dict:
+    for commit in sample:
+        if commit.get("rev") == "workspace":
+            continue
+        if name == "baseline":
+            return commit["data"]["metrics"]["metrics/summary.json"]["data"]
+        for exp in commit.get("experiments") or []:
+            if exp["name"] == name:
+                return exp["revs"][0]["data"]["metrics"]["metrics/summary.json"]["data"]
+    raise AssertionError(name)
+
+
+def test_sample_is_a_real_record_of_catalog_experiments(sample) -> None:
+    records = parse_exp_show(sample)
+    names = {r.name for r in records if r.kind == "experiment"}
+    assert {"E0", "E9-cal", "S-oracle"} <= names
+    _, rows = _rows(sample)
+    by_id = {r.exp.id: r for r in rows}
+    for exp_id in ("E0", "E9-cal", "S-oracle", "E11"):
+        assert by_id[exp_id].record is not None and by_id[exp_id].problem is None, exp_id
+    # the reference is the default study: the workspace row (fresh after dvc repro)
+    assert by_id["E11"].record.kind in ("workspace", "baseline")
+
+
+def test_table_renders_every_score_definition_from_the_records(sample) -> None:
+    cat, rows = _rows(sample)
+    block = table_block(rows, cat.reference)
+    e0 = _summary(sample, "E0")
+    for score in ("nf", "proto", "hybrid"):
+        cells = _line(block, score, "E0")
+        assert cells == [f"{e0[score][k]:.4f}" for k in (
+            "image_auroc", "pixel_auroc", "aupro", "image_forgetting", "pixel_forgetting")]
+        assert _line(block, score, "E7") == ["—"] * 5  # not run
+    base = _summary(sample, "baseline")
+    assert _line(block, "nf", "E11")[0] == f"{base['nf']['image_auroc']:.4f}"
+    sel = _line(block, "class selection", "E0")
+    assert sel[4] == f"{e0['nf']['image_auroc']:.4f}"
+    assert sel[6:] == ["0.6811", "0.8360"]  # the note's MVTec figure next to ours
+    assert "not run:" in block and "E7" in block.split("not run:")[1]
+
+
+def test_agnostic_and_class_selection_are_shown_when_recorded(sample) -> None:
+    cat, rows = _rows(sample)
+    had = "class_select" in _summary(sample, "E0")
+    block = table_block(rows, cat.reference)
+    if not had:  # this pipeline version did not report them yet: shown as missing
+        assert _line(block, "class selection", "E0")[:4] == ["—"] * 4
+    e0 = next(r for r in rows if r.exp.id == "E0")
+    metrics = copy.deepcopy(e0.record.metrics)
+    metrics["class_select"] = {"method": "likelihood", "accuracy": 0.8125}
+    metrics["agnostic"] = {"nf": {"image_auroc": 0.61, "pixel_auroc": 0.72}}
+    rows = [replace(r, record=replace(r.record, metrics=metrics)) if r.exp.id == "E0" else r
+            for r in rows]
+    cells = _line(table_block(rows, cat.reference), "class selection", "E0")
+    assert cells[:4] == ["likelihood", "0.8125", "0.6100", "0.7200"]
+
+
+def test_check_passes_on_regenerated_report_and_catches_a_changed_number(sample,
+                                                                         tmp_path) -> None:
+    cat, rows = _rows(sample)
+    report = tmp_path / "REPORT.md"
+    write_report(rows, cat.reference, report, tmp_path / "plots", tmp_path / "t.json",
+                 make_plots=False)
+    assert check_report(rows, cat.reference, report, 0.002) == []
+    value = _line(get_block(report.read_text(), "catalog-table", report), "nf", "E0")[1]
+    line_old = next(ln for ln in report.read_text().splitlines() if ln.startswith("| E0 |"))
+
+    def edit(new: str) -> None:
+        text = report.read_text()
+        report.write_text(text.replace(line_old, line_old.replace(value, new, 1), 1))
+
+    edit(f"{float(value) + 0.01:.4f}")
+    problems = check_report(rows, cat.reference, report, 0.002)
+    assert len(problems) == 1
+    assert problems[0].startswith("nf / E0 / pixel AUROC: REPORT.md")
+    # only the CI subset is compared: a difference elsewhere does not count
+    assert check_report(rows, cat.reference, report, 0.002, ["E9-cal", "E11"]) == []
+    assert len(check_report(rows, cat.reference, report, 0.002, ["E0"])) == 1
+    line_old = next(ln for ln in report.read_text().splitlines() if ln.startswith("| E0 |"))
+    value, new = f"{float(value) + 0.01:.4f}", f"{float(value) + 0.001:.4f}"
+    edit(new)  # within tolerance
+    assert check_report(rows, cat.reference, report, 0.002) == []
+    assert len(check_report(rows, cat.reference, report, 0.0)) == 1
+
+
+def test_check_flags_a_missing_run_and_a_stale_record(sample, tmp_path) -> None:
+    cat, rows = _rows(sample)
+    report = tmp_path / "REPORT.md"
+    write_report(rows, cat.reference, report, tmp_path, tmp_path / "t.json", make_plots=False)
+    without_e0 = [replace(r, record=None) if r.exp.id == "E0" else r for r in rows]
+    problems = check_report(without_e0, cat.reference, report, 0.002, ["E0"])
+    assert any("REPORT.md" in p and "vs fresh '—'" in p for p in problems)
+    e0 = next(r for r in rows if r.exp.id == "E0")
+    params = copy.deepcopy(e0.record.params)
+    params["loss"]["lambda_center"] = 0.5  # the record is not what the catalog says
+    stale_records = [r.record if r.exp.id != "E0" else replace(r.record, params=params)
+                     for r in rows if r.record is not None]
+    stale = match_records(cat, stale_records)
+    problems = check_report(stale, cat.reference, report, 0.002, ["E0"])
+    assert any("loss.lambda_center: expected 0.0, recorded 0.5" in p for p in problems)
+
+
+def test_regeneration_rewrites_only_the_marked_blocks(sample, tmp_path) -> None:
+    cat, rows = _rows(sample)
+    report = tmp_path / "REPORT.md"
+    timing = tmp_path / "timing.json"
+    timing.write_text(json.dumps({
+        "mode": "temp", "jobs": 1, "wall_s": 1234.5, "cpus": 2, "date": "2026-01-01",
+        "commit": "abcdef0123", "load_avg_start": 1.0,
+        "experiments": {"E0": {"seconds": 80.2, "stages_run": [
+            "train@t0", "train@t1", "evaluate@t0", "evaluate@t1", "aggregate"], "ok": True}},
+    }))
+    plots = write_report(rows, cat.reference, report, tmp_path / "docs" / "report", timing)
+    assert [p.name for p in plots] == ["forgetting.png", "scores.png", "image_vs_pixel.png"]
+    assert all(p.stat().st_size > 5000 for p in plots)
+    text = report.read_text()
+    assert "](docs/report/forgetting.png)" in text
+    assert "**20.6 min**" in text and "| E0 | 80 | train@t0..t1, evaluate@t0..t1, aggregate |" \
+        in text and "none (features extracted once)" in text
+    reading = "Our reading: E6 forgets least.\n"
+    report.write_text(text.replace("(Hand-written;", reading + "(Hand-written;"))
+    write_report(rows, cat.reference, report, tmp_path / "docs" / "report", timing,
+                 make_plots=False)
+    again = report.read_text()
+    assert reading in again and again.count("<!-- catalog-table:begin -->") == 1
+    report.write_text(again.replace("<!-- catalog-table:end -->", ""))
+    with pytest.raises(CcnfError, match="catalog-table"):
+        check_report(rows, cat.reference, report, 0.002)
+
+
+def test_compare_tables_reports_column_and_row_changes() -> None:
+    a = "#### nf: x\n\n| experiment | image AUROC |\n|---|---:|\n| E0 | 0.5000 |\n"
+    assert compare_tables(a, a, 0.0) == []
+    assert compare_tables(a, a.replace("image AUROC", "AUROC"), 0.1)[0].startswith(
+        "nf: columns differ")
+    assert "not in REPORT.md" in compare_tables(a, a + "| E1 | 0.1 |\n", 0.1)[0]
+    assert "not in the catalog any more" in compare_tables(a + "| E1 | 0.1 |\n", a, 0.1)[0]
+
+
+def test_timing_block_without_a_measurement() -> None:
+    assert "Not measured yet" in timing_block(None)
