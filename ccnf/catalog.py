@@ -386,9 +386,10 @@ def load_catalog(
 def dvc_env() -> dict[str, str]:
     """Environment for DVC and the stages it runs.
 
-    ``PYTHONPATH=.`` first: a stage's ``import ccnf`` then resolves to the ccnf of the directory
-    the stage runs in (DVC's temporary copy of the experiment), not to wherever ``pip install
-    -e`` pointed the environment (the user's workspace, possibly edited meanwhile).
+    ``PYTHONPATH=.`` first, so that whatever a stage runs imports the ccnf of the directory it
+    runs in (DVC's temporary copy of the experiment), never the checkout that ``pip install -e``
+    points to (the user's workspace, possibly edited meanwhile). stages/_common.py does the
+    same for the stage scripts; this covers any other command.
     """
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
@@ -533,35 +534,44 @@ def run_queue(
     exps: Sequence[Experiment], cwd: Path, jobs: int, log: Callable[[str], None],
     poll_s: float = 5.0,
 ) -> list[RunOutcome]:
-    """Queue every experiment, start ``jobs`` workers, wait until the queue has drained."""
+    """Queue every experiment, start ``jobs`` workers, wait until the queue has drained.
+
+    Each experiment's seconds run from the first poll that saw it Running to the first that saw
+    it finished (so they are accurate to about one poll, plus ``dvc queue status``'s own time).
+    """
     for exp in exps:
         dvc(exp.dvc_command(queue=True)[1:], cwd)
         log(f"queued {' '.join(exp.dvc_command(queue=True))}")
     t0 = time.perf_counter()
     dvc(["queue", "start", "-j", str(jobs)], cwd)
     ids = {e.id for e in exps}
+    started: dict[str, float] = {}
     finished: dict[str, RunOutcome] = {}
-    last = ""
+    last, empty_polls = "", 0
     while True:
         status = {n: s for n, s in queued_names(cwd).items() if n in ids}
+        now = time.perf_counter()
         for name, state in status.items():
+            if state == "Running":
+                started.setdefault(name, now)
             if state in ("Success", "Failed") and name not in finished:
-                finished[name] = RunOutcome(name, time.perf_counter() - t0,
+                finished[name] = RunOutcome(name, now - started.get(name, t0),
                                             ok=state == "Success")
         running = sorted(n for n, s in status.items() if s == "Running")
         line = (f"{len(finished)}/{len(ids)} finished"
                 + (f"; running: {', '.join(running)}" if running else ""))
         if line != last:
-            log(line)
+            log(f"[{(now - t0) / 60:5.1f} min] {line}")
             last = line
-        if len(finished) == len(ids) or not any(
-            s in ("Queued", "Running") for s in status.values()
+        empty_polls = empty_polls + 1 if not status else 0
+        if len(finished) == len(ids) or empty_polls >= 3 or (
+            status and not any(s in ("Queued", "Running") for s in status.values())
         ):
             break
         time.sleep(poll_s)
     for name in ids - set(finished):
         finished[name] = RunOutcome(name, time.perf_counter() - t0, ok=False,
-                                    tail="not in the queue's status any more")
+                                    tail="not in `dvc queue status` any more")
     for name, outcome in finished.items():
         logs = dvc(["queue", "logs", name], cwd, check=False).stdout
         outcome.stages_run = STAGE_RE.findall(logs)
@@ -581,6 +591,7 @@ class ExpRecord:
     params: dict[str, Any]
     metrics: dict[str, Any]
     kind: str = "experiment"  # "workspace" | "baseline" | "experiment"
+    baseline: str = ""  # the commit an experiment derives from (a baseline: its own rev)
 
     @property
     def is_baseline(self) -> bool:
@@ -588,34 +599,46 @@ class ExpRecord:
 
 
 def parse_exp_show(data: list[dict[str, Any]]) -> list[ExpRecord]:
-    """Flatten ``dvc exp show --json`` (DVC 3.x) into records; queued/running/failed skipped."""
+    """Flatten ``dvc exp show --json`` (DVC 3.x) into records, newest baseline commit first.
+
+    Queued, running and failed experiments are skipped.
+    """
     records: list[ExpRecord] = []
 
-    def record(entry: dict[str, Any], name: str | None, kind: str) -> None:
+    def record(entry: dict[str, Any], name: str | None, kind: str, baseline: str) -> None:
         d = entry.get("data") or {}
         params = ((d.get("params") or {}).get(PARAMS_FILE) or {}).get("data") or {}
         metrics = ((d.get("metrics") or {}).get(SUMMARY_FILE) or {}).get("data") or {}
         records.append(ExpRecord(name or str(entry.get("rev", "?")), str(entry.get("rev", "")),
-                                 params, metrics, kind))
+                                 params, metrics, kind, baseline))
 
     for commit in data:
-        if commit.get("rev") == "workspace":
-            record(commit, "workspace", "workspace")
+        rev = str(commit.get("rev", ""))
+        if rev == "workspace":
+            record(commit, "workspace", "workspace", "")
             continue
-        record(commit, commit.get("name"), "baseline")
+        record(commit, commit.get("name"), "baseline", rev)
         for exp in commit.get("experiments") or []:
             executor = exp.get("executor") or {}
             if executor and executor.get("state") not in (None, "success"):
                 continue
             revs = exp.get("revs") or []
             if revs:
-                record(revs[0], exp.get("name"), "experiment")
+                record(revs[0], exp.get("name"), "experiment", rev)
     return records
 
 
-def load_records(cwd: Path) -> list[ExpRecord]:
-    """DVC's experiment records for the current baseline commit (``dvc exp show --json``)."""
-    out = dvc(["exp", "show", "--json", "--no-pager"], cwd).stdout
+def load_records(cwd: Path, commits: int = 1, rev: str | None = None) -> list[ExpRecord]:
+    """DVC's experiment records (``dvc exp show --json``) of the last ``commits`` commits.
+
+    DVC files experiments under the commit they derive from and shows HEAD's by default, so
+    committing anything after a catalog run (REPORT.md, say) would hide them; looking a few
+    commits back finds them again (:func:`match_records` prefers the newest).
+    """
+    args = ["exp", "show", "--json", "--no-pager", "-n", str(max(1, commits))]
+    if rev:
+        args += ["--rev", rev]
+    out = dvc(args, cwd).stdout
     try:
         data = json.loads(out)
     except json.JSONDecodeError as err:
@@ -635,27 +658,43 @@ class Row:
 def match_records(catalog: Catalog, records: Sequence[ExpRecord]) -> list[Row]:
     """One row per catalog experiment, with DVC's record of it.
 
-    An experiment is found by name. Without an experiment of its name, the reference (no
-    overrides) is the default study itself: the workspace when its params are the baseline
-    commit's (after ``dvc repro`` its metrics are the fresh ones), else the commit's record. A
-    record whose params differ from the baseline's params.yaml plus the catalog's overrides (a
-    stale run, an edited catalog) is flagged.
+    An experiment is found by name, on the newest baseline commit that has one of that name.
+    Without one, the reference (no overrides) is the default study itself: the workspace when
+    its params are the newest commit's (after ``dvc repro`` its metrics are the fresh ones),
+    else that commit's record. A record whose params differ from its own baseline's params.yaml
+    plus the catalog's overrides (a stale run, an edited catalog) is flagged.
     """
-    baseline = next((r for r in records if r.kind == "baseline"), None)
+    baselines = [r for r in records if r.kind == "baseline"]
+    head = baselines[0] if baselines else None
+    base_params = {b.rev: b.params for b in baselines}
     workspace = next((r for r in records if r.kind == "workspace"), None)
-    by_name = {r.name: r for r in records if r.kind == "experiment"}
+    by_name: dict[str, ExpRecord] = {}
+    for r in records:  # newest baseline first: keep the first of each name
+        if r.kind == "experiment":
+            by_name.setdefault(r.name, r)
     rows = []
     for exp in catalog.experiments.values():
         rec = by_name.get(exp.id)
         if rec is None and exp.id == catalog.reference:
-            fresh = (workspace is not None and baseline is not None and workspace.metrics
-                     and workspace.params == baseline.params)
-            rec = workspace if fresh else baseline
+            fresh = (workspace is not None and head is not None and workspace.metrics
+                     and workspace.params == head.params)
+            rec = workspace if fresh else head
         problem = None
-        if rec is not None and baseline is not None and baseline.params:
-            problem = params_mismatch(baseline.params, exp, rec.params)
+        if rec is not None:
+            params = base_params.get(rec.baseline) or (head.params if head else None)
+            if params:
+                problem = params_mismatch(params, exp, rec.params)
         rows.append(Row(exp, rec, problem))
     return rows
+
+
+def record_baselines(rows: Sequence[Row]) -> list[str]:
+    """The baseline commits the rows' records derive from, newest first (short SHAs)."""
+    seen: list[str] = []
+    for r in rows:
+        if r.record is not None and r.record.baseline and r.record.baseline[:7] not in seen:
+            seen.append(r.record.baseline[:7])
+    return seen
 
 
 def params_mismatch(base: dict[str, Any], exp: Experiment, got: dict[str, Any]) -> str | None:

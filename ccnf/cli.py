@@ -222,11 +222,17 @@ app.add_typer(catalog_app, name="catalog")
 CATALOG = typer.Option(Path("catalog.yaml"), "--catalog", help="catalog file")
 
 
-def _catalog_rows(catalog_path: Path, params: Path) -> tuple:
+COMMITS = typer.Option(
+    10, "--commits", min=1,
+    help="look for experiments on the last N commits (newest wins): DVC files experiments "
+    "under their baseline commit, and a later commit would hide them")
+
+
+def _catalog_rows(catalog_path: Path, params: Path, commits: int = 10) -> tuple:
     from ccnf.catalog import load_catalog, load_records, match_records
 
     cat = load_catalog(catalog_path, params)
-    return cat, match_records(cat, load_records(Path.cwd()))
+    return cat, match_records(cat, load_records(Path.cwd(), commits))
 
 
 @catalog_app.command("list")
@@ -320,6 +326,7 @@ def catalog_run(
                                 text=True).stdout.strip()
         write_json(target, {
             "ids": [e.id for e in exps],
+            "all": all_,
             "mode": mode,
             "jobs": jobs,
             "wall_s": round(wall, 1),
@@ -347,6 +354,7 @@ def catalog_run(
 @report_user_errors
 def catalog_table(
     out: Path = typer.Option(None, help="write the markdown here instead of stdout"),
+    commits: int = COMMITS,
     catalog: Path = CATALOG,
     params: Path = PARAMS,
 ) -> None:
@@ -354,7 +362,7 @@ def catalog_table(
     from ccnf.atomic import write_text
     from ccnf.study_report import table_block
 
-    cat, rows = _catalog_rows(catalog, params)
+    cat, rows = _catalog_rows(catalog, params, commits)
     text = table_block(rows, cat.reference) + "\n"
     if out is None:
         typer.echo(text, nl=False)
@@ -368,13 +376,14 @@ def catalog_table(
 def catalog_report(
     report: Path = typer.Option(Path("REPORT.md"), help="the report to create or update"),
     plots: bool = typer.Option(True, help="also redraw the plots under docs/report/"),
+    commits: int = COMMITS,
     catalog: Path = CATALOG,
     params: Path = PARAMS,
 ) -> None:
     """Rewrite REPORT.md's generated blocks (tables, plots, timing); the rest is kept."""
     from ccnf.study_report import write_report
 
-    cat, rows = _catalog_rows(catalog, params)
+    cat, rows = _catalog_rows(catalog, params, commits)
     written = write_report(rows, cat.reference, report, make_plots=plots)
     done = sum(r.record is not None for r in rows)
     console.print(f"{report}: {done}/{len(rows)} experiments with results; "
@@ -388,13 +397,14 @@ def catalog_check(
     ci: bool = typer.Option(False, "--ci", help="the catalog's ci_subset and its reference"),
     tolerance: float = typer.Option(0.002, help="largest allowed absolute difference"),
     report: Path = typer.Option(Path("REPORT.md")),
+    commits: int = COMMITS,
     catalog: Path = CATALOG,
     params: Path = PARAMS,
 ) -> None:
     """Fail if REPORT.md's table differs from DVC's current experiment records."""
     from ccnf.study_report import check_report
 
-    cat, rows = _catalog_rows(catalog, params)
+    cat, rows = _catalog_rows(catalog, params, commits)
     wanted: list[str] | None = None
     if ids or ci:
         wanted = [e.id for e in cat.select(ids or [], ci=ci)]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ccnf.atomic import atomic_path, write_text
-from ccnf.catalog import SCORE_DEFS, Row
+from ccnf.catalog import SCORE_DEFS, Row, record_baselines
 from ccnf.errors import CcnfError
 
 REPORT_FILE = Path("REPORT.md")
@@ -135,6 +135,14 @@ def table_block(rows: Sequence[Row], reference: str) -> str:
         "The note's figures are its final nf image/pixel AUROC on MVTec AD (1 epoch per task); "
         "ours are on the embedded synthetic data.\n\n" + selection_table(rows)
     )
+    commits = record_baselines(rows)
+    ref = next((r for r in rows if r.exp.id == reference), None)
+    origin = [f"experiments derived from commit{'s' if len(commits) > 1 else ''} "
+              f"{', '.join(commits)}"] if commits else []
+    if ref is not None and ref.record is not None and ref.record.kind != "experiment":
+        origin.append(f"`{reference}` from the {ref.record.kind} (the default study)")
+    if origin:
+        parts.append("Records: " + "; ".join(origin) + ".")
     problems = [f"- `{r.exp.id}`: {r.problem}" for r in rows if r.problem]
     missing = [r.exp.id for r in rows if r.record is None]
     if missing:
@@ -256,8 +264,9 @@ once and shared by all of them. The tables below are rendered from DVC's own exp
     ccnf catalog run E0 E6                  # some experiments (= dvc exp run -n ID -S ...)
     ccnf catalog table                      # the tables below, from dvc exp show --json
     ccnf catalog check --tolerance 0.002    # compare them with this file (CI: --ci)
-    dvc exp show --md --keep 'nf|Experiment'
-    dvc metrics diff E0 E11                 # any two catalog experiments, every score
+    dvc exp show --md --drop '.*' \\
+        --keep '^Experiment$|^(nf|proto|hybrid)\\.(image|pixel)_(auroc|forgetting)$'
+    dvc metrics diff E0 E11 --all           # any two catalog experiments, every score
 
 ## Results
 
@@ -295,14 +304,18 @@ def plots_block(paths: Sequence[Path], report: Path) -> str:
     return "\n\n".join(lines) if lines else "(no plots: no experiment has results yet)"
 
 
-def timing_block(timing: dict[str, Any] | None) -> str:
+def timing_block(timing: dict[str, Any] | None, n_catalog: int | None = None) -> str:
     """The time section, from the JSON that ``ccnf catalog run --all`` writes."""
     if not timing:
         return (f"Not measured yet: `ccnf catalog run --all` writes {TIMING_FILE.as_posix()}.")
     per = timing.get("experiments", {})
     total = float(timing.get("wall_s", 0.0))
+    whole = timing.get("all", n_catalog is not None and len(per) >= n_catalog)
+    what = (f"The whole catalog ({len(per)} experiments" if whole else
+            f"{len(per)} of the {n_catalog or '?'} catalog experiments ({', '.join(per)}")
+    selector = "--all" if whole else " ".join(per)
     lines = [
-        f"The whole catalog ({len(per)} experiments, `ccnf catalog run --all "
+        f"{what}, `ccnf catalog run {selector} "
         f"--mode {timing.get('mode')} --jobs {timing.get('jobs')}`) took **{total / 60:.1f} "
         f"min** of wall time on {timing.get('cpus')} CPU cores ({timing.get('date', '?')}, "
         f"commit {str(timing.get('commit', '?'))[:7]}, load average "
@@ -371,7 +384,8 @@ def write_report(
     rel_plots = [_relative(p, report) for p in plots]
     text = set_block(text, "catalog-table", table_block(rows, reference), report)
     text = set_block(text, "catalog-plots", plots_block(rel_plots, report), report)
-    text = set_block(text, "catalog-timing", timing_block(read_timing(timing_file)), report)
+    text = set_block(text, "catalog-timing", timing_block(read_timing(timing_file), len(rows)),
+                     report)
     write_text(report, text)
     return plots
 
@@ -401,7 +415,7 @@ def check_report(rows: Sequence[Row], reference: str, report: Path, tolerance: f
 
 def _save(fig: Any, target: Path) -> Path:
     with atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=110)
     return target
 
 
@@ -424,7 +438,7 @@ def plot_all(rows: Sequence[Row], out_dir: Path) -> list[Path]:
     # 1. forgetting per variant
     series = [("nf", "image_forgetting"), ("nf", "pixel_forgetting"),
               ("hybrid", "image_forgetting"), ("hybrid", "pixel_forgetting")]
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(ids) + 1.5))
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(ids) + 1.5), layout="constrained")
     h = 0.8 / len(series)
     for k, (score, key) in enumerate(series):
         vals = [_get(r.record.metrics, score, key) or 0.0 for r in done]  # type: ignore[union-attr]
@@ -435,13 +449,14 @@ def plot_all(rows: Sequence[Row], out_dir: Path) -> list[Path]:
     ax.invert_yaxis()
     ax.set_xlabel("forgetting (AUROC lost by earlier tasks; lower is better)")
     ax.set_title("forgetting per variant")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     paths.append(_save(fig, out_dir / "forgetting.png"))
     plt.close(fig)
 
     # 2. score definitions side by side
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.32 * len(ids) + 1.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.32 * len(ids) + 1.5), sharey=True,
+                             layout="constrained")
     h = 0.8 / len(SCORE_DEFS)
     for ax, key, title in zip(axes, ("image_auroc", "pixel_auroc"),
                               ("image AUROC", "pixel AUROC"), strict=True):
@@ -454,13 +469,13 @@ def plot_all(rows: Sequence[Row], out_dir: Path) -> list[Path]:
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(y, ids)
     axes[0].invert_yaxis()
-    axes[1].legend(loc="lower right", fontsize=8)
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.suptitle("score definitions side by side (oracle class)")
     paths.append(_save(fig, out_dir / "scores.png"))
     plt.close(fig)
 
     # 3. image vs pixel AUROC: ours and the note's, same ids
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5), layout="constrained")
     for r in done:
         m = r.record.metrics  # type: ignore[union-attr]
         xi, yp = _get(m, "nf", "image_auroc"), _get(m, "nf", "pixel_auroc")

@@ -3,9 +3,11 @@
 # features are extracted here once and every experiment reuses them from the DVC cache), run
 # every experiment of catalog.yaml through DVC, rewrite REPORT.md's generated blocks, check it.
 #
-#   bash scripts/catalog.sh                  # the whole catalog, one experiment at a time
-#   bash scripts/catalog.sh --jobs 2         # DVC queue with 2 workers (more cores)
-#   bash scripts/catalog.sh E0 E6            # only these ids (REPORT.md keeps the others' rows)
+#   bash scripts/catalog.sh                  # the whole catalog: DVC queue, one worker per core
+#                                            # (each stage uses params.threads torch threads)
+#   bash scripts/catalog.sh --jobs 1         # one experiment at a time (dvc exp run --temp)
+#   bash scripts/catalog.sh E0 E6            # only these ids (rows of experiments without a
+#                                            # record in this clone then read "—")
 #
 # Experiments derive from HEAD: commit params.yaml/dvc.yaml/catalog.yaml changes first.
 set -euo pipefail
@@ -18,9 +20,18 @@ git config user.email >/dev/null || git config user.email "ccnf@localhost"
 
 ids=()
 opts=()
+jobs_given=0
 for a in "$@"; do
-  case "$a" in -*|[0-9]*) opts+=("$a") ;; *) ids+=("$a") ;; esac
+  case "$a" in
+    -j|--jobs|--jobs=*|--mode|--mode=*) jobs_given=1; opts+=("$a") ;;
+    -*|[0-9]*) opts+=("$a") ;;
+    *) ids+=("$a") ;;
+  esac
 done
+if [ "$jobs_given" -eq 0 ]; then
+  cores=$(nproc)
+  opts+=(--jobs "$(( cores > 4 ? 4 : cores ))")
+fi
 
 start=$(date +%s)
 echo "== default study (dvc repro): the reference run, and the features every experiment shares"

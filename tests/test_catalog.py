@@ -332,6 +332,25 @@ def test_catalog_run_equals_dvc_exp_run_with_its_overrides(mini_repo: Path,
             assert f"{score}.{metric}" in keys
 
 
+def test_catalog_run_through_the_queue_with_two_workers(mini_repo: Path, monkeypatch) -> None:
+    """--jobs 2: `dvc exp run --queue` per experiment, `dvc queue start -j 2`, wait, record."""
+    monkeypatch.chdir(mini_repo)
+    res = CliRunner().invoke(app, ["catalog", "run", "E0", "E6", "--jobs", "2",
+                                   "--timing", "timing_q.json"])
+    assert res.exit_code == 0, res.output
+    timing = json.loads((mini_repo / "timing_q.json").read_text())
+    assert timing["mode"] == "queue" and timing["jobs"] == 2
+    for exp_id in ("E0", "E6"):
+        assert timing["experiments"][exp_id]["ok"]
+        assert timing["experiments"][exp_id]["stages_run"] == ["train"]
+    records = {r.name: r for r in parse_exp_show(json.loads(_dvc("exp", "show", "--json",
+                                                                  cwd=mini_repo)))}
+    base = yaml.safe_load((mini_repo / "params.yaml").read_text())
+    cat = load_catalog("catalog.yaml", "params.yaml")
+    for exp_id in ("E0", "E6"):
+        assert records[exp_id].params == apply_overrides(base, cat.experiments[exp_id].overrides)
+
+
 def test_catalog_run_dry_run_prints_the_dvc_commands(monkeypatch) -> None:
     monkeypatch.chdir(REPO)
     res = CliRunner().invoke(app, ["catalog", "run", "E3-metaE4", "E0", "--dry-run"])

@@ -22,8 +22,9 @@ from ccnf.study_report import (
     write_report,
 )
 
-# `dvc exp show --json` of a real catalog run (the default study as the baseline commit, plus
-# E0, E9-cal and S-oracle), trimmed to params and metrics (tests/data/make_exp_show_sample.py)
+# `dvc exp show --json` of a real catalog run (DVC 3.67; the default study as the baseline
+# commit and the workspace, plus `ccnf catalog run E0 E9-cal S-oracle`), each record trimmed to
+# rev, name, params and metrics (deps/outs dropped); the values are as DVC printed them
 SAMPLE = Path(__file__).parent / "data" / "exp_show_sample.json"
 
 
@@ -136,12 +137,11 @@ def test_check_flags_a_missing_run_and_a_stale_record(sample, tmp_path) -> None:
     without_e0 = [replace(r, record=None) if r.exp.id == "E0" else r for r in rows]
     problems = check_report(without_e0, cat.reference, report, 0.002, ["E0"])
     assert any("REPORT.md" in p and "vs fresh '—'" in p for p in problems)
-    e0 = next(r for r in rows if r.exp.id == "E0")
-    params = copy.deepcopy(e0.record.params)
+    records = parse_exp_show(sample)
+    e0 = next(r for r in records if r.name == "E0")
+    params = copy.deepcopy(e0.params)
     params["loss"]["lambda_center"] = 0.5  # the record is not what the catalog says
-    stale_records = [r.record if r.exp.id != "E0" else replace(r.record, params=params)
-                     for r in rows if r.record is not None]
-    stale = match_records(cat, stale_records)
+    stale = match_records(cat, [replace(r, params=params) if r is e0 else r for r in records])
     problems = check_report(stale, cat.reference, report, 0.002, ["E0"])
     assert any("loss.lambda_center: expected 0.0, recorded 0.5" in p for p in problems)
 
