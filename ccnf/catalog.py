@@ -461,6 +461,18 @@ def check_workspace(cwd: Path) -> None:
             where=str(cwd),
             fix="commit them (experiments derive from HEAD), or revert them",
         )
+    # DVC's temporary copies hold tracked files only: an untracked module would be missing there
+    proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--",
+                           "ccnf", "stages"], cwd=cwd, capture_output=True, text=True)
+    untracked = [ln[3:] for ln in proc.stdout.splitlines()
+                 if ln.startswith("??") and ln.endswith(".py")]
+    if untracked:
+        raise CcnfError(
+            f"untracked source files {', '.join(untracked)}: DVC runs experiments in temporary "
+            "copies of the git tree, where they would be missing",
+            where=str(cwd),
+            fix="git add (and commit) them, or move them out of ccnf/ and stages/",
+        )
 
 
 def remove_existing(ids: Sequence[str], cwd: Path, log: Callable[[str], None], *,

@@ -351,6 +351,28 @@ def test_catalog_run_through_the_queue_with_two_workers(mini_repo: Path, monkeyp
         assert records[exp_id].params == apply_overrides(base, cat.experiments[exp_id].overrides)
 
 
+def test_catalog_run_refuses_what_would_not_reach_the_experiment(mini_repo: Path,
+                                                                   monkeypatch) -> None:
+    """Uncommitted params would leak into every run; untracked code would be missing."""
+    monkeypatch.chdir(mini_repo)
+    params = mini_repo / "params.yaml"
+    original = params.read_text()
+    try:
+        params.write_text(original.replace("seed: 0", "seed: 1", 1))
+        res = CliRunner().invoke(app, ["catalog", "run", "E0"])
+        assert res.exit_code == 1 and "uncommitted changes in params.yaml" in res.output
+    finally:
+        params.write_text(original)
+    module = mini_repo / "ccnf" / "extra.py"
+    module.parent.mkdir(exist_ok=True)
+    module.write_text("X = 1\n")
+    try:
+        res = CliRunner().invoke(app, ["catalog", "run", "E0"])
+        assert res.exit_code == 1 and "untracked source files ccnf/extra.py" in res.output
+    finally:
+        shutil.rmtree(module.parent)
+
+
 def test_catalog_run_dry_run_prints_the_dvc_commands(monkeypatch) -> None:
     monkeypatch.chdir(REPO)
     res = CliRunner().invoke(app, ["catalog", "run", "E3-metaE4", "E0", "--dry-run"])

@@ -185,3 +185,23 @@ def test_compare_tables_reports_column_and_row_changes() -> None:
 
 def test_timing_block_without_a_measurement() -> None:
     assert "Not measured yet" in timing_block(None)
+
+
+def test_records_of_an_older_baseline_are_found_newest_first(sample) -> None:
+    """Committing REPORT.md after a catalog run moves HEAD: the runs stay findable."""
+    cat, _ = _rows(sample)
+    commit = next(c for c in sample if c["rev"] != "workspace")
+    older = copy.deepcopy(commit)
+    older["rev"] = "0" * 40
+    for exp in older["experiments"]:
+        exp["revs"][0]["data"]["metrics"]["metrics/summary.json"]["data"]["nf"][
+            "image_auroc"] = 0.123
+    newer = copy.deepcopy(commit)
+    newer["rev"], newer["experiments"] = "f" * 40, None  # e.g. the commit of REPORT.md
+    data = [sample[0], newer, commit, older]
+    rows = {r.exp.id: r for r in match_records(cat, parse_exp_show(data))}
+    assert rows["E0"].record.baseline == commit["rev"]  # the newest that has E0, not the older
+    assert rows["E0"].record.metrics["nf"]["image_auroc"] != 0.123
+    assert rows["E0"].problem is None
+    block = table_block(list(rows.values()), cat.reference)
+    assert f"experiments derived from commit {commit['rev'][:7]}" in block

@@ -20,6 +20,7 @@ TRAIN = TrainConfig(epochs=2, images_per_step=4, patches_per_image=6, lr=2e-3)
 def _params(kind: str):
     raw = default_params()
     raw["model"]["kind"] = kind
+    raw["score"]["class_select"] = "likelihood"  # a bank has no prototypes
     raw["flow"].update(n_couplings=2, hidden_dim=8, pos_dim=4, warmup_steps=2)
     return parse_params(raw)
 
