@@ -296,7 +296,8 @@ def aggregate(
     )
     rows = _loss_rows(models_dir, task_names)
     _write_tsv(plots_dir / "loss.tsv", rows)
-    plot_loss_curves(rows, plots_dir / "loss_curves.png", "training loss terms (all tasks)")
+    if rows:  # a model without a training loop (model.kind=gaussian) has no loss to plot
+        plot_loss_curves(rows, plots_dir / "loss_curves.png", "training loss terms (all tasks)")
 
     last = task_names[-1]
     raw = np.load(eval_dir / last / "image_scores.npz")

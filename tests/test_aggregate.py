@@ -166,3 +166,18 @@ def test_old_summary_without_agnostic_block_asks_for_repro(aggregated: Path, tmp
     (tmp_path / "per_class.json").write_text((aggregated / "metrics/per_class.json").read_text())
     with pytest.raises(CcnfError, match="dvc repro"):
         load_metrics(tmp_path)
+
+
+def test_a_model_without_training_steps_aggregates(tmp_path: Path) -> None:
+    """model.kind=gaussian writes header-only training logs: no loss plot, no failure."""
+    root = tmp_path
+    params = with_select(
+        build_study(root, {"eval": {"gallery_per_class": 0, "agnostic_every_task": False}}),
+        "likelihood",
+    )
+    for task in params.task_names:
+        evaluate_task(params, task, root / "features", root / "models" / task,
+                      root / "metrics/tasks" / f"{task}.json", root / "eval" / task)
+        (root / "models" / task / "train_log.tsv").write_text("step\ttask\tepoch\tloss\n")
+    summary = aggregate(params, root / "metrics", root / "models", root / "eval", root / "plots")
+    assert "nf" in summary and not (root / "plots/loss_curves.png").exists()
