@@ -78,6 +78,29 @@ class PerClassModel(nn.Module, ABC):
         """
         return sum(v.numel() for v in self.state_dict().values() if v.is_floating_point())
 
+    def optimizer_step(
+        self,
+        loss: torch.Tensor,
+        opt: torch.optim.Optimizer,
+        params: list[torch.nn.Parameter],
+        grad_clip: float | None,
+    ) -> int:
+        """One checked optimizer step of a flow baseline; returns the step's index.
+
+        A non-finite loss or gradient norm stops training with NonFiniteLossError (nothing is
+        written). Subclasses that train keep a ``global_step`` buffer.
+        """
+        step = int(self.global_step)
+        check_finite(loss, "loss", step, self.kind)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            check_finite(norm, "gradient norm", step, self.kind)
+        opt.step()
+        self.global_step += 1
+        return step
+
     def check_features(self, feats: list[torch.Tensor], where: str) -> list[torch.Tensor]:
         """Validate shapes against the model's levels; return float32 copies on its device."""
         if len(feats) != self.n_levels:

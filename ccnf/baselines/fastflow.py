@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ccnf.baselines.base import LOG_2PI, PerClassModel, check_finite, require_images
+from ccnf.baselines.base import LOG_2PI, PerClassModel, require_images
 from ccnf.config import TrainConfig
 
 
@@ -189,15 +189,7 @@ class FastFlowModel(PerClassModel):
                 loss = torch.stack(
                     [self.level_nll_map(lvl, f[images]).mean() for lvl, f in enumerate(feats)]
                 ).mean()
-                step = int(self.global_step)
-                check_finite(loss, "loss", step, self.kind)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if train.grad_clip is not None:
-                    norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
-                    check_finite(norm, "gradient norm", step, self.kind)
-                opt.step()
-                self.global_step += 1
+                step = self.optimizer_step(loss, opt, params, train.grad_clip)
                 rows.append({"step": step, "epoch": epoch, "loss": loss.item(), "L_g": loss.item()})
         self.eval()
         return rows

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ccnf.baselines.base import LOG_2PI, PerClassModel, check_finite, require_images
+from ccnf.baselines.base import LOG_2PI, PerClassModel, require_images
 from ccnf.config import TrainConfig
 from ccnf.flows.flow import ConditionalFlow
 from ccnf.flows.positional import positional_encoding_2d
@@ -121,15 +121,7 @@ class FlowBankModel(PerClassModel):
                     x, pos = _sample(x_all, images, train.patches_per_image, gen)
                     losses.append((-self.level_log_prob(lvl, x, pos) / x.shape[1]).mean())
                 loss = torch.stack(losses).mean()
-                step = int(self.global_step)
-                check_finite(loss, "loss", step, self.kind)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if train.grad_clip is not None:
-                    norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
-                    check_finite(norm, "gradient norm", step, self.kind)
-                opt.step()
-                self.global_step += 1
+                step = self.optimizer_step(loss, opt, params, train.grad_clip)
                 rows.append({"step": step, "epoch": epoch, "loss": loss.item(), "L_g": loss.item()})
         self.eval()
         return rows
