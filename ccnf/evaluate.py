@@ -63,7 +63,7 @@ from ccnf.metrics import aupro, auroc, average_precision, f1_max, precision_reca
 from ccnf.scoring import (
     SCORES,
     SELECT_METHODS,
-    _cal,
+    Scores,
     calibration_record,
     class_statistics,
     image_scores,
@@ -175,23 +175,6 @@ def _bank_scores(
     return maps, pool(maps, cfg)
 
 
-def _bank_outputs(
-    maps: np.ndarray, images: np.ndarray, stats: dict, calibrated: bool
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """A baseline has one score, reported as ``nf``; E9 calibration applies to it too."""
-    if calibrated:
-        images = _cal(images, stats["nf_image"])
-        maps = _cal(maps, stats["nf_pixel"]).astype(np.float32)
-    return {"nf": images}, {"nf": maps}
-
-
-def _bank_thresholds(stats: dict, calibrated: bool, k: float, pct: float) -> dict:
-    v = np.asarray(stats["nf_image_values"], dtype=np.float64)
-    if calibrated:
-        v = _cal(v, stats["nf_image"])
-    return {"nf": {"kstd": float(v.mean() + k * v.std()), "pct": float(np.percentile(v, pct))}}
-
-
 def evaluate_task(
     params: Params,
     task: str,
@@ -245,13 +228,10 @@ def evaluate_task(
     # global class ids of the seen classes are 0..len(seen)-1 (params.classes is task-ordered)
     candidates = torch.arange(len(seen))
     k, pct = params.eval.threshold_k, params.eval.threshold_percentile
-    if is_bank:
-        thr = {c: _bank_thresholds(calibration[c], sc.calibrated, k, pct) for c in seen}
-    else:
-        thr = {
-            c: thresholds(calibration[c], sc.alpha, sc.calibrated, k, pct, cls=c, where=where)
-            for c in seen
-        }
+    thr = {
+        c: thresholds(calibration[c], sc.alpha, sc.calibrated, k, pct, cls=c, where=where)
+        for c in seen
+    }
     jobs = [(j, cls) for j in range(t + 1) for cls in params.split[j]]
     per_class: dict[str, Any] = {}
     agn_class: dict[str, Any] = {}
@@ -265,11 +245,10 @@ def evaluate_task(
         """Image scores and maps of images scored under classes ``names`` (one per image)."""
         if is_bank:
             maps, images = _bank_scores(bank, names, feats, sc, mask_size, batch)
-            stats = {key: np.array([calibration[c][key] for c in names]) for key in
-                     ("nf_image", "nf_pixel")}
-            return _bank_outputs(maps, images, stats, sc.calibrated)
-        ids = torch.tensor([params.classes.index(c) for c in names])
-        scores = score_images(model, feats, ids, sc, mask_size, batch)
+            scores = Scores(nf_map=maps, proto_map=None, nf_image=images, proto_image=None)
+        else:
+            ids = torch.tensor([params.classes.index(c) for c in names])
+            scores = score_images(model, feats, ids, sc, mask_size, batch)
         st = stack_stats(calibration, names)
         return (
             image_scores(scores, st, sc.alpha, sc.calibrated),

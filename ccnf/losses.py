@@ -168,39 +168,57 @@ def _linear_stack(shapes: list[tuple[int, int]]) -> nn.Module:
     return layers
 
 
+def _proto_head(model: CCNF) -> nn.Module:
+    """E4's heads: W_q per level (E x D_l), then W_k (E x E); created on first use."""
+    emb = model.embedding.shape[1]
+    return model.head(
+        "proto", lambda: _linear_stack([(emb, d) for d in model.channels] + [(emb, emb)])
+    )
+
+
+def _mi_feat_head(model: CCNF) -> nn.Module:
+    """E5's projection W_f per level (E x D_l); created on first use."""
+    emb = model.embedding.shape[1]
+    return model.head("mi_feat", lambda: _linear_stack([(emb, d) for d in model.channels]))
+
+
+def _class_cross_entropy(
+    query: torch.Tensor, keys: torch.Tensor, batch: LevelBatch, seen: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """CE of softmax_c(<norm(q_b), norm(k_c)> / tau) against each image's class among seen.
+
+    query (B, E) per image, keys (C, E) per seen class.
+    """
+    logits = F.normalize(query, dim=-1) @ F.normalize(keys, dim=-1).t() / tau
+    return F.cross_entropy(logits, torch.searchsorted(seen, batch.image_class))
+
+
 def proto_head_loss(
     model: CCNF, level: int, batch: LevelBatch, z: torch.Tensor, seen: torch.Tensor, tau: float
 ) -> torch.Tensor:
     """E4 coupled prototype head: CE of softmax(<norm(W_q zbar), norm(W_k e_c)> / tau)."""
-    build_heads(model, LossConfig(lambda_proto=1.0))
-    head = model.heads["proto"]
-    query = F.normalize(head[level](image_mean(batch, z)), dim=-1)  # (B, E)
-    keys = F.normalize(head[-1](model.embedding[seen]), dim=-1)  # (C, E)
-    target = torch.searchsorted(seen, batch.image_class)
-    return F.cross_entropy(query @ keys.t() / tau, target)
+    head = _proto_head(model)
+    return _class_cross_entropy(
+        head[level](image_mean(batch, z)), head[-1](model.embedding[seen]), batch, seen, tau
+    )
 
 
 def feature_mi_loss(
     model: CCNF, level: int, batch: LevelBatch, z: torch.Tensor, seen: torch.Tensor, tau: float
 ) -> torch.Tensor:
     """E5 InfoNCE between v = norm(W_f zbar) and the seen class embeddings norm(e_c)."""
-    build_heads(model, LossConfig(lambda_mi_feat=1.0))
-    head = model.heads["mi_feat"]
-    v = F.normalize(head[level](image_mean(batch, z)), dim=-1)  # (B, E)
-    e = F.normalize(model.embedding[seen], dim=-1)  # (C, E)
-    target = torch.searchsorted(seen, batch.image_class)
-    return F.cross_entropy(v @ e.t() / tau, target)
+    head = _mi_feat_head(model)
+    return _class_cross_entropy(
+        head[level](image_mean(batch, z)), model.embedding[seen], batch, seen, tau
+    )
 
 
 def build_heads(model: CCNF, cfg: LossConfig) -> None:
     """Create the heads of the enabled head losses now, so the optimizer sees them."""
-    emb = model.embedding.shape[1]
     if cfg.lambda_proto > 0:
-        model.head(
-            "proto", lambda: _linear_stack([(emb, d) for d in model.channels] + [(emb, emb)])
-        )
+        _proto_head(model)
     if cfg.lambda_mi_feat > 0:
-        model.head("mi_feat", lambda: _linear_stack([(emb, d) for d in model.channels]))
+        _mi_feat_head(model)
 
 
 def dsm_loss(

@@ -36,19 +36,23 @@ import torch.nn.functional as F
 
 from ccnf.config import ScoreConfig
 from ccnf.errors import CcnfError
-from ccnf.flows.ccnf import CCNF
+from ccnf.flows.ccnf import CCNF, LevelOutput
 
 SCORES = ("nf", "proto", "hybrid")
 
 
 @dataclass
 class Scores:
-    """Per-image scores of N images; maps are (N, S, S) float32, images (N,) float64."""
+    """Per-image scores of N images; maps are (N, S, S) float32, images (N,) float64.
+
+    A per-class baseline has only the nf-type score: its proto entries are None, and every
+    function below then returns the ``nf`` score alone (no proto, no hybrid).
+    """
 
     nf_map: np.ndarray
-    proto_map: np.ndarray
+    proto_map: np.ndarray | None
     nf_image: np.ndarray
-    proto_image: np.ndarray
+    proto_image: np.ndarray | None
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -100,21 +104,35 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
+def _level_forward(
+    model: CCNF, feat: torch.Tensor, level: int, sl: slice, y_img: torch.Tensor
+) -> tuple[LevelOutput, torch.Tensor]:
+    """One flow pass over every patch of images ``sl`` of one level, image i under class
+    y_img[i], on the model's device (``params.device``).
+
+    feat: (N, D, H, W) cached features; y_img: (b,). Returns the LevelOutput of the b*H*W
+    vectors (image-major) and the prototypes mu (b, D).
+    """
+    device = _device_of(model)
+    b = sl.stop - sl.start
+    _, d, h, w = feat.shape
+    y_img = y_img.to(device)
+    x = feat[sl].to(device).float().flatten(2).transpose(1, 2).reshape(b * h * w, d)
+    out = model.forward_level(
+        level, x, y_img.repeat_interleave(h * w), torch.arange(h * w, device=device).repeat(b)
+    )
+    return out, model.prototype(level, y_img)
+
+
 def _batch_patches(
     model: CCNF, features: list[torch.Tensor], sl: slice, y_img: torch.Tensor
 ) -> _BatchPatches:
     """One flow pass per level over all patches of images ``sl`` under classes y_img (b,)."""
     b = sl.stop - sl.start
-    device = _device_of(model)  # the model's device (params.device); results come back to the CPU
-    y_img = y_img.to(device)
     nf_lv, pr_lv, img_lv = [], [], []
     for lvl, feat in enumerate(features):
         _, d, h, w = feat.shape
-        x = feat[sl].to(device).float().flatten(2).transpose(1, 2).reshape(b * h * w, d)
-        y = y_img.repeat_interleave(h * w)
-        pos = torch.arange(h * w, device=device).repeat(b)
-        out = model.forward_level(lvl, x, y, pos)
-        mu = model.prototype(lvl, y_img)  # (b, d)
+        out, mu = _level_forward(model, feat, lvl, sl, y_img)
         z = out.z.view(b, h * w, d)
         nf_lv.append((-out.log_prob / d).view(b, 1, h, w).cpu())
         pr_lv.append(((z - mu[:, None]).pow(2).sum(-1) / d).view(b, 1, h, w).cpu())
@@ -264,10 +282,11 @@ def stack_stats(calibration: dict[str, dict], names: list[str]) -> dict[str, np.
     return {
         key: np.array([calibration[n][key] for n in names], dtype=np.float64).reshape(-1, 2)
         for key in STAT_KEYS
+        if key in calibration[names[0]]
     }
 
 
-def _cal(values: np.ndarray, stats: Any) -> np.ndarray:
+def standardize(values: np.ndarray, stats: Any) -> np.ndarray:
     """(values - mean) / std; stats is one [mean, std] or (N, 2) per image of values (N, ...)."""
     s = np.asarray(stats, dtype=np.float64)
     if s.ndim == 1:
@@ -277,10 +296,16 @@ def _cal(values: np.ndarray, stats: Any) -> np.ndarray:
 
 
 def _image_scores(
-    nf_image: np.ndarray, proto_image: np.ndarray, stats: dict, alpha: float, calibrated: bool
+    nf_image: np.ndarray,
+    proto_image: np.ndarray | None,
+    stats: dict,
+    alpha: float,
+    calibrated: bool,
 ) -> dict[str, np.ndarray]:
-    nf_z = _cal(nf_image, stats["nf_image"])
-    proto_z = _cal(proto_image, stats["proto_image"])
+    nf_z = standardize(nf_image, stats["nf_image"])
+    if proto_image is None:
+        return {"nf": nf_z if calibrated else nf_image}
+    proto_z = standardize(proto_image, stats["proto_image"])
     hybrid = alpha * proto_z + (1 - alpha) * nf_z
     if calibrated:
         return {"nf": nf_z, "proto": proto_z, "hybrid": hybrid}
@@ -312,8 +337,10 @@ def pixel_maps(
 ) -> dict[str, np.ndarray]:
     """{score name: (N, S, S) float32 maps} for nf, proto and hybrid (see :func:`image_scores`;
     maps use the ``*_pixel`` statistics)."""
-    nf_z = _cal(scores.nf_map, stats["nf_pixel"])
-    proto_z = _cal(scores.proto_map, stats["proto_pixel"])
+    nf_z = standardize(scores.nf_map, stats["nf_pixel"])
+    if scores.proto_map is None:
+        return {"nf": nf_z.astype(np.float32) if calibrated else scores.nf_map}
+    proto_z = standardize(scores.proto_map, stats["proto_pixel"])
     hybrid = (alpha * proto_z + (1 - alpha) * nf_z).astype(np.float32)
     if calibrated:
         return {"nf": nf_z.astype(np.float32), "proto": proto_z.astype(np.float32),
@@ -332,7 +359,9 @@ def calibration_image_scores(
 
     Raises CcnfError for a checkpoint written before the raw values were stored.
     """
-    missing = [k for k in VALUE_KEYS if k not in stats]
+    # a baseline's record (no proto score) needs only the nf values
+    needed = VALUE_KEYS if "proto_image" in stats else VALUE_KEYS[:1]
+    missing = [k for k in needed if k not in stats]
     if missing:
         raise CcnfError(
             f"the calibration record of class '{cls}' has no raw per-image calibration scores "
@@ -341,7 +370,8 @@ def calibration_image_scores(
             fix="re-train so the checkpoints store them: dvc repro",
         )
     nf = np.asarray(stats["nf_image_values"], dtype=np.float64)
-    proto = np.asarray(stats["proto_image_values"], dtype=np.float64)
+    proto = stats.get("proto_image_values")
+    proto = None if proto is None else np.asarray(proto, dtype=np.float64)
     return _image_scores(nf, proto, stats, alpha, calibrated)
 
 
@@ -422,7 +452,6 @@ def class_statistics(
     cost of selection is C passes, so it is the default.
     """
     model.eval()
-    device = _device_of(model)
     n = features[0].shape[0]
     cand = candidates.long()
     levels = range(len(features)) if level is None else [range(len(features))[level]]
@@ -432,16 +461,12 @@ def class_statistics(
         sl = slice(start, min(n, start + batch_images))
         b = sl.stop - sl.start
         for c in range(cand.numel()):
-            y_img = torch.full((b,), int(cand[c]), device=device)
+            y_img = torch.full((b,), int(cand[c]))
             ll, pd = [], []
             for lvl in levels:
                 _, d, h, w = features[lvl].shape
-                x = features[lvl][sl].to(device).float().flatten(2).transpose(1, 2)
-                out = model.forward_level(lvl, x.reshape(b * h * w, d),
-                                          y_img.repeat_interleave(h * w),
-                                          torch.arange(h * w, device=device).repeat(b))
+                out, mu = _level_forward(model, features[lvl], lvl, sl, y_img)
                 ll.append((out.log_prob / d).view(b, h * w).double().mean(dim=1).cpu())
-                mu = model.prototype(lvl, y_img)
                 zbar = out.z.view(b, h * w, d).mean(dim=1)
                 pd.append(((zbar - mu).pow(2).sum(-1) / d).double().cpu())
             log_lik[sl, c] = torch.stack(ll).mean(dim=0).numpy()

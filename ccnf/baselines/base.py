@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -77,6 +78,40 @@ class PerClassModel(nn.Module, ABC):
         checkpoint bytes.
         """
         return sum(v.numel() for v in self.state_dict().values() if v.is_floating_point())
+
+    def warm(self) -> float:
+        """Additive-to-affine factor min(1, step / warmup_steps), as in CCNF (flow baselines
+        keep ``warmup_steps`` and a ``global_step`` buffer)."""
+        if self.warmup_steps == 0:
+            return 1.0
+        return min(1.0, float(self.global_step) / self.warmup_steps)
+
+    def train_epochs(
+        self,
+        n: int,
+        train: TrainConfig,
+        gen: torch.Generator,
+        loss_of: Callable[[torch.Tensor], torch.Tensor],
+    ) -> list[dict[str, float]]:
+        """AdamW over ``train.epochs`` shuffled passes of the n training images.
+
+        loss_of(images (b,) indices) -> scalar loss of that step. Returns one log row per step;
+        leaves the model in eval mode.
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+        steps_per_epoch = math.ceil(n / train.images_per_step)
+        rows: list[dict[str, float]] = []
+        self.train()
+        for epoch in range(train.epochs):
+            order = torch.randperm(n, generator=gen).to(self.device)
+            for i in range(steps_per_epoch):
+                images = order[i * train.images_per_step : (i + 1) * train.images_per_step]
+                loss = loss_of(images)
+                step = self.optimizer_step(loss, opt, params, train.grad_clip)
+                rows.append({"step": step, "epoch": epoch, "loss": loss.item(), "L_g": loss.item()})
+        self.eval()
+        return rows
 
     def optimizer_step(
         self,

@@ -19,7 +19,6 @@ its mean over positions, images and levels.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -156,11 +155,6 @@ class FastFlowModel(PerClassModel):
     def spec(self) -> dict[str, Any]:
         return {"channels": self.channels, "grids": self.grids, **self._spec}
 
-    def warm(self) -> float:
-        if self.warmup_steps == 0:
-            return 1.0
-        return min(1.0, float(self.global_step) / self.warmup_steps)
-
     def level_nll_map(self, level: int, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) -> -log p per position / C, (B, 1, H, W)."""
         z, logdet = self.flows[level](x, self.warm())
@@ -176,23 +170,14 @@ class FastFlowModel(PerClassModel):
         require_images(n, 2, self.kind)
         for flow, f in zip(self.flows, feats, strict=True):
             flow.init_actnorm(f)
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-        steps_per_epoch = math.ceil(n / train.images_per_step)
-        rows: list[dict[str, float]] = []
-        self.train()
-        for epoch in range(train.epochs):
-            order = torch.randperm(n, generator=gen).to(feats[0].device)
-            for i in range(steps_per_epoch):
-                images = order[i * train.images_per_step : (i + 1) * train.images_per_step]
-                # Whole maps (no position sampling): the conv subnets need the neighbourhood.
-                loss = torch.stack(
-                    [self.level_nll_map(lvl, f[images]).mean() for lvl, f in enumerate(feats)]
-                ).mean()
-                step = self.optimizer_step(loss, opt, params, train.grad_clip)
-                rows.append({"step": step, "epoch": epoch, "loss": loss.item(), "L_g": loss.item()})
-        self.eval()
-        return rows
+
+        def loss_of(images: torch.Tensor) -> torch.Tensor:
+            # whole maps (no position sampling): the conv subnets need the neighbourhood
+            return torch.stack(
+                [self.level_nll_map(lvl, f[images]).mean() for lvl, f in enumerate(feats)]
+            ).mean()
+
+        return self.train_epochs(n, train, gen, loss_of)
 
     @torch.no_grad()
     def patch_scores(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -16,7 +16,6 @@ mean/std (stored with the model); log p then includes the standardisation's log-
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -81,12 +80,6 @@ class FlowBankModel(PerClassModel):
     def spec(self) -> dict[str, Any]:
         return {"channels": self.channels, "grids": self.grids, **self._spec}
 
-    def warm(self) -> float:
-        """Additive-to-affine factor min(1, step / warmup_steps), as in CCNF."""
-        if self.warmup_steps == 0:
-            return 1.0
-        return min(1.0, float(self.global_step) / self.warmup_steps)
-
     def level_log_prob(self, level: int, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """x (N, D_l) raw patch features at flat grid positions pos (N,) -> log p(x) (N,)."""
         mean, std = getattr(self, f"feat_mean_{level}"), getattr(self, f"feat_std_{level}")
@@ -107,24 +100,15 @@ class FlowBankModel(PerClassModel):
                 flat = x.reshape(-1, x.shape[-1])
                 getattr(self, f"feat_mean_{lvl}").copy_(flat.mean(0))
                 getattr(self, f"feat_std_{lvl}").copy_(flat.std(0).clamp_min(1e-6))
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-        steps_per_epoch = math.ceil(n / train.images_per_step)
-        rows: list[dict[str, float]] = []
-        self.train()
-        for epoch in range(train.epochs):
-            order = torch.randperm(n, generator=gen)
-            for i in range(steps_per_epoch):
-                images = order[i * train.images_per_step : (i + 1) * train.images_per_step]
-                losses = []
-                for lvl, x_all in enumerate(per_level):
-                    x, pos = _sample(x_all, images, train.patches_per_image, gen)
-                    losses.append((-self.level_log_prob(lvl, x, pos) / x.shape[1]).mean())
-                loss = torch.stack(losses).mean()
-                step = self.optimizer_step(loss, opt, params, train.grad_clip)
-                rows.append({"step": step, "epoch": epoch, "loss": loss.item(), "L_g": loss.item()})
-        self.eval()
-        return rows
+
+        def loss_of(images: torch.Tensor) -> torch.Tensor:
+            losses = []
+            for lvl, x_all in enumerate(per_level):
+                x, pos = _sample(x_all, images, train.patches_per_image, gen)
+                losses.append((-self.level_log_prob(lvl, x, pos) / x.shape[1]).mean())
+            return torch.stack(losses).mean()
+
+        return self.train_epochs(n, train, gen, loss_of)
 
     @torch.no_grad()
     def patch_scores(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:

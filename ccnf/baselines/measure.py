@@ -21,30 +21,20 @@ import yaml
 
 from ccnf.baselines.bank import ClassBank, class_seed
 from ccnf.baselines.maps import score_images
+from ccnf.catalog import apply_overrides
 from ccnf.config import Params, parse_params
-from ccnf.errors import CcnfError
 from ccnf.features import FeatureMeta, load_split
 from ccnf.metrics import auroc
 from ccnf.train import calibration_split
 
 
-def load_with_overrides(path: Path, overrides: list[str]) -> dict:
-    """params.yaml as a dict with ``section.key=value`` overrides (values parsed as YAML)."""
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            raise CcnfError(f"bad override '{item}'", fix="use --set section.key=value")
-        *parents, leaf = key.split(".")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return raw
-
-
 def measure(kind: str, cls: str, raw: dict, features_dir: Path) -> dict[str, float | str]:
-    params: Params = parse_params({**raw, "model": {**raw.get("model", {}), "kind": kind}})
+    # one class scored alone: no class selection happens, and a bank cannot select by prototype
+    params: Params = parse_params({
+        **raw,
+        "model": {**raw.get("model", {}), "kind": kind},
+        "score": {**raw.get("score", {}), "class_select": "likelihood"},
+    })
     meta = FeatureMeta.load(features_dir)
     train = load_split(features_dir, cls, "train")
     fit_idx, _ = calibration_split(len(train), params.eval.calib_fraction, params.seed)
@@ -86,7 +76,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="override: section.key=value")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    raw = load_with_overrides(args.params, args.set)
+    raw = apply_overrides(yaml.safe_load(args.params.read_text(encoding="utf-8")), args.set)
     for kind in args.kinds.split(","):
         row = measure(kind, args.cls, raw, args.features)
         print(json.dumps({**row, "overrides": args.set}), flush=True)
