@@ -38,8 +38,8 @@ from ccnf.atomic import write_json, write_text
 from ccnf.config import Params
 from ccnf.data.images import load_image
 from ccnf.errors import CcnfError
-from ccnf.evaluate import ALL_METRICS, DECIMALS
 from ccnf.metrics import forgetting, roc_curve
+from ccnf.names import ALL_METRICS, DECIMALS, SCORES, SELECT_METHODS
 from ccnf.plots import (
     GalleryRow,
     plot_gallery,
@@ -48,7 +48,6 @@ from ccnf.plots import (
     plot_roc_curves,
     plot_task_curves,
 )
-from ccnf.scoring import SCORES, SELECT_METHODS
 
 FORGETTING_OF = {"image_auroc": "image", "pixel_auroc": "pixel", "aupro": "aupro"}
 

@@ -58,6 +58,7 @@ from ccnf.config import Params, load_params, parse_params
 from ccnf.data.manifest import Manifest
 from ccnf.device import device_info, resolve_device
 from ccnf.errors import CcnfError
+from ccnf.optim import AdamW
 
 SCHEMA = 1
 CLASS_COUNTS = (3, 15, 60)
@@ -256,7 +257,7 @@ def bench_training(
     tc = params.train
     model = _model(meta, params, 3, device)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     gen = torch.Generator().manual_seed(params.seed)
     k = tc.patches_per_image
     batches = []

@@ -88,8 +88,8 @@ def _fmt(v: float | None) -> str:
 @report_user_errors
 def info(metrics: Path = typer.Option(Path("metrics"), help="metrics directory")) -> None:
     """Print the current run's summary, R matrix and per-class table."""
+    from ccnf.names import SCORES
     from ccnf.report import SUMMARY_COLUMNS, load_metrics
-    from ccnf.scoring import SCORES
 
     summary, per_class = load_metrics(metrics)
     table = Table(title="final averages (after the last task) and forgetting")

@@ -259,6 +259,14 @@ class EvalConfig(_Section):
     aupro_fpr: float = Field(0.3, gt=0, le=1)
     batch_images: int = Field(16, ge=1)
     gallery_per_class: int = Field(1, ge=0)
+    workers: int = Field(
+        2,
+        ge=1,
+        description=(
+            "processes that evaluate the seen classes in parallel (each with `threads` torch "
+            "threads) on the CPU; the metrics do not depend on it. 1: in the stage's process"
+        ),
+    )
     agnostic_every_task: bool = Field(
         False,
         description=(

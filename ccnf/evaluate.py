@@ -42,7 +42,9 @@ Also writes ``eval/<task>/``: raw image scores (ROC curves; ``<cls>/agnostic/<sc
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +62,13 @@ from ccnf.errors import CcnfError
 from ccnf.features import FeatureMeta, load_split
 from ccnf.flows.ccnf import CCNF, read_checkpoint
 from ccnf.metrics import aupro, auroc, average_precision, f1_max, precision_recall_f1_at
-from ccnf.scoring import (
+from ccnf.names import (
+    DECIMALS,
     SCORES,
     SELECT_METHODS,
+    THRESHOLD_KINDS,
+)
+from ccnf.scoring import (
     Scores,
     calibration_record,
     class_statistics,
@@ -75,17 +81,8 @@ from ccnf.scoring import (
 )
 from ccnf.seeding import seed_everything
 
-METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "image_f1max")
-THRESHOLD_KINDS = ("kstd", "pct")
-THRESHOLD_METRICS = tuple(
-    f"image_{m}_{kind}" for kind in THRESHOLD_KINDS for m in ("precision", "recall", "f1")
-)
-ALL_METRICS = METRICS + THRESHOLD_METRICS
-DECIMALS = 6
-
 
 def _round(v: float) -> float:
-    # reported to 1e-6: float32 map noise (seen at the 1e-8 level between runs) stays out
     return round(float(v), DECIMALS)
 
 
@@ -175,6 +172,187 @@ def _bank_scores(
     return maps, pool(maps, cfg)
 
 
+@dataclass
+class _ClassResult:
+    """What evaluating one class yields (merged by :func:`evaluate_task` in job order)."""
+
+    aware: dict[str, Any]
+    agnostic: dict[str, Any] | None
+    raw: dict[str, np.ndarray]
+    gallery: dict[str, np.ndarray]
+    timing: dict[str, float]
+
+
+class _ClassEvaluator:
+    """The checkpoint of one task, ready to score the test set of any seen class.
+
+    Built once per process: in the stage's process, or in each worker of the pool.
+    """
+
+    def __init__(self, params: Params, task: str, features_dir: Path, model_dir: Path) -> None:
+        self.params, self.features_dir = params, features_dir
+        torch.set_num_threads(params.threads)
+        seed_everything(params.seed)
+        t = params.task_index(task)
+        ckpt = read_checkpoint(model_dir)
+        self.where = where = str(model_dir / "model.pt")
+        sc = self.sc = params.score
+        self.is_bank = params.model.kind != "ccnf"
+        device = resolve_device(params.device)
+        if self.is_bank:
+            meta = FeatureMeta.load(features_dir)
+            self.bank = ClassBank.from_checkpoint(
+                ckpt, expected_kind=params.model.kind,
+                expected_spec=model_spec(params, meta.channels, meta.grids), device=device,
+            )
+            known = len(self.bank.classes)
+        else:
+            self.model = CCNF.from_checkpoint(ckpt, params.flow).to(device)
+            self.model.eval()
+            known = self.model.n_classes
+        self.calibration = {
+            cls: calibration_record(rec, sc, params.data.mask_size, cls=cls, where=where)
+            for cls, rec in ckpt["calibration"].items()
+        }
+        last = t == len(params.task_names) - 1
+        self.agnostic = sc.class_select != "oracle" and (last or params.eval.agnostic_every_task)
+        self.seen = [c for j in range(t + 1) for c in params.split[j]]
+        if known < len(self.seen):
+            raise CcnfError(
+                f"checkpoint {model_dir} knows {known} classes, task {task} needs "
+                f"{len(self.seen)}",
+                fix="the task split changed since training: dvc repro",
+            )
+        # global class ids of the seen classes are 0..len(seen)-1 (params.classes is task-ordered)
+        self.candidates = torch.arange(len(self.seen))
+        k, pct = params.eval.threshold_k, params.eval.threshold_percentile
+        self.thr = {
+            c: thresholds(self.calibration[c], sc.alpha, sc.calibrated, k, pct, cls=c,
+                          where=where)
+            for c in self.seen
+        }
+
+    def _outputs(
+        self, feats: list[torch.Tensor], names: list[str]
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Image scores and maps of images scored under classes ``names`` (one per image)."""
+        sc, mask_size, batch = self.sc, self.params.data.mask_size, self.params.eval.batch_images
+        if self.is_bank:
+            maps, images = _bank_scores(self.bank, names, feats, sc, mask_size, batch)
+            scores = Scores(nf_map=maps, proto_map=None, nf_image=images, proto_image=None)
+        else:
+            ids = torch.tensor([self.params.classes.index(c) for c in names])
+            scores = score_images(self.model, feats, ids, sc, mask_size, batch)
+        st = stack_stats(self.calibration, names)
+        return (
+            image_scores(scores, st, sc.alpha, sc.calibrated),
+            pixel_maps(scores, st, sc.alpha, sc.calibrated),
+        )
+
+    def __call__(self, job: tuple[int, str]) -> _ClassResult:
+        """Evaluate class ``cls`` of task ``j``: task-aware and (if due) task-agnostic."""
+        j, cls = job
+        params, sc, fpr = self.params, self.sc, self.params.eval.aupro_fpr
+        split = load_split(self.features_dir, cls, "test")
+        cid = params.classes.index(cls)
+        labels = split.labels.numpy()
+        assert split.masks is not None
+        masks = split.masks.numpy()
+        timing = {"aware": 0.0, "selection": 0.0}
+        start = time.perf_counter()
+        images, maps = self._outputs(split.features, [cls] * len(split))
+        timing["aware"] += time.perf_counter() - start
+        aware = {"task": j} | class_metrics(
+            labels, masks, images, maps, fpr, _image_thresholds(self.thr, [cls])
+        )
+        raw = {f"{cls}/labels": labels} | {f"{cls}/{name}": v for name, v in images.items()}
+        agnostic = None
+        if self.agnostic:
+            start = time.perf_counter()
+            if self.is_bank:
+                stat = -self.bank.selection_scores(split.features, self.seen).double().numpy()
+                by_method = {"likelihood": np.argmax(stat, axis=1)}
+            else:
+                stats = class_statistics(self.model, split.features, self.candidates,
+                                         params.eval.batch_images, sc.select_level)
+                by_method = {m: stats.select(m) for m in SELECT_METHODS}
+            selected = by_method[sc.class_select]
+            names = [self.seen[i] for i in selected]
+            wrong = np.flatnonzero(selected != cid)
+            a_images = {s: v.copy() for s, v in images.items()}
+            a_maps = {s: v.copy() for s, v in maps.items()}
+            if wrong.size:  # right picks keep their task-aware scores: no second pass
+                w_images, w_maps = self._outputs(
+                    [f[torch.from_numpy(wrong)] for f in split.features],
+                    [names[i] for i in wrong],
+                )
+                for s in a_images:
+                    a_images[s][wrong] = w_images[s]
+                    a_maps[s][wrong] = w_maps[s]
+            timing["selection"] += time.perf_counter() - start
+            picked, counts = np.unique(selected, return_counts=True)
+            agnostic = {
+                "task": j,
+                "selection_accuracy": _round(np.mean(selected == cid)),
+                "selection_accuracy_by_method": {
+                    m: _round(np.mean(s_ == cid)) for m, s_ in by_method.items()
+                },
+                "selected": {
+                    self.seen[int(i)]: int(n) for i, n in zip(picked, counts, strict=True)
+                },
+            } | class_metrics(
+                labels, masks, a_images, a_maps, fpr, _image_thresholds(self.thr, names)
+            )
+            raw[f"{cls}/selected"] = selected
+            raw |= {f"{cls}/agnostic/{name}": v for name, v in a_images.items()}
+        gallery: dict[str, np.ndarray] = {}
+        defective = np.flatnonzero(labels == 1)[: params.eval.gallery_per_class]
+        for kk, i in enumerate(defective):
+            gallery[f"{cls}/{kk}/name"] = np.array(split.names[i])
+            gallery[f"{cls}/{kk}/mask"] = masks[i]
+            for name in maps:
+                gallery[f"{cls}/{kk}/{name}"] = maps[name][i]
+        return _ClassResult(aware, agnostic, raw, gallery, timing)
+
+
+# the evaluator of a pool worker (each forked worker builds its own), or why it could not
+_WORKER: _ClassEvaluator | None = None
+_WORKER_FAILED = False
+
+
+def _init_worker(params: Params, task: str, features_dir: Path, model_dir: Path) -> None:
+    global _WORKER, _WORKER_FAILED
+    try:
+        _WORKER = _ClassEvaluator(params, task, features_dir, model_dir)
+    except Exception:
+        # a raising initializer makes the pool respawn workers forever; the stage's process
+        # builds the same evaluator and reports the error itself
+        _WORKER_FAILED = True
+
+
+def _run_in_worker(job: tuple[int, str]) -> _ClassResult:
+    if _WORKER is None:
+        raise RuntimeError(f"evaluation worker could not load the checkpoint (failed: "
+                           f"{_WORKER_FAILED})")
+    return _WORKER(job)
+
+
+def _worker_pool(params: Params, n_jobs: int, init_args: tuple) -> Any:
+    """A fork pool of ``eval.workers`` processes, or None to evaluate in this process.
+
+    Classes are independent and each is scored with the same ops in whichever process, so the
+    results do not depend on the pool (the tests check it). The pool is forked before this
+    process runs any torch op, and only for the CPU: a fork after CUDA or OpenMP start-up is
+    unsafe, and on a GPU the classes queue on one device anyway.
+    """
+    workers = min(params.eval.workers, n_jobs)
+    if workers <= 1 or params.device == "cuda" or "fork" not in mp.get_all_start_methods():
+        return None
+    if params.device == "auto" and resolve_device("auto").type == "cuda":
+        return None
+    return mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=init_args)
+
+
 def evaluate_task(
     params: Params,
     task: str,
@@ -187,142 +365,39 @@ def evaluate_task(
 ) -> dict[str, Any]:
     """Evaluate the checkpoint of ``task`` on every seen class; write out_json and eval_dir.
 
-    Returns the JSON's content plus ``"timing_s"`` (wall seconds of the task-aware scoring and
-    of the task-agnostic selection and re-scoring), which stays out of the file so that
-    re-runs write identical bytes.
+    Classes are evaluated in ``eval.workers`` processes. Returns the JSON's content plus
+    ``"timing_s"`` (seconds of the task-aware scoring and of the task-agnostic selection and
+    re-scoring, summed over the classes), which stays out of the file so that re-runs write
+    identical bytes.
     """
     t = params.task_index(task)
-    torch.set_num_threads(params.threads)
-    seed_everything(params.seed)
-    ckpt = read_checkpoint(model_dir)
-    where = str(model_dir / "model.pt")
-    sc = params.score
-    mask_size, batch = params.data.mask_size, params.eval.batch_images
-    is_bank = params.model.kind != "ccnf"
-    if is_bank:
-        meta = FeatureMeta.load(features_dir)
-        bank = ClassBank.from_checkpoint(
-            ckpt, expected_kind=params.model.kind,
-            expected_spec=model_spec(params, meta.channels, meta.grids),
-            device=resolve_device(params.device),
-        )
-        known = len(bank.classes)
-    else:
-        model = CCNF.from_checkpoint(ckpt, params.flow).to(resolve_device(params.device))
-        model.eval()
-        known = model.n_classes
-    calibration = {
-        cls: calibration_record(rec, sc, mask_size, cls=cls, where=where)
-        for cls, rec in ckpt["calibration"].items()
-    }
-    method = sc.class_select
-    last = t == len(params.task_names) - 1
-    agnostic = method != "oracle" and (last or params.eval.agnostic_every_task)
-    seen_tasks = params.task_names[: t + 1]
-    seen = [c for j in range(t + 1) for c in params.split[j]]
-    if known < len(seen):
-        raise CcnfError(
-            f"checkpoint {model_dir} knows {known} classes, task {task} needs {len(seen)}",
-            fix="the task split changed since training: dvc repro",
-        )
-    # global class ids of the seen classes are 0..len(seen)-1 (params.classes is task-ordered)
-    candidates = torch.arange(len(seen))
-    k, pct = params.eval.threshold_k, params.eval.threshold_percentile
-    thr = {
-        c: thresholds(calibration[c], sc.alpha, sc.calibrated, k, pct, cls=c, where=where)
-        for c in seen
-    }
     jobs = [(j, cls) for j in range(t + 1) for cls in params.split[j]]
-    per_class: dict[str, Any] = {}
-    agn_class: dict[str, Any] = {}
-    raw: dict[str, np.ndarray] = {}
-    gallery: dict[str, np.ndarray] = {}
-    timing = {"aware": 0.0, "selection": 0.0}
-
-    def outputs(
-        feats: list[torch.Tensor], names: list[str]
-    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Image scores and maps of images scored under classes ``names`` (one per image)."""
-        if is_bank:
-            maps, images = _bank_scores(bank, names, feats, sc, mask_size, batch)
-            scores = Scores(nf_map=maps, proto_map=None, nf_image=images, proto_image=None)
-        else:
-            ids = torch.tensor([params.classes.index(c) for c in names])
-            scores = score_images(model, feats, ids, sc, mask_size, batch)
-        st = stack_stats(calibration, names)
-        return (
-            image_scores(scores, st, sc.alpha, sc.calibrated),
-            pixel_maps(scores, st, sc.alpha, sc.calibrated),
-        )
-
-    for j, cls in track(
-        jobs, description=f"evaluate after {task}", console=console, disable=console is None
-    ):
-        split = load_split(features_dir, cls, "test")
-        cid = params.classes.index(cls)
-        labels = split.labels.numpy()
-        assert split.masks is not None
-        masks = split.masks.numpy()
-        start = time.perf_counter()
-        images, maps = outputs(split.features, [cls] * len(split))
-        timing["aware"] += time.perf_counter() - start
-        per_class[cls] = {"task": j} | class_metrics(
-            labels, masks, images, maps, params.eval.aupro_fpr, _image_thresholds(thr, [cls])
-        )
-        raw[f"{cls}/labels"] = labels
-        for name in images:
-            raw[f"{cls}/{name}"] = images[name]
-        if agnostic:
-            start = time.perf_counter()
-            if is_bank:
-                stat = -bank.selection_scores(split.features, seen).double().numpy()
-                by_method = {"likelihood": np.argmax(stat, axis=1)}
-            else:
-                stats = class_statistics(model, split.features, candidates, batch,
-                                         sc.select_level)
-                by_method = {m: stats.select(m) for m in SELECT_METHODS}
-            selected = by_method[method]
-            names = [seen[i] for i in selected]
-            wrong = np.flatnonzero(selected != cid)
-            a_images = {s: v.copy() for s, v in images.items()}
-            a_maps = {s: v.copy() for s, v in maps.items()}
-            if wrong.size:  # right picks keep their task-aware scores: no second pass
-                w_images, w_maps = outputs(
-                    [f[torch.from_numpy(wrong)] for f in split.features],
-                    [names[i] for i in wrong],
-                )
-                for s in a_images:
-                    a_images[s][wrong] = w_images[s]
-                    a_maps[s][wrong] = w_maps[s]
-            timing["selection"] += time.perf_counter() - start
-            picked, counts = np.unique(selected, return_counts=True)
-            agn_class[cls] = {
-                "task": j,
-                "selection_accuracy": _round(np.mean(selected == cid)),
-                "selection_accuracy_by_method": {
-                    m: _round(np.mean(s_ == cid)) for m, s_ in by_method.items()
-                },
-                "selected": {seen[int(i)]: int(n) for i, n in zip(picked, counts, strict=True)},
-            } | class_metrics(
-                labels, masks, a_images, a_maps, params.eval.aupro_fpr,
-                _image_thresholds(thr, names),
-            )
-            raw[f"{cls}/selected"] = selected
-            for name in a_images:
-                raw[f"{cls}/agnostic/{name}"] = a_images[name]
-        defective = np.flatnonzero(labels == 1)[: params.eval.gallery_per_class]
-        for kk, i in enumerate(defective):
-            gallery[f"{cls}/{kk}/name"] = np.array(split.names[i])
-            gallery[f"{cls}/{kk}/mask"] = masks[i]
-            for name in maps:
-                gallery[f"{cls}/{kk}/{name}"] = maps[name][i]
+    init_args = (params, task, features_dir, model_dir)
+    pool = _worker_pool(params, len(jobs), init_args)
+    try:
+        ev = _ClassEvaluator(*init_args)
+        results = pool.imap(_run_in_worker, jobs) if pool is not None else map(ev, jobs)
+        done = list(track(
+            results, total=len(jobs), description=f"evaluate after {task}", console=console,
+            disable=console is None,
+        ))
+    finally:
+        if pool is not None:
+            pool.terminate()
+    seen_tasks = params.task_names[: t + 1]
+    method, seen, thr = params.score.class_select, ev.seen, ev.thr
+    per_class = {cls: r.aware for (_, cls), r in zip(jobs, done, strict=True)}
+    agn_class = {cls: r.agnostic for (_, cls), r in zip(jobs, done, strict=True) if r.agnostic}
+    raw = {k: v for r in done for k, v in r.raw.items()}
+    gallery = {k: v for r in done for k, v in r.gallery.items()}
+    timing = {k: sum(r.timing[k] for r in done) for k in ("aware", "selection")}
     result: dict[str, Any] = {
         "task": task,
         "task_index": t,
         "class_select": method,
         "thresholds": {
-            "k": k,
-            "percentile": pct,
+            "k": params.eval.threshold_k,
+            "percentile": params.eval.threshold_percentile,
             "per_class": {
                 c: {s: {kind: _round(v) for kind, v in by.items()} for s, by in thr[c].items()}
                 for c in seen
@@ -335,7 +410,7 @@ def evaluate_task(
         result["agnostic"] = {
             "class_select": "oracle", "same_as_aware": True, "selection_accuracy": 1.0
         }
-    elif not agnostic:
+    elif not ev.agnostic:
         result["agnostic"] = {"class_select": method, "same_as_aware": False, "skipped": True}
     else:
         methods = list(agn_class[seen[0]]["selection_accuracy_by_method"])

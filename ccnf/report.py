@@ -15,7 +15,7 @@ from typing import Any
 
 from ccnf.atomic import write_text
 from ccnf.errors import CcnfError
-from ccnf.scoring import SCORES
+from ccnf.names import SCORES
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 SUMMARY_COLUMNS = (

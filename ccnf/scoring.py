@@ -38,8 +38,6 @@ from ccnf.config import ScoreConfig
 from ccnf.errors import CcnfError
 from ccnf.flows.ccnf import CCNF, LevelOutput
 
-SCORES = ("nf", "proto", "hybrid")
-
 
 @dataclass
 class Scores:
@@ -403,8 +401,6 @@ def thresholds(
 
 
 # -- class selection at test (task-agnostic setting) ---------------------------------------------
-
-SELECT_METHODS = ("likelihood", "prototype")
 
 
 @dataclass

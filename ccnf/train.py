@@ -35,6 +35,7 @@ from ccnf.errors import CcnfError, NonFiniteLossError
 from ccnf.features import FeatureMeta, FeatureSplit, load_split
 from ccnf.flows.ccnf import CCNF, read_checkpoint
 from ccnf.losses import TERMS, LevelBatch, build_heads, level_losses, total_loss
+from ccnf.optim import AdamW
 from ccnf.scoring import calibration_patches
 from ccnf.seeding import seed_everything
 
@@ -282,7 +283,7 @@ def train_task(
     build_heads(model, params.loss)
     frozen = _freeze(model, params, t)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
     schedule = Schedule.for_task(params, t)
     gen = torch.Generator().manual_seed(params.seed * 7919 + t)
     seen = torch.arange(offset + len(task_classes), device=device)

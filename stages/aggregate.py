@@ -9,7 +9,7 @@ from _common import parser
 from ccnf.aggregate import aggregate
 from ccnf.config import load_params
 from ccnf.console import console, report_user_errors
-from ccnf.scoring import SCORES
+from ccnf.names import SCORES
 
 
 @report_user_errors

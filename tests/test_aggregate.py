@@ -13,9 +13,9 @@ import pytest
 from test_evaluate import build_study, with_select
 
 from ccnf.aggregate import aggregate, selection_matrices, summarize_selection
-from ccnf.evaluate import ALL_METRICS, evaluate_task
+from ccnf.evaluate import evaluate_task
+from ccnf.names import ALL_METRICS, SCORES
 from ccnf.report import check_readme, load_metrics, results_block, update_readme
-from ccnf.scoring import SCORES
 
 SUMMARY_KEYS = set(ALL_METRICS) | {"image_forgetting", "pixel_forgetting", "aupro_forgetting"}
 

@@ -18,11 +18,11 @@ from conftest import tiny_params
 import ccnf.evaluate as evaluate_module
 from ccnf.config import Params, parse_params
 from ccnf.errors import CcnfError
-from ccnf.evaluate import METRICS, THRESHOLD_METRICS, evaluate_task
+from ccnf.evaluate import evaluate_task
 from ccnf.flows import CCNF
 from ccnf.metrics import precision_recall_f1_at
+from ccnf.names import METRICS, SCORES, THRESHOLD_METRICS
 from ccnf.scoring import (
-    SCORES,
     ClassStatistics,
     calibration_patches,
     calibration_record,
@@ -146,7 +146,9 @@ def test_selection_accuracy_and_agnostic_scores_against_direct_computation(
     study, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root, params = study
-    params = with_select(params, "prototype")
+    raw_params = with_select(params, "prototype").model_dump()
+    raw_params["eval"]["workers"] = 1  # the fake selection below counts its calls in-process
+    params = parse_params(raw_params)
     # a fixed selection: class a gets image 4 wrong (as d), b all right, c two wrong (as a),
     # d all right
     n = N_GOOD + N_BAD
@@ -255,3 +257,28 @@ def test_checkpoint_without_calibration_patches_asks_for_repro(tmp_path: Path) -
         run(tmp_path, params)
     assert "predates score-independent calibration" in str(info.value)
     assert not (tmp_path / "run/metrics/t1.json").exists()
+
+
+def test_worker_pool_gives_the_same_results_as_one_process(study) -> None:
+    root, params = study
+    raw = with_select(params, "prototype").model_dump()
+    results, arrays = [], []
+    for workers in (1, 3):
+        raw["eval"]["workers"] = workers
+        res = run(root, parse_params(raw), name=f"workers{workers}")
+        res.pop("timing_s")
+        results.append(res)
+        npz = np.load(root / f"workers{workers}" / "eval" / "t1" / "image_scores.npz")
+        arrays.append({k: npz[k] for k in npz.files})
+    assert results[0] == results[1]
+    assert list(arrays[0]) == list(arrays[1])
+    assert all(np.array_equal(arrays[0][k], arrays[1][k]) for k in arrays[0])
+    assert results[0]["agnostic"]["per_class"]  # the agnostic block ran in both
+
+
+def test_worker_pool_reports_a_missing_checkpoint_without_hanging(study, tmp_path: Path) -> None:
+    root, params = study
+    with pytest.raises(CcnfError, match="checkpoint not found"):
+        evaluate_task(params, "t1", root / "features", tmp_path / "nowhere",
+                      tmp_path / "m.json", tmp_path / "eval")
+    assert not (tmp_path / "m.json").exists()

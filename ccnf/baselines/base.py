@@ -21,6 +21,7 @@ from torch import nn
 
 from ccnf.config import TrainConfig
 from ccnf.errors import CcnfError, NonFiniteLossError
+from ccnf.optim import AdamW
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -99,7 +100,7 @@ class PerClassModel(nn.Module, ABC):
         leaves the model in eval mode.
         """
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+        opt = AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
         steps_per_epoch = math.ceil(n / train.images_per_step)
         rows: list[dict[str, float]] = []
         self.train()
@@ -116,7 +117,7 @@ class PerClassModel(nn.Module, ABC):
     def optimizer_step(
         self,
         loss: torch.Tensor,
-        opt: torch.optim.Optimizer,
+        opt: AdamW,
         params: list[torch.nn.Parameter],
         grad_clip: float | None,
     ) -> int:

@@ -24,6 +24,7 @@ class SNLinear(nn.Module):
         self.bias = nn.Parameter(layer.bias.detach().clone())
         self.register_buffer("u", F.normalize(torch.randn(out_features), dim=0))
         self.register_buffer("enabled", torch.tensor(enabled))
+        self._cache: tuple[tuple, torch.Tensor] | None = None
 
     def sigma(self) -> torch.Tensor:
         """Current spectral-norm estimate u^T W v (differentiable in W)."""
@@ -37,9 +38,17 @@ class SNLinear(nn.Module):
         return u @ (self.weight @ v)
 
     def effective_weight(self) -> torch.Tensor:
-        if bool(self.enabled):
-            return self.weight / self.sigma()
-        return self.weight
+        if self.training or torch.is_grad_enabled():
+            return self.weight / self.sigma() if bool(self.enabled) else self.weight
+        # Inference (eval mode, no autograd): W / sigma(W) is the same tensor until W, u or the
+        # switch change, so it is computed once instead of at every forward. Tensor versions
+        # count in-place writes (optimizer steps, load_state_dict), which invalidates the cache.
+        key = (self.weight._version, self.u._version, self.enabled._version,
+               self.weight.data_ptr(), self.u.data_ptr(), self.weight.device)
+        if self._cache is None or self._cache[0] != key:
+            w = self.weight / self.sigma() if bool(self.enabled) else self.weight
+            self._cache = (key, w)
+        return self._cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.effective_weight(), self.bias)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy import ndimage
 
 __all__ = ["aupro"]
 
@@ -98,6 +97,8 @@ def aupro(
 
     Cost: O(P log P) time for P = N*H*W pixels, and a few length-P arrays of memory.
     """
+    from scipy import ndimage  # imported here: readers of ccnf.metrics need not pay for scipy
+
     m, a = _validate(masks, maps, fpr_limit)
     labels, n_regions = ndimage.label(m, structure=_STRUCTURE_8_IN_PLANE)
     if n_regions == 0:

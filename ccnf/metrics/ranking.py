@@ -24,9 +24,15 @@ __all__ = [
 def _as_binary(
     labels: ArrayLike, scores: ArrayLike
 ) -> tuple[NDArray[np.bool_], NDArray[np.float64]]:
-    """Flatten and validate; return ``(y, s)`` with ``y`` bool (n,) and ``s`` float64 (n,)."""
+    """Flatten and validate; return ``(y, s)`` with ``y`` bool (n,) and ``s`` (n,) floating.
+
+    Floating scores keep their dtype (float32 -> float64 is exact, so order and ties are the
+    same either way, and sorting float32 pixel maps is cheaper); others become float64.
+    """
     lab = np.asarray(labels).ravel()
-    s = np.asarray(scores, dtype=np.float64).ravel()
+    s = np.asarray(scores).ravel()
+    if not np.issubdtype(s.dtype, np.floating):
+        s = s.astype(np.float64)
     if lab.shape != s.shape:
         raise ValueError(
             f"labels and scores must have the same number of elements, got {lab.size} and {s.size}"
@@ -105,10 +111,12 @@ def roc_curve(
 def auroc(labels: ArrayLike, scores: ArrayLike) -> float:
     """Area under the ROC curve (trapezoid over the tie-aware curve).
 
-    Equals the Mann-Whitney statistic
-    ``P(s_pos > s_neg) + 0.5 * P(s_pos == s_neg)``; computed in exact integer arithmetic as
-    ``sum_i (FP_i - FP_{i-1}) * (TP_i + TP_{i-1}) / (2 * N_pos * N_neg)``.
-    Matches ``sklearn.metrics.roc_auc_score``.
+    Equals the Mann-Whitney statistic ``P(s_pos > s_neg) + 0.5 * P(s_pos == s_neg)``, which is
+    how it is computed, in exact integer arithmetic:
+    ``2U = sum_{p in pos} (#{neg < s_p} + #{neg <= s_p})`` and ``AUROC = 2U / (2 N_pos N_neg)``,
+    both counts read off the sorted negative scores by binary search. Only the negatives are
+    sorted, and no permutation is built (a pixel AUROC is 4-5x faster than an argsort of all
+    scores). Matches ``sklearn.metrics.roc_auc_score``.
 
     Raises:
         ValueError: if only one class is present.
@@ -116,12 +124,12 @@ def auroc(labels: ArrayLike, scores: ArrayLike) -> float:
     y, s = _as_binary(labels, scores)
     n_pos, n_neg = _count_classes(y)
     _require_both_classes(n_pos, n_neg, "AUROC")
-    fp, tp, _ = _cumulative_counts(y, s)
-    d_fp = np.diff(fp, prepend=0)
-    tp_sum = tp + np.concatenate(([0], tp[:-1]))
-    # int64 is exact here: the sum is at most 2 * N_pos * N_neg (< 1e15 for 2e7 pixels).
-    twice_u = int(np.dot(d_fp, tp_sum))
-    return twice_u / (2.0 * n_pos * n_neg)
+    neg = np.sort(s[~y])
+    pos = s[y]
+    # int64 is exact here: 2U is at most 2 * N_pos * N_neg (< 1e15 for 2e7 pixels).
+    below = np.searchsorted(neg, pos, side="left").sum(dtype=np.int64)
+    at_most = np.searchsorted(neg, pos, side="right").sum(dtype=np.int64)
+    return int(below + at_most) / (2.0 * n_pos * n_neg)
 
 
 def average_precision(labels: ArrayLike, scores: ArrayLike) -> float:

@@ -124,3 +124,14 @@ def test_large_pixel_level_input() -> None:
     s = np.round(s, 3)
     assert auroc(y, s) == pytest.approx(skm.roc_auc_score(y, s), abs=1e-10)
     assert average_precision(y, s) == pytest.approx(skm.average_precision_score(y, s), abs=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_auroc_is_the_exact_pairwise_count(dtype: type) -> None:
+    """2U = sum over (pos, neg) pairs of 2 [s_pos > s_neg] + [s_pos == s_neg], exactly."""
+    rng = np.random.default_rng(3)
+    s = np.round(rng.standard_normal(400), 1).astype(dtype)  # rounding makes many ties
+    y = rng.random(400) < 0.2
+    pos, neg = s[y][:, None], s[~y][None, :]
+    twice_u = int(2 * np.count_nonzero(pos > neg) + np.count_nonzero(pos == neg))
+    assert auroc(y, s) == twice_u / (2.0 * y.sum() * (~y).sum())
