@@ -25,6 +25,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -410,6 +411,20 @@ def dvc(args: Sequence[str], cwd: Path, *, check: bool = True) -> subprocess.Com
     return proc
 
 
+def run_leaving_children(cmd: Sequence[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run a command whose child processes outlive it; stdout and stderr together as stdout.
+
+    ``dvc queue start`` forks the queue's workers and returns. They inherit its output handles,
+    so these go to a temporary file, never a pipe: reading a pipe to its end would wait for the
+    workers to exit, that is for the whole queue to drain.
+    """
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.run(list(cmd), cwd=cwd, env=dvc_env(), stdout=out,
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+        out.seek(0)
+        return subprocess.CompletedProcess(list(cmd), proc.returncode, out.read(), "")
+
+
 def _stream(args: Sequence[str], cwd: Path, on_line: Callable[[str], None]) -> tuple[int, str]:
     """Run ``dvc ARGS``, calling ``on_line`` for each output line; (exit code, output)."""
     proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=cwd, env=dvc_env(),
@@ -555,7 +570,11 @@ def run_queue(
         dvc(exp.dvc_command(queue=True)[1:], cwd)
         log(f"queued {' '.join(exp.dvc_command(queue=True))}")
     t0 = time.perf_counter()
-    dvc(["queue", "start", "-j", str(jobs)], cwd)
+    start = run_leaving_children([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)],
+                                 cwd)
+    if start.returncode != 0:
+        raise CcnfError(f"`dvc queue start -j {jobs}` failed (exit {start.returncode}):\n"
+                        + start.stdout.strip()[-3000:], where=str(cwd))
     ids = {e.id for e in exps}
     started: dict[str, float] = {}
     finished: dict[str, RunOutcome] = {}

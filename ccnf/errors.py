@@ -7,6 +7,9 @@ traceback; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 
 class CcnfError(Exception):
     """A user-fixable error: says what went wrong, where, and how to fix it."""
@@ -16,6 +19,10 @@ class CcnfError(Exception):
         self.where = where
         self.fix = fix
         super().__init__(self.render())
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        # keeps where/fix across processes (evaluation workers send their errors back pickled)
+        return functools.partial(type(self), where=self.where, fix=self.fix), (self.what,)
 
     def render(self) -> str:
         parts = [self.what]

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from ccnf.catalog import (
     match_records,
     parse_exp_show,
     parse_override,
+    run_leaving_children,
     schema_key_error,
 )
 from ccnf.cli import app
@@ -403,3 +405,15 @@ def test_experiment_command_shape() -> None:
     exp = Experiment("X", "d", ("a.b=1", "c=x y"))
     assert exp.dvc_command(queue=True) == ["dvc", "exp", "run", "--queue", "-n", "X", "-S",
                                            "a.b=1", "-S", "c=x y"]
+
+
+def test_a_command_that_leaves_children_returns_without_waiting_for_them(tmp_path: Path) -> None:
+    """`dvc queue start` leaves its workers running; waiting on them hid the queue's progress
+    (every experiment was seen only when the whole queue had drained)."""
+    code = ("import subprocess, sys; "
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            "print('workers started')")
+    start = time.monotonic()
+    proc = run_leaving_children([sys.executable, "-c", code], tmp_path)
+    assert time.monotonic() - start < 30  # a pipe would have kept it waiting for 60 s
+    assert proc.returncode == 0 and proc.stdout.strip() == "workers started"

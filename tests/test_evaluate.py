@@ -7,6 +7,7 @@ evaluation runs in about a second without a backbone or training.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -282,3 +283,17 @@ def test_worker_pool_reports_a_missing_checkpoint_without_hanging(study, tmp_pat
         evaluate_task(params, "t1", root / "features", tmp_path / "nowhere",
                       tmp_path / "m.json", tmp_path / "eval")
     assert not (tmp_path / "m.json").exists()
+
+
+def test_an_error_in_a_worker_reaches_the_stage_intact(study, tmp_path: Path) -> None:
+    root, params = study
+    features = tmp_path / "features"
+    shutil.copytree(root / "features", features)
+    (features / "c" / "test.pt").unlink()  # a job of the second task fails in its worker
+    raw = params.model_dump()
+    raw["eval"]["workers"] = 2
+    with pytest.raises(CcnfError) as err:
+        evaluate_task(parse_params(raw), "t1", features, root / "models" / "t1",
+                      tmp_path / "m.json", tmp_path / "eval")
+    assert "c" in str(err.value) and err.value.fix
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "eval").exists()
