@@ -131,3 +131,29 @@ def test_every_dimension_is_transformed_within_two_couplings(dim) -> None:
     first = set(range(dim_a, dim))
     second = {int(f.perms[0][i]) for i in range(dim_a, dim)}
     assert first | second == set(range(dim))
+
+
+def test_spectral_norm_weight_cached_at_inference_follows_every_change() -> None:
+    """The inference cache of W / sigma(W) must never serve a stale weight."""
+    torch.manual_seed(0)
+    layer = SNLinear(6, 5)
+    x = torch.randn(4, 6)
+
+    def fresh() -> torch.Tensor:  # the uncached computation, same ops
+        return torch.nn.functional.linear(x, layer.weight / layer.sigma(), layer.bias)
+
+    layer.eval()
+    with torch.no_grad():
+        first = layer(x)
+        assert torch.equal(first, fresh()) and torch.equal(layer(x), first)
+        layer.weight.add_(torch.randn(5, 6))  # an in-place write, as an optimizer step does
+        # (not a rescaling: W / sigma(W) does not change under one)
+        assert torch.equal(layer(x), fresh()) and not torch.equal(layer(x), first)
+        other = SNLinear(6, 5)
+        layer.load_state_dict(other.state_dict())
+        assert torch.equal(layer(x), fresh())
+        layer.enabled.fill_(False)  # spectral norm switched off
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    layer.train()
+    out = layer(x)  # training: recomputed with autograd, power iteration included
+    assert out.requires_grad
