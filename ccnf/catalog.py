@@ -398,10 +398,19 @@ def dvc_env() -> dict[str, str]:
     return env
 
 
-def dvc(args: Sequence[str], cwd: Path, *, check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``dvc ARGS`` with this interpreter's DVC (no analytics), output captured."""
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=dvc_env(),
-                          capture_output=True, text=True)
+def dvc(
+    args: Sequence[str], cwd: Path, *, check: bool = True, leaves_children: bool = False
+) -> subprocess.CompletedProcess:
+    """Run ``dvc ARGS`` with this interpreter's DVC (no analytics), output captured.
+
+    ``leaves_children``: the command forks processes that outlive it (``dvc queue start``); its
+    output is then captured through :func:`run_leaving_children`, never a pipe.
+    """
+    cmd = [sys.executable, "-m", "dvc", *args]
+    if leaves_children:
+        proc = run_leaving_children(cmd, cwd)
+    else:
+        proc = subprocess.run(cmd, cwd=cwd, env=dvc_env(), capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise CcnfError(
             f"`dvc {' '.join(args)}` failed (exit {proc.returncode}):\n"
@@ -572,11 +581,7 @@ def run_queue(
         dvc(exp.dvc_command(queue=True)[1:], cwd)
         log(f"queued {' '.join(exp.dvc_command(queue=True))}")
     t0 = time.perf_counter()
-    start = run_leaving_children([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)],
-                                 cwd)
-    if start.returncode != 0:
-        raise CcnfError(f"`dvc queue start -j {jobs}` failed (exit {start.returncode}):\n"
-                        + start.stdout.strip()[-3000:], where=str(cwd))
+    dvc(["queue", "start", "-j", str(jobs)], cwd, leaves_children=True)
     ids = {e.id for e in exps}
     started: dict[str, float] = {}
     finished: dict[str, RunOutcome] = {}

@@ -346,9 +346,9 @@ def _worker_pool(params: Params, n_jobs: int, init_args: tuple) -> Any:
     unsafe, and on a GPU the classes queue on one device anyway.
     """
     workers = min(params.eval.workers, n_jobs)
-    if workers <= 1 or params.device == "cuda" or "fork" not in mp.get_all_start_methods():
+    if workers <= 1 or "fork" not in mp.get_all_start_methods():
         return None
-    if params.device == "auto" and resolve_device("auto").type == "cuda":
+    if resolve_device(params.device).type != "cpu":
         return None
     return mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=init_args)
 
