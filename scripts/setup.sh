@@ -9,4 +9,5 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch/torchvision are pinned in pyproject.toml (2.14.1 / 0.29.1); pip takes them from the
 # machine's local package store when it has one.
-.venv/bin/python -m pip install --quiet -e '.[dev]'
+# every version pinned (requirements/constraints.txt): the metrics depend on numpy/Pillow too
+.venv/bin/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev]'
