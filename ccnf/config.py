@@ -77,17 +77,84 @@ class BackboneConfig(_Section):
         return self
 
 
+class FeaturesConfig(_Section):
+    """How cached backbone features become model inputs (every model kind, no re-extraction)."""
+
+    neighbourhood: int = Field(
+        1,
+        ge=1,
+        le=9,
+        description=(
+            "k x k average pooling (stride 1, same size) of each level's cached feature map "
+            "before any model sees it: each patch vector then summarizes its neighbourhood, as "
+            "PatchCore's memory does; 1: off; odd k only"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _odd(self) -> FeaturesConfig:
+        if self.neighbourhood % 2 == 0:
+            raise ValueError(
+                f"features.neighbourhood must be odd (got {self.neighbourhood}): an even "
+                "window has no centre patch"
+            )
+        return self
+
+
 class FlowConfig(_Section):
-    n_couplings: int = Field(4, ge=1, description="affine coupling blocks per level")
+    n_couplings: int | list[int] = Field(
+        4, description="affine coupling blocks per level (one number, or one per level)"
+    )
     hidden_dim: int = Field(128, ge=4, description="width of the coupling subnet (s,t) MLP")
+    hidden_ratio: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "subnet width relative to the level's feature size D_l: hidden = round(ratio * "
+            "D_l), at least 8 (null: hidden_dim at every level)"
+        ),
+    )
     embedding_dim: int = Field(32, ge=1, description="class embedding size")
     pos_dim: int = Field(32, ge=0, description="2-D sinusoidal positional encoding size")
+    conditioning: Literal["concat", "film"] = Field(
+        "concat",
+        description=(
+            "how the class embedding enters the coupling subnets: concat = appended to the "
+            "subnet input (the note's CCNF); film = scales and shifts the hidden units"
+        ),
+    )
+    class_norm: bool = Field(
+        False,
+        description=(
+            "standardize each class's features with its own per-channel mean/std, measured on "
+            "its training images when its task is learned and fixed afterwards (a class-"
+            "conditional ActNorm with data-dependent, frozen statistics); log p includes the "
+            "change of variables"
+        ),
+    )
+    prototypes: Literal["fixed", "shared"] = Field(
+        "shared",
+        description=(
+            "fixed: each class's prototype mu_y = P e_y is frozen when its task ends (later "
+            "tasks cannot move it); shared: mu_y is always computed through the drifting, "
+            "shared projection P (the note's)"
+        ),
+    )
     clamp_alpha: float = Field(
         1.9, gt=0, description="soft clamp of log-scale: s = alpha*tanh(s_raw/alpha)"
     )
     spectral_norm: bool = True
     spectral_norm_first_task: bool = Field(
         True, description="apply spectral norm on task 0 too (False: only from task 1 on)"
+    )
+    spectral_norm_switch: Literal["absorb", "jump"] = Field(
+        "jump",
+        description=(
+            "when spectral norm is switched on at task 1 (spectral_norm_first_task: false): "
+            "absorb = each layer keeps its effective weight (W_eff = sigma_0 W / sigma(W), "
+            "sigma_0 fixed at the switch: no jump in log p); jump = W_eff becomes W / "
+            "sigma(W) at once (the note's)"
+        ),
     )
     warmup_steps: int = Field(
         50, ge=0, description="steps of additive-to-affine warm-up (0: affine from the start)"
@@ -121,7 +188,34 @@ class FlowConfig(_Section):
                 "flow.class_conditioning is false and flow.pos_dim is 0: the flow would have "
                 "no condition at all; set pos_dim > 0"
             )
+        couplings = self.n_couplings if isinstance(self.n_couplings, list) else [self.n_couplings]
+        if not couplings or any(k < 1 for k in couplings):
+            raise ValueError(f"flow.n_couplings must be >= 1 per level (got {self.n_couplings})")
+        if self.feature_norm and self.class_norm:
+            raise ValueError(
+                "flow.feature_norm (task 0's statistics for every class) and flow.class_norm "
+                "(each class its own) are alternatives: switch one off"
+            )
         return self
+
+    def couplings_at(self, level: int, n_levels: int) -> int:
+        """Coupling blocks of ``level`` (of n_levels); a per-level list must match n_levels."""
+        if isinstance(self.n_couplings, int):
+            return self.n_couplings
+        if len(self.n_couplings) != n_levels:
+            raise CcnfError(
+                f"flow.n_couplings lists {len(self.n_couplings)} levels but the features have "
+                f"{n_levels} (backbone.out_indices)",
+                where="params.yaml: flow.n_couplings",
+                fix="give one number per level, or a single number for all",
+            )
+        return self.n_couplings[level]
+
+    def hidden_at(self, dim: int) -> int:
+        """Subnet width of a level with feature size ``dim``."""
+        if self.hidden_ratio is None:
+            return self.hidden_dim
+        return max(8, round(self.hidden_ratio * dim))
 
 
 class LossConfig(_Section):
@@ -133,7 +227,19 @@ class LossConfig(_Section):
     lambda_balance: float = Field(0.01, ge=0)
     lambda_scale: float = Field(0.001, ge=0)
     lambda_mi: float = Field(0.1, ge=0)
+    negatives: Literal["task", "seen"] = Field(
+        "seen",
+        description=(
+            "candidate classes of L_mi's negative and L_e's softmax: task = the current "
+            "task's classes only (old classes are never pushed down); seen = every class seen "
+            "so far (the note's: with old classes as negatives and no positives for them, "
+            "the shared flow learns to lower their density)"
+        ),
+    )
     mi_margin: float = Field(0.5, ge=0, description="margin m of L_mi, in nats per dimension")
+    mi_samples: int = Field(
+        128, ge=1, description="patch vectors per level and step on which L_mi is evaluated"
+    )
     lambda_entropy: float = Field(0.01, ge=0)
     entropy_tau: float = Field(1.0, gt=0)
     entropy_samples: int = Field(
@@ -183,6 +289,25 @@ class TrainConfig(_Section):
         0, ge=0, description="replay: cached training images kept over all seen classes"
     )
     epochs: int = Field(8, ge=1, description="epochs over the task's training images")
+    min_steps_per_class: int = Field(
+        0,
+        ge=0,
+        description=(
+            "floor of the budget: a task trains for max(epochs x steps per epoch, this x the "
+            "classes it learns) optimizer steps, so few-shot classes still get a competent "
+            "flow (0: epochs alone)"
+        ),
+    )
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description=(
+            "learning rate over a task's steps (each round of meta_epochs): constant, or a "
+            "half cosine from lr to 0; both after lr_warmup_steps of linear warm-up"
+        ),
+    )
+    lr_warmup_steps: int = Field(
+        0, ge=0, description="linear learning-rate warm-up at the start of each task (steps)"
+    )
     images_per_step: int = Field(8, ge=1)
     patches_per_image: int | None = Field(
         64, ge=1, description="random positions per image and level per step (null: all)"
@@ -241,6 +366,22 @@ class ScoreConfig(_Section):
         description=(
             "E9: standardize nf and proto scores by the selected class's training-normal "
             "mean/std (per-class calibration)"
+        ),
+    )
+    level_fusion: Literal["mean", "standardized"] = Field(
+        "mean",
+        description=(
+            "how per-level patch scores become one map: mean = raw average (levels with larger "
+            "scales dominate); standardized = each level's scores minus the mean over divided "
+            "by the std of the class's calibration patch scores at that level (normal "
+            "training patches only), then averaged"
+        ),
+    )
+    headline: Literal["nf", "latent", "proto", "hybrid"] = Field(
+        "nf",
+        description=(
+            "the score whose figures summary.json lists first and the README, REPORT and "
+            "`ccnf info` headline; every score is computed and reported regardless"
         ),
     )
     select_level: int | None = Field(
@@ -326,6 +467,7 @@ class Params(_Section):
     splits: dict[str, list[list[str]]]
     tasks: dict[str, TaskConfig]
     backbone: BackboneConfig = BackboneConfig()
+    features: FeaturesConfig = FeaturesConfig()
     model: ModelConfig = ModelConfig()
     flow: FlowConfig = FlowConfig()
     loss: LossConfig = LossConfig()

@@ -54,12 +54,11 @@ from rich.console import Console
 from rich.progress import track
 
 from ccnf.atomic import atomic_path, write_json
-from ccnf.baselines import ClassBank, model_spec
-from ccnf.baselines import score_images as score_bank_images
-from ccnf.config import Params, ScoreConfig
+from ccnf.baselines import ClassBank, bank_patch_scores, model_spec
+from ccnf.config import Params
 from ccnf.device import resolve_device
 from ccnf.errors import CcnfError
-from ccnf.features import FeatureMeta, load_split
+from ccnf.features import FeatureMeta, load_inputs
 from ccnf.flows.ccnf import CCNF, read_checkpoint
 from ccnf.metrics import aupro, auroc, average_precision, f1_max, precision_recall_f1_at
 from ccnf.names import (
@@ -69,13 +68,14 @@ from ccnf.names import (
     THRESHOLD_KINDS,
 )
 from ccnf.scoring import (
-    Scores,
+    PatchScores,
+    assemble,
     calibration_record,
     class_statistics,
     image_scores,
+    level_stats_of,
+    patch_scores,
     pixel_maps,
-    pool,
-    score_images,
     stack_stats,
     thresholds,
 )
@@ -100,8 +100,15 @@ def class_metrics(
     image_thresholds[score][kind] (kind in kstd | pct): one threshold, or (N,) per image (each
     image compared with the threshold of the class it was scored under). Without thresholds
     only :data:`METRICS` are computed.
+
+    Beside the threshold metrics stand their chance levels (:data:`CHANCE_METRICS`): the AP of
+    a random ranking (= the defect rate r) and the F1 of flagging every image (2r / (1 + r)),
+    and ``image_normal_flagged_<kind>``, the fraction of the normal test images at or above
+    the threshold: above one half the class's calibration has gone stale.
     """
     out = {}
+    rate = float(np.mean(labels))
+    chance = {"image_ap_chance": rate, "image_f1_all": 2 * rate / (1 + rate)}
     for name in [s for s in SCORES if s in images]:
         values = {
             "image_auroc": auroc(labels, images[name]),
@@ -111,15 +118,18 @@ def class_metrics(
             "image_f1max": f1_max(labels, images[name])[0],
         }
         if image_thresholds is not None:
+            values |= chance
             for kind in THRESHOLD_KINDS:
                 thr = np.asarray(image_thresholds[name][kind], dtype=np.float64)
                 # s >= t  <=>  s - t >= 0 exactly in IEEE arithmetic, so per-image thresholds
                 # reuse the scalar rule
-                p, r, f = precision_recall_f1_at(labels, images[name] - thr, 0.0)
+                margin = images[name] - thr
+                p, r, f = precision_recall_f1_at(labels, margin, 0.0)
                 values |= {
                     f"image_precision_{kind}": p,
                     f"image_recall_{kind}": r,
                     f"image_f1_{kind}": f,
+                    f"image_normal_flagged_{kind}": float(np.mean(margin[labels == 0] >= 0)),
                 }
         out[name] = {k: _round(v) for k, v in values.items()}
     return out
@@ -156,20 +166,23 @@ def _image_thresholds(
     }
 
 
-def _bank_scores(
-    bank: ClassBank, cls_of: list[str], features: list[torch.Tensor], cfg: ScoreConfig,
-    mask_size: int, batch_images: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Maps (N, S, S) and image scores (N,) of N images, image i under bank model cls_of[i]."""
-    n = features[0].shape[0]
-    maps = np.zeros((n, mask_size, mask_size), dtype=np.float32)
-    for name in dict.fromkeys(cls_of):
-        idx = torch.tensor([i for i, c in enumerate(cls_of) if c == name])
-        m, _ = score_bank_images(
-            bank[name], [f[idx] for f in features], cfg, mask_size, batch_images
-        )
-        maps[idx.numpy()] = m
-    return maps, pool(maps, cfg)
+def _bank_patches(
+    bank: ClassBank, cls_of: list[str], features: list[torch.Tensor], batch_images: int
+) -> PatchScores:
+    """Patch scores of N images, image i under bank model cls_of[i] (grouped by class)."""
+    groups = {
+        name: torch.tensor([i for i, c in enumerate(cls_of) if c == name])
+        for name in dict.fromkeys(cls_of)
+    }
+    parts = {
+        name: bank_patch_scores(bank[name], [f[idx] for f in features], batch_images)
+        for name, idx in groups.items()
+    }
+    if len(parts) == 1:
+        return next(iter(parts.values()))
+    order = torch.argsort(torch.cat(list(groups.values())))
+    merged = PatchScores.cat(list(parts.values()))
+    return PatchScores({s: [lv[order] for lv in levels] for s, levels in merged.levels.items()})
 
 
 @dataclass
@@ -238,12 +251,12 @@ class _ClassEvaluator:
         """Image scores and maps of images scored under classes ``names`` (one per image)."""
         sc, mask_size, batch = self.sc, self.params.data.mask_size, self.params.eval.batch_images
         if self.is_bank:
-            maps, images = _bank_scores(self.bank, names, feats, sc, mask_size, batch)
-            scores = Scores(nf_map=maps, proto_map=None, nf_image=images, proto_image=None)
+            patches = _bank_patches(self.bank, names, feats, batch)
         else:
             ids = torch.tensor([self.params.classes.index(c) for c in names])
-            scores = score_images(self.model, feats, ids, sc, mask_size, batch)
+            patches = patch_scores(self.model, feats, ids, batch)
         st = stack_stats(self.calibration, names)
+        scores = assemble(patches, sc, mask_size, level_stats_of(st))
         return (
             image_scores(scores, st, sc.alpha, sc.calibrated),
             pixel_maps(scores, st, sc.alpha, sc.calibrated),
@@ -253,7 +266,7 @@ class _ClassEvaluator:
         """Evaluate class ``cls`` of task ``j``: task-aware and (if due) task-agnostic."""
         j, cls = job
         params, sc, fpr = self.params, self.sc, self.params.eval.aupro_fpr
-        split = load_split(self.features_dir, cls, "test")
+        split = load_inputs(self.features_dir, cls, "test", params.features.neighbourhood)
         cid = params.classes.index(cls)
         labels = split.labels.numpy()
         assert split.masks is not None

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -91,6 +92,26 @@ def load_split(features_dir: Path, cls: str, split: str) -> FeatureSplit:
             fix="the class must be in the split of data.source; re-run: dvc repro extract",
         )
     return FeatureSplit(**torch.load(path, map_location="cpu", weights_only=False))
+
+
+def neighbourhood(features: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """k x k average pooling of each level's maps (N, C, H, W), stride 1, same size; windows
+    at the border average only the positions inside the map. k = 1 returns the input as is;
+    otherwise float32 (the average of fp16 cache values is computed in float32)."""
+    if k == 1:
+        return features
+    return [
+        F.avg_pool2d(f.float(), k, stride=1, padding=k // 2, count_include_pad=False)
+        for f in features
+    ]
+
+
+def load_inputs(features_dir: Path, cls: str, split: str, k: int) -> FeatureSplit:
+    """The model inputs of one class and split: the cached features after
+    ``features.neighbourhood`` pooling (k, see :func:`neighbourhood`)."""
+    cached = load_split(features_dir, cls, split)
+    cached.features = neighbourhood(cached.features, k)
+    return cached
 
 
 def _progress(console: Console | None = None) -> Progress:

@@ -8,9 +8,12 @@ log p = log p(x|y) (N,), z (N, D), logdet (N,), s the couplings' log-scales.
     L_z_reg        = mean_d( mean_n(z_nd)^2 + (var_n(z_nd) - 1)^2 )      moment match to N(0, I)
     L_balance      = (mean_n(0.5 ||z_n||^2 / D) - 0.5)^2
     L_scale_penalty= mean(s^2)
-    L_mi           = mean(relu(m - (log p(x|y) - log p(x|y_neg)) / D)),  y_neg != y, seen
-    L_e            = mean_n H(softmax_c(log p(x_n|c) / (D tau))),  c over seen classes,
-                     on a random subset of ``loss.entropy_samples`` vectors
+    L_mi           = mean(relu(m - (log p(x|y) - log p(x|y_neg)) / D)),  y_neg != y drawn from
+                     the candidate classes, on a random subset of ``loss.mi_samples`` vectors
+    L_e            = mean_n H(softmax_c(log p(x_n|c) / (D tau))),  c over the candidate
+                     classes, on a random subset of ``loss.entropy_samples`` vectors
+    Candidates (``loss.negatives``): the classes whose data the task trains on (task) or
+    every class seen so far (seen, the note's); with fewer than 2, L_mi and L_e are off.
     L_center       = mean_b ||stopgrad(zbar_b) - P e_{y_b}||^2 / D,  zbar_b = mean of z over
                      image b's sampled positions; only the embedding and P get gradients (E11);
                      with ``loss.center_detach: false`` zbar keeps its gradient (E10)
@@ -105,12 +108,17 @@ def balance(z: torch.Tensor) -> torch.Tensor:
     return ((0.5 * z.pow(2).sum(dim=-1) / z.shape[1]).mean() - 0.5).pow(2)
 
 
-def negative_classes(batch: LevelBatch, seen: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """(N,) a random other seen class per image, repeated over the image's vectors (L_mi)."""
-    n_seen = seen.numel()
-    slot = torch.searchsorted(seen, batch.image_class)
-    offset = torch.randint(1, n_seen, (slot.numel(),), generator=gen).to(slot.device)
-    return seen[(slot + offset) % n_seen][batch.image]
+def negative_classes(
+    batch: LevelBatch, candidates: torch.Tensor, gen: torch.Generator
+) -> torch.Tensor:
+    """(N,) a random other candidate class per image, repeated over the image's vectors (L_mi).
+
+    candidates: sorted (C,) class ids, C >= 2, holding every image's own class.
+    """
+    n_cand = candidates.numel()
+    slot = torch.searchsorted(candidates, batch.image_class)
+    offset = torch.randint(1, n_cand, (slot.numel(),), generator=gen).to(slot.device)
+    return candidates[(slot + offset) % n_cand][batch.image]
 
 
 def mi_margin(
@@ -121,17 +129,17 @@ def mi_margin(
 
 
 def entropy_inputs(
-    batch: LevelBatch, seen: torch.Tensor, samples: int, gen: torch.Generator
+    batch: LevelBatch, candidates: torch.Tensor, samples: int, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A random subset of M vectors, each paired with every one of the C seen classes.
+    """A random subset of M vectors, each paired with every one of the C candidate classes.
 
     Returns x (C*M, D), y (C*M,), pos (C*M,), class-major (row c*M + i is vector i, class c).
     """
     n = batch.x.shape[0]
     pick = torch.randperm(n, generator=gen)[: min(samples, n)].to(batch.x.device)
     x, pos = batch.x[pick], batch.pos[pick]
-    c, m = seen.numel(), x.shape[0]
-    return x.repeat(c, 1), seen.repeat_interleave(m), pos.repeat(c)
+    c, m = candidates.numel(), x.shape[0]
+    return x.repeat(c, 1), candidates.repeat_interleave(m), pos.repeat(c)
 
 
 def class_entropy(log_prob: torch.Tensor, n_classes: int, dim: int, tau: float) -> torch.Tensor:
@@ -254,8 +262,12 @@ def level_losses(
     seen: torch.Tensor,
     cfg: LossConfig,
     gen: torch.Generator,
+    *,
+    negatives: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every enabled term for one level. seen: sorted (C,) ids of all classes seen so far.
+    """Every enabled term for one level. seen: sorted (C,) ids of all classes seen so far
+    (L_proto, L_mi_feat); negatives: sorted ids of L_mi's and L_e's candidate classes
+    (``loss.negatives``; None: seen).
 
     The batch, L_mi's negative-class copy and L_e's class-paired subset go through the flow
     in one pass: one set of (spectral-normalized) weights per step and a few large matrix
@@ -263,15 +275,18 @@ def level_losses(
     """
     w = weights(cfg)
     n, dim = batch.x.shape
+    cand = seen if negatives is None else negatives
     xs, ys, ps = [batch.x], [batch.y], [batch.pos]
-    use_mi = seen.numel() >= 2 and w["L_mi"] > 0
-    use_e = seen.numel() >= 2 and w["L_e"] > 0
+    use_mi = cand.numel() >= 2 and w["L_mi"] > 0
+    use_e = cand.numel() >= 2 and w["L_e"] > 0
+    mi_pick = None
     if use_mi:
-        xs.append(batch.x)
-        ys.append(negative_classes(batch, seen, gen))
-        ps.append(batch.pos)
+        mi_pick = torch.randperm(n, generator=gen)[: min(cfg.mi_samples, n)].to(batch.x.device)
+        xs.append(batch.x[mi_pick])
+        ys.append(negative_classes(batch, cand, gen)[mi_pick])
+        ps.append(batch.pos[mi_pick])
     if use_e:
-        x_e, y_e, p_e = entropy_inputs(batch, seen, cfg.entropy_samples, gen)
+        x_e, y_e, p_e = entropy_inputs(batch, cand, cfg.entropy_samples, gen)
         xs.append(x_e)
         ys.append(y_e)
         ps.append(p_e)
@@ -294,12 +309,15 @@ def level_losses(
         terms["L_balance"] = balance(out.z_centered)
     if w["L_scale_penalty"] > 0:
         terms["L_scale_penalty"] = out.scale_sq.mean()
-    if use_mi:
-        terms["L_mi"] = mi_margin(out.log_prob, joint.log_prob[n : 2 * n], dim, cfg.mi_margin)
+    n_mi = 0 if mi_pick is None else mi_pick.numel()
+    if mi_pick is not None:
+        terms["L_mi"] = mi_margin(
+            out.log_prob[mi_pick], joint.log_prob[n : n + n_mi], dim, cfg.mi_margin
+        )
     if use_e:
-        start = 2 * n if use_mi else n
+        start = n + n_mi
         terms["L_e"] = class_entropy(
-            joint.log_prob[start:], seen.numel(), dim, cfg.entropy_tau
+            joint.log_prob[start:], cand.numel(), dim, cfg.entropy_tau
         )
     if seen.numel() >= 2:
         if w["L_proto"] > 0:

@@ -1,15 +1,23 @@
-"""Anomaly scores of a trained CCNF: ``nf``, ``proto`` and ``hybrid`` (DESIGN.md section 4).
+"""Anomaly scores of a trained model: ``nf``, ``latent``, ``proto``, ``hybrid`` (DESIGN.md 4).
 
 For an image of (selected) class y, per level l with grid H_l x W_l:
 
-* nf patch score   = -log p(x_p | y) / D_l
-* proto patch score = ||z_p - mu_{y,l}||^2 / D_l     (the spatial reading of the proto score)
-* proto image score = mean_l ||zbar_l - mu_{y,l}||^2 / D_l, zbar_l = spatial mean of z;
+* nf patch score     = -log p(x_p | y) / D_l
+* latent patch score = 0.5 ||z_p - mu||^2 / D_l, mu the prior mean (0, or mu_y under the
+  class-mixture prior): the Gaussian term of -log p without the log-det
+* proto patch score  = ||z_p - mu_{y,l}||^2 / D_l     (the spatial reading of the proto score)
+* proto image score  = mean_l ||zbar_l - mu_{y,l}||^2 / D_l, zbar_l = spatial mean of z;
   with ``score.proto_power: 1`` its square root (E12-1 compares both)
 
-Pixel maps: each level's patch scores are upsampled bilinearly to ``data.mask_size``,
-averaged over levels and Gaussian-smoothed (``score.smoothing_sigma``, in mask pixels).
-nf image score = ``score.pooling`` (max | mean | top-k mean) of the nf map.
+A per-class baseline gives nf and latent only (no prototype, hence no proto and no hybrid).
+
+Pixel maps (:func:`levels_to_map`): each level's patch scores are upsampled bilinearly to
+``data.mask_size``, fused over levels and Gaussian-smoothed (``score.smoothing_sigma``, in mask
+pixels). Fusion (``score.level_fusion``): ``mean`` averages the raw levels; ``standardized``
+first maps each level's scores to (s - m_l) / sd_l with m_l, sd_l the mean and std of the
+class's calibration patch scores at that level (normal training patches only), so that a level
+whose scores run on a larger scale does not decide the map alone.
+Image scores of nf and latent = ``score.pooling`` (max | mean | top-k mean) of their map.
 
 hybrid = alpha * cal(proto) + (1 - alpha) * cal(nf), image- and pixel-wise, where cal()
 standardises with the mean/std of the class's scores on held-out *training* images
@@ -37,20 +45,54 @@ import torch.nn.functional as F
 from ccnf.config import ScoreConfig
 from ccnf.errors import CcnfError
 from ccnf.flows.ccnf import CCNF, LevelOutput
+from ccnf.names import MAP_SCORES
 
 
 @dataclass
 class Scores:
-    """Per-image scores of N images; maps are (N, S, S) float32, images (N,) float64.
+    """Scores of N images. maps[s] (N, S, S) float32 for every map score s present (nf,
+    latent, proto for CCNF; nf, latent for a baseline); images[s] (N,) float64 image scores
+    (pooled maps; proto's comes from the latent means instead)."""
 
-    A per-class baseline has only the nf-type score: its proto entries are None, and every
-    function below then returns the ``nf`` score alone (no proto, no hybrid).
+    maps: dict[str, np.ndarray]
+    images: dict[str, np.ndarray]
+
+
+@dataclass
+class PatchScores:
+    """Per-level patch scores of B images (float32, CPU).
+
+    levels[s][l]: (B, 1, H_l, W_l) for every map score s; proto_image: (B,) mean over levels of
+    ||zbar_l - mu_l||^2 / D_l (before ``proto_power``), None for a baseline.
     """
 
-    nf_map: np.ndarray
-    proto_map: np.ndarray | None
-    nf_image: np.ndarray
-    proto_image: np.ndarray | None
+    levels: dict[str, list[torch.Tensor]]
+    proto_image: torch.Tensor | None = None
+
+    @staticmethod
+    def cat(parts: list[PatchScores]) -> PatchScores:
+        names = list(parts[0].levels)
+        n_levels = len(parts[0].levels[names[0]])
+        levels = {
+            s: [torch.cat([p.levels[s][lvl] for p in parts]) for lvl in range(n_levels)]
+            for s in names
+        }
+        proto = None
+        if parts[0].proto_image is not None:
+            proto = torch.cat([p.proto_image for p in parts])
+        return PatchScores(levels, proto)
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain dict for a checkpoint: {score: [per-level tensors]}, + "proto_image"."""
+        out: dict[str, Any] = {s: [t.float().cpu() for t in lv] for s, lv in self.levels.items()}
+        if self.proto_image is not None:
+            out["proto_image"] = self.proto_image.float().cpu()
+        return out
+
+    @staticmethod
+    def from_record(record: dict[str, Any]) -> PatchScores:
+        levels = {s: record[s] for s in MAP_SCORES if s in record}
+        return PatchScores(levels, record.get("proto_image"))
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -79,23 +121,34 @@ def pool(maps: np.ndarray, cfg: ScoreConfig) -> np.ndarray:
     return np.sort(flat, axis=1)[:, -k:].mean(axis=1)
 
 
-def levels_to_map(levels: list[torch.Tensor], size: int, sigma: float) -> torch.Tensor:
-    """Per-level (B, 1, H_l, W_l) patch scores -> (B, size, size): upsample, average, blur."""
-    up = [F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False) for m in levels]
+def levels_to_map(
+    levels: list[torch.Tensor],
+    size: int,
+    sigma: float,
+    level_stats: np.ndarray | None = None,
+) -> torch.Tensor:
+    """Per-level (B, 1, H_l, W_l) patch scores -> (B, size, size): upsample, fuse, blur.
+
+    level_stats: None for the raw mean over levels (``level_fusion: mean``), or (B, L, 2)
+    [mean, std] per image and level: level l of image b becomes (s - mean) / std first
+    (``level_fusion: standardized``; the stats of the class each image is scored under).
+    """
+    up = []
+    for lvl, m in enumerate(levels):
+        m = m.float()
+        if level_stats is not None:
+            st = torch.as_tensor(level_stats[:, lvl], dtype=torch.float32)
+            m = (m - st[:, 0].view(-1, 1, 1, 1)) / st[:, 1].view(-1, 1, 1, 1)
+        up.append(F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False))
     return gaussian_blur(torch.cat(up, dim=1).mean(dim=1), sigma)
 
 
-@dataclass
-class _BatchPatches:
-    """Patch-level scores of b images under one class id each (float32).
-
-    nf[l], proto[l]: (b, 1, H_l, W_l) per level; proto_image: (b,) mean over levels of
-    ||zbar_l - mu_l||^2 / D_l (before ``proto_power``).
-    """
-
-    nf: list[torch.Tensor]
-    proto: list[torch.Tensor]
-    proto_image: torch.Tensor
+def level_statistics(patches: PatchScores) -> dict[str, list[list[float]]]:
+    """{score: [[mean, std] per level]} of a class's calibration patch scores: every patch of
+    its M held-out normal training images (std with ddof=0, floored at 1e-12)."""
+    return {
+        s: [_mean_std(lv.numpy()) for lv in levels] for s, levels in patches.levels.items()
+    }
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -124,164 +177,156 @@ def _level_forward(
 
 def _batch_patches(
     model: CCNF, features: list[torch.Tensor], sl: slice, y_img: torch.Tensor
-) -> _BatchPatches:
+) -> PatchScores:
     """One flow pass per level over all patches of images ``sl`` under classes y_img (b,)."""
     b = sl.stop - sl.start
-    nf_lv, pr_lv, img_lv = [], [], []
+    levels: dict[str, list[torch.Tensor]] = {s: [] for s in MAP_SCORES}
+    img_lv = []
     for lvl, feat in enumerate(features):
         _, d, h, w = feat.shape
         out, mu = _level_forward(model, feat, lvl, sl, y_img)
         z = out.z.view(b, h * w, d)
-        nf_lv.append((-out.log_prob / d).view(b, 1, h, w).cpu())
-        pr_lv.append(((z - mu[:, None]).pow(2).sum(-1) / d).view(b, 1, h, w).cpu())
+        levels["nf"].append((-out.log_prob / d).view(b, 1, h, w).cpu())
+        latent = 0.5 * out.z_centered.pow(2).sum(-1) / d
+        levels["latent"].append(latent.view(b, 1, h, w).cpu())
+        levels["proto"].append(((z - mu[:, None]).pow(2).sum(-1) / d).view(b, 1, h, w).cpu())
         img_lv.append(((z.mean(dim=1) - mu).pow(2).sum(-1) / d).cpu())
-    return _BatchPatches(nf_lv, pr_lv, torch.stack(img_lv).mean(dim=0))
+    return PatchScores(levels, torch.stack(img_lv).mean(dim=0))
 
 
-def _assemble(batches: list[_BatchPatches], cfg: ScoreConfig, mask_size: int) -> Scores:
-    """Maps and image scores of N images from their batches' patch scores."""
-    nf_maps = [levels_to_map(bp.nf, mask_size, cfg.smoothing_sigma).numpy() for bp in batches]
-    proto_maps = [levels_to_map(bp.proto, mask_size, cfg.smoothing_sigma).numpy() for bp in batches]
-    nf_map = np.concatenate(nf_maps).astype(np.float32)
-    proto_image = np.concatenate([bp.proto_image.numpy() for bp in batches]).astype(np.float64)
-    if cfg.proto_power == 1:
-        proto_image = np.sqrt(np.maximum(proto_image, 0.0))
-    return Scores(
-        nf_map=nf_map,
-        proto_map=np.concatenate(proto_maps).astype(np.float32),
-        nf_image=pool(nf_map, cfg),
-        proto_image=proto_image,
-    )
+def assemble(
+    patches: PatchScores,
+    cfg: ScoreConfig,
+    mask_size: int,
+    level_stats: dict[str, np.ndarray] | None = None,
+) -> Scores:
+    """Maps and image scores of N images from their patch scores.
+
+    level_stats: {score: (N, L, 2)} per-image level statistics, needed when
+    ``score.level_fusion`` is standardized (see :func:`levels_to_map`).
+    """
+    maps, images = {}, {}
+    for s, levels in patches.levels.items():
+        stats = None
+        if cfg.level_fusion == "standardized":
+            if level_stats is None:
+                raise ValueError("standardized level fusion needs the calibration level stats")
+            stats = level_stats[s]
+        maps[s] = levels_to_map(levels, mask_size, cfg.smoothing_sigma, stats).numpy()
+        maps[s] = maps[s].astype(np.float32)
+        images[s] = pool(maps[s], cfg)
+    if patches.proto_image is not None:
+        proto = patches.proto_image.numpy().astype(np.float64)
+        images["proto"] = np.sqrt(np.maximum(proto, 0.0)) if cfg.proto_power == 1 else proto
+    return Scores(maps, images)
 
 
 @torch.no_grad()
-def score_images(
-    model: CCNF,
-    features: list[torch.Tensor],
-    class_ids: torch.Tensor,
-    cfg: ScoreConfig,
-    mask_size: int,
-    batch_images: int,
-) -> Scores:
-    """Score N images, each under its class id.
+def patch_scores(
+    model: CCNF, features: list[torch.Tensor], class_ids: torch.Tensor, batch_images: int
+) -> PatchScores:
+    """Per-level patch scores of N images, image i under class class_ids[i].
 
     features[l]: (N, D_l, H_l, W_l) cached features; class_ids: (N,). Every patch of a batch
-    goes through each level's flow in one pass.
+    of ``batch_images`` images goes through each level's flow in one pass.
     """
     model.eval()
     n = features[0].shape[0]
-    batches = []
-    for start in range(0, n, batch_images):
-        sl = slice(start, min(n, start + batch_images))
-        batches.append(_batch_patches(model, features, sl, class_ids[sl]))
-    return _assemble(batches, cfg, mask_size)
+    parts = [
+        _batch_patches(model, features, slice(s, min(n, s + batch_images)),
+                       class_ids[s : min(n, s + batch_images)])
+        for s in range(0, n, batch_images)
+    ]
+    return PatchScores.cat(parts)
 
 
 # -- calibration -------------------------------------------------------------------------------
 
-# keys of one class's calibration record that hold [mean, std]
-STAT_KEYS = ("nf_image", "proto_image", "nf_pixel", "proto_pixel")
-# keys that hold the raw per-image calibration scores (the percentile threshold needs them)
-VALUE_KEYS = ("nf_image_values", "proto_image_values")
-
 
 def _mean_std(values: np.ndarray) -> list[float]:
-    v = values.astype(np.float64).ravel()
+    v = np.asarray(values, dtype=np.float64).ravel()
     # population std (ddof=0), floored so that standardizing never divides by zero
     return [float(v.mean()), float(max(v.std(), 1e-12))]
 
 
-def calibration_stats(scores: Scores) -> dict[str, list[float]]:
-    """Calibration record of one class, from its M held-out normal training images.
-
-    ``nf_image``, ``proto_image``, ``nf_pixel``, ``proto_pixel``: [mean, std] (std with
-    ddof=0, floored at 1e-12) of the image scores (M,) and of all map pixels (M*S*S,).
-    ``nf_image_values``, ``proto_image_values``: the M raw image scores themselves, which the
-    percentile threshold of :func:`thresholds` needs (hybrid values follow from them).
-    """
-    return {
-        "nf_image": _mean_std(scores.nf_image),
-        "proto_image": _mean_std(scores.proto_image),
-        "nf_pixel": _mean_std(scores.nf_map),
-        "proto_pixel": _mean_std(scores.proto_map),
-        "nf_image_values": [float(v) for v in scores.nf_image],
-        "proto_image_values": [float(v) for v in scores.proto_image],
-    }
-
-
-def bank_calibration_stats(maps: np.ndarray, images: np.ndarray) -> dict[str, list[float]]:
-    """Calibration record of one class of a per-class baseline (``model.kind`` != ccnf).
-
-    maps: (M, S, S) anomaly maps and images: (M,) image scores of the M held-out normal
-    training images. A baseline has only the nf-type score, so the record holds the ``nf_*``
-    entries of :func:`calibration_stats` (no proto, hence no hybrid).
-    """
-    return {
-        "nf_image": _mean_std(images),
-        "nf_pixel": _mean_std(maps),
-        "nf_image_values": [float(v) for v in np.asarray(images).ravel()],
-    }
-
-
-@torch.no_grad()
 def calibration_patches(
     model: CCNF, features: list[torch.Tensor], class_id: int, batch_images: int
 ) -> dict[str, Any]:
     """What a checkpoint stores to calibrate one class: the patch scores of its M held-out
     normal training images under the model of the moment the class was learned.
 
-    features[l]: (M, D_l, H_l, W_l). Returns {"nf": [(M, 1, H_l, W_l)], "proto": [...],
-    "proto_image": (M,)} (float32, CPU). Keeping patch scores rather than statistics makes the
-    train stage independent of ``score.*``: :func:`calibration_record` derives the statistics
-    for whatever pooling, smoothing and proto power the evaluation uses.
+    features[l]: (M, D_l, H_l, W_l). Returns :meth:`PatchScores.to_record`: {"nf": [(M, 1,
+    H_l, W_l)], "latent": [...], "proto": [...], "proto_image": (M,)}. Keeping patch scores
+    rather than statistics makes the train stage independent of ``score.*``:
+    :func:`calibration_record` derives the statistics for whatever pooling, fusion, smoothing
+    and proto power the evaluation uses.
     """
-    model.eval()
-    n = features[0].shape[0]
-    batches = [
-        _batch_patches(
-            model, features, slice(s, min(n, s + batch_images)),
-            torch.full((min(n, s + batch_images) - s,), class_id),
-        )
-        for s in range(0, n, batch_images)
-    ]
-    levels = range(len(features))
-    return {
-        "nf": [torch.cat([b.nf[lvl] for b in batches]).cpu() for lvl in levels],
-        "proto": [torch.cat([b.proto[lvl] for b in batches]).cpu() for lvl in levels],
-        "proto_image": torch.cat([b.proto_image for b in batches]).cpu(),
-    }
+    ids = torch.full((features[0].shape[0],), class_id)
+    return patch_scores(model, features, ids, batch_images).to_record()
 
 
 def calibration_record(
     patches: dict[str, Any], cfg: ScoreConfig, mask_size: int, *, cls: str = "?",
     where: str | None = None,
-) -> dict[str, list[float]]:
-    """Statistics of one class (:func:`calibration_stats`, or :func:`bank_calibration_stats`
-    for a baseline, whose record has no ``proto``) from its stored calibration patch scores."""
-    if not isinstance(patches.get("nf"), list):
+) -> dict[str, Any]:
+    """Statistics of one class from its stored calibration patch scores (M normal images).
+
+    ``levels``: {score: [[mean, std] per level]} of the raw patch scores (level fusion);
+    for every score s of the fused maps: ``s_image`` and ``s_pixel`` [mean, std] (ddof=0,
+    floored at 1e-12) of the M image scores and of all M*S*S map pixels; ``s_image_values``:
+    the M raw image scores (percentile thresholds). proto's image score is the latent-mean
+    distance, not a pooled map.
+    """
+    missing = [s for s in ("nf", "latent") if not isinstance(patches.get(s), list)]
+    if missing:
         raise CcnfError(
-            f"the calibration record of class '{cls}' holds no patch scores: the checkpoint "
-            "predates score-independent calibration",
+            f"the calibration record of class '{cls}' holds no {'/'.join(missing)} patch "
+            "scores: the checkpoint predates this version's scores",
             where=where,
             fix="re-train so the checkpoints store them: dvc repro",
         )
-    if "proto" not in patches:
-        maps = levels_to_map(patches["nf"], mask_size, cfg.smoothing_sigma).numpy()
-        return bank_calibration_stats(maps, pool(maps, cfg))
-    batch = _BatchPatches(patches["nf"], patches["proto"], patches["proto_image"])
-    return calibration_stats(_assemble([batch], cfg, mask_size))
+    ps = PatchScores.from_record(patches)
+    level_stats = level_statistics(ps)
+    m = patches[missing[0] if missing else "nf"][0].shape[0]
+    per_image = {s: np.tile(np.asarray(v, dtype=np.float64), (m, 1, 1))
+                 for s, v in level_stats.items()}
+    scores = assemble(ps, cfg, mask_size, per_image)
+    out: dict[str, Any] = {"levels": level_stats}
+    for s, values in scores.images.items():
+        out[f"{s}_image"] = _mean_std(values)
+        out[f"{s}_image_values"] = [float(v) for v in values]
+    for s, maps in scores.maps.items():
+        out[f"{s}_pixel"] = _mean_std(maps)
+    return out
+
+
+def score_names(stats: dict[str, Any]) -> list[str]:
+    """The score definitions a calibration record supports (hybrid needs nf and proto)."""
+    names = [s for s in MAP_SCORES if f"{s}_image" in stats]
+    if "proto" in names and "nf" in names:
+        names.append("hybrid")
+    return names
 
 
 def stack_stats(calibration: dict[str, dict], names: list[str]) -> dict[str, np.ndarray]:
-    """Per-image calibration: {key: (N, 2) [mean, std]} for images scored under classes names[i].
-
-    Used when the images of one test set are scored under different (selected) classes.
-    """
-    return {
+    """Per-image calibration for images scored under classes names[i]:
+    {"<s>_image" | "<s>_pixel": (N, 2) [mean, std]} and {"levels/<s>": (N, L, 2)}."""
+    first = calibration[names[0]]
+    out = {
         key: np.array([calibration[n][key] for n in names], dtype=np.float64).reshape(-1, 2)
-        for key in STAT_KEYS
-        if key in calibration[names[0]]
+        for key in first
+        if key.endswith(("_image", "_pixel"))
     }
+    for s in first["levels"]:
+        out[f"levels/{s}"] = np.array(
+            [calibration[n]["levels"][s] for n in names], dtype=np.float64
+        )
+    return out
+
+
+def level_stats_of(stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{score: (N, L, 2)} out of :func:`stack_stats` output (for :func:`assemble`)."""
+    return {k.split("/", 1)[1]: v for k, v in stats.items() if k.startswith("levels/")}
 
 
 def standardize(values: np.ndarray, stats: Any) -> np.ndarray:
@@ -293,57 +338,45 @@ def standardize(values: np.ndarray, stats: Any) -> np.ndarray:
     return (values - s[:, 0].reshape(shape)) / s[:, 1].reshape(shape)
 
 
-def _image_scores(
-    nf_image: np.ndarray,
-    proto_image: np.ndarray | None,
-    stats: dict,
-    alpha: float,
-    calibrated: bool,
+def _combine(
+    values: dict[str, np.ndarray], stats: dict, suffix: str, alpha: float, calibrated: bool
 ) -> dict[str, np.ndarray]:
-    nf_z = standardize(nf_image, stats["nf_image"])
-    if proto_image is None:
-        return {"nf": nf_z if calibrated else nf_image}
-    proto_z = standardize(proto_image, stats["proto_image"])
-    hybrid = alpha * proto_z + (1 - alpha) * nf_z
-    if calibrated:
-        return {"nf": nf_z, "proto": proto_z, "hybrid": hybrid}
-    return {"nf": nf_image, "proto": proto_image, "hybrid": hybrid}
+    """Raw or calibrated values of each score plus hybrid = alpha cal(proto) + (1-alpha)
+    cal(nf); suffix: "_image" or "_pixel" (which calibration statistics)."""
+    cal = {s: standardize(v, stats[f"{s}{suffix}"]) for s, v in values.items()}
+    out = dict(cal) if calibrated else dict(values)
+    if "proto" in values and "nf" in values:
+        out["hybrid"] = alpha * cal["proto"] + (1 - alpha) * cal["nf"]
+    return out
 
 
 def image_scores(
     scores: Scores, stats: dict, alpha: float, calibrated: bool = False
 ) -> dict[str, np.ndarray]:
-    """{score name: (N,) image scores} for nf, proto and hybrid.
+    """{score name: (N,) image scores} for every score of ``scores`` plus hybrid.
 
     hybrid = alpha * cal(proto) + (1 - alpha) * cal(nf), cal(v) = (v - mean) / std with the
     class's calibration statistics. ``stats`` is one class's record (every image scored under
     that class) or :func:`stack_stats` output (image i under its own class).
 
-    ``calibrated`` (``score.calibrated``, E9): nf and proto are returned as cal(nf), cal(proto)
-    too. Per class this is an increasing affine map, so under oracle selection it changes no
-    per-class ranking metric (AUROC, AP, F1-max, pixel AUROC, AUPRO) and, since the automatic
+    ``calibrated`` (``score.calibrated``, E9): every score is returned as cal(score). Per class
+    this is an increasing affine map, so under oracle selection it changes no per-class
+    ranking metric (AUROC, AP, F1-max, pixel AUROC, AUPRO) and, since the automatic
     thresholds move with it (:func:`thresholds`), no per-class precision/recall/F1 either. It
     matters when the images of one test set are scored under different classes (task-agnostic
     selection: each image gets its selected class's mean/std) or when one threshold is shared
     by several classes.
     """
-    return _image_scores(scores.nf_image, scores.proto_image, stats, alpha, calibrated)
+    return _combine(scores.images, stats, "_image", alpha, calibrated)
 
 
 def pixel_maps(
     scores: Scores, stats: dict, alpha: float, calibrated: bool = False
 ) -> dict[str, np.ndarray]:
-    """{score name: (N, S, S) float32 maps} for nf, proto and hybrid (see :func:`image_scores`;
-    maps use the ``*_pixel`` statistics)."""
-    nf_z = standardize(scores.nf_map, stats["nf_pixel"])
-    if scores.proto_map is None:
-        return {"nf": nf_z.astype(np.float32) if calibrated else scores.nf_map}
-    proto_z = standardize(scores.proto_map, stats["proto_pixel"])
-    hybrid = (alpha * proto_z + (1 - alpha) * nf_z).astype(np.float32)
-    if calibrated:
-        return {"nf": nf_z.astype(np.float32), "proto": proto_z.astype(np.float32),
-                "hybrid": hybrid}
-    return {"nf": scores.nf_map, "proto": scores.proto_map, "hybrid": hybrid}
+    """{score name: (N, S, S) float32 maps} (see :func:`image_scores`; maps use the
+    ``*_pixel`` statistics)."""
+    out = _combine(scores.maps, stats, "_pixel", alpha, calibrated)
+    return {s: v.astype(np.float32) for s, v in out.items()}
 
 
 # -- automatic thresholds (U-Flow) ---------------------------------------------------------------
@@ -357,9 +390,8 @@ def calibration_image_scores(
 
     Raises CcnfError for a checkpoint written before the raw values were stored.
     """
-    # a baseline's record (no proto score) needs only the nf values
-    needed = VALUE_KEYS if "proto_image" in stats else VALUE_KEYS[:1]
-    missing = [k for k in needed if k not in stats]
+    names = [s for s in MAP_SCORES if f"{s}_image" in stats]
+    missing = [f"{s}_image_values" for s in names if f"{s}_image_values" not in stats]
     if missing:
         raise CcnfError(
             f"the calibration record of class '{cls}' has no raw per-image calibration scores "
@@ -367,10 +399,8 @@ def calibration_image_scores(
             where=where,
             fix="re-train so the checkpoints store them: dvc repro",
         )
-    nf = np.asarray(stats["nf_image_values"], dtype=np.float64)
-    proto = stats.get("proto_image_values")
-    proto = None if proto is None else np.asarray(proto, dtype=np.float64)
-    return _image_scores(nf, proto, stats, alpha, calibrated)
+    values = {s: np.asarray(stats[f"{s}_image_values"], dtype=np.float64) for s in names}
+    return _combine(values, stats, "_image", alpha, calibrated)
 
 
 def thresholds(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +27,15 @@ from rich.progress import (
 from torch import nn
 
 from ccnf.atomic import atomic_path
-from ccnf.baselines import ClassBank, class_seed, model_spec
-from ccnf.config import Params
+from ccnf.baselines import ClassBank, bank_patch_scores, class_seed, model_spec
+from ccnf.config import Params, TrainConfig
 from ccnf.device import resolve_device
 from ccnf.errors import CcnfError, NonFiniteLossError
-from ccnf.features import FeatureMeta, FeatureSplit, load_split
+from ccnf.features import FeatureMeta, FeatureSplit, load_inputs
 from ccnf.flows.ccnf import CCNF, read_checkpoint
 from ccnf.losses import TERMS, LevelBatch, build_heads, level_losses, total_loss
 from ccnf.optim import AdamW
+from ccnf.schedule import StepBudget, lr_factor
 from ccnf.scoring import calibration_patches
 from ccnf.seeding import seed_everything
 
@@ -158,37 +158,46 @@ def _freeze(model: CCNF, params: Params, t: int) -> list[nn.Module]:
 
 @dataclass
 class Schedule:
-    """Epoch schedule of one task: ``rounds`` x ``epochs`` (E3 metaE), regularizers only in
-    the first ``reg_epochs`` epochs of a round (E3 subE) and scaled by ``reg_scale`` (E2/E3),
-    learning rate re-warmed linearly over the first epoch of each round when ``rewarm``."""
+    """Training schedule of one task: ``rounds`` rounds (E3 metaE) of ``budget.steps`` optimizer
+    steps (:class:`ccnf.schedule.StepBudget`), regularizers only in the first ``reg_epochs``
+    epochs of a round (E3 subE) and scaled by ``reg_scale`` (E2/E3); the learning rate follows
+    ``train.lr_schedule`` within each round (:func:`ccnf.schedule.lr_factor`) and, with
+    several rounds, is re-warmed linearly over the first epoch of each round (``rewarm``)."""
 
     rounds: int
-    epochs: int
+    budget: StepBudget
     reg_scale: float
     reg_epochs: int | None
     rewarm: bool
 
     @staticmethod
-    def for_task(params: Params, t: int) -> Schedule:
+    def for_task(params: Params, t: int, n_images: int, n_classes: int) -> Schedule:
         tc = params.train
         first = t == 0
         return Schedule(
             rounds=tc.meta_epochs if first else 1,
-            epochs=tc.epochs,
+            budget=StepBudget.of(n_images, n_classes, tc),
             reg_scale=tc.first_task_reg_scale if first else 1.0,
             reg_epochs=tc.sub_epochs,
             rewarm=first and tc.meta_epochs > 1,
         )
 
-    def reg_factor(self, epoch: int) -> float:
-        if self.reg_epochs is not None and epoch >= self.reg_epochs:
+    @property
+    def total_steps(self) -> int:
+        return self.rounds * self.budget.steps
+
+    def reg_factor(self, step: int) -> float:
+        """Regularizer weight factor at step ``step`` of a round."""
+        if self.reg_epochs is not None and self.budget.epoch_of(step) >= self.reg_epochs:
             return 0.0
         return self.reg_scale
 
-    def lr_factor(self, epoch: int, step: int, steps_per_epoch: int) -> float:
-        if not self.rewarm or epoch > 0:
-            return 1.0
-        return (step + 1) / steps_per_epoch
+    def lr_factor(self, step: int, train: TrainConfig) -> float:
+        """Learning-rate factor at step ``step`` of a round."""
+        factor = lr_factor(step, self.budget.steps, train)
+        if self.rewarm and step < self.budget.steps_per_epoch:
+            factor *= (step + 1) / self.budget.steps_per_epoch
+        return factor
 
 
 def _write_checkpoint(
@@ -210,6 +219,23 @@ def _write_log(path: Path, rows: list[dict[str, float]]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     path.write_text(buf.getvalue())
+
+
+def _set_class_stats(model: CCNF, fit: dict[int, FeatureSplit]) -> None:
+    """flow.class_norm: each new class's per-channel mean/std over all its fit patches."""
+    for cid, split in fit.items():
+        for lvl, f in enumerate(split.features):
+            flat = f.float().flatten(2).transpose(1, 2).reshape(-1, f.shape[1])
+            model.set_class_stats(lvl, cid, flat.mean(dim=0), flat.std(dim=0).clamp_min(1e-6))
+
+
+def _switch_spectral_norm(model: CCNF, params: Params, t: int) -> None:
+    """Spectral norm on or off for task t (``flow.spectral_norm``, ``..._first_task``); the
+    switch on at task 1 absorbs the current norms or lets the weights jump
+    (``flow.spectral_norm_switch``)."""
+    fc = params.flow
+    on = fc.spectral_norm and (t > 0 or fc.spectral_norm_first_task)
+    model.set_spectral_norm(on, absorb=fc.spectral_norm_switch == "absorb")
 
 
 def train_task(
@@ -255,24 +281,26 @@ def train_task(
         )
         return {"steps": 0.0, "seconds": 0.0, "final_loss": float("nan")}
     model.add_classes(len(task_classes))
-    sn = params.flow.spectral_norm and (t > 0 or params.flow.spectral_norm_first_task)
-    model.set_spectral_norm(sn)
+    _switch_spectral_norm(model, params, t)
     class_ids = list(range(offset, offset + len(task_classes)))
 
+    k = params.features.neighbourhood
     fit: dict[int, FeatureSplit] = {}
     calib: dict[int, FeatureSplit] = {}
     fit_indices: dict[int, list[int]] = {}
     for cid, cls in zip(class_ids, task_classes, strict=True):
-        split = load_split(features_dir, cls, "train")
+        split = load_inputs(features_dir, cls, "train", k)
         fit_idx, calib_idx = calibration_split(len(split), params.eval.calib_fraction, params.seed)
         fit[cid], calib[cid] = split.subset(fit_idx), split.subset(calib_idx)
         fit_indices[cid] = fit_idx.tolist()
     replay = ckpt.get("replay", {}) if params.train.strategy == "replay" else {}
     replayed = {
-        params.classes.index(cls): load_split(features_dir, cls, "train").subset(idx)
+        params.classes.index(cls): load_inputs(features_dir, cls, "train", k).subset(idx)
         for cls, idx in replay.items()
         if idx
     }
+    if params.flow.class_norm:
+        _set_class_stats(model, fit)
     model.to(device)
     data = _stack_task({**fit, **replayed})
     data = TaskData([f.to(device) for f in data.feats], data.labels.to(device))
@@ -284,11 +312,14 @@ def train_task(
     frozen = _freeze(model, params, t)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
-    schedule = Schedule.for_task(params, t)
+    n_img = data.labels.numel()
+    schedule = Schedule.for_task(params, t, n_img, len(task_classes))
     gen = torch.Generator().manual_seed(params.seed * 7919 + t)
     seen = torch.arange(offset + len(task_classes), device=device)
-    n_img = data.labels.numel()
-    steps_per_epoch = math.ceil(n_img / tc.images_per_step)
+    # L_mi / L_e candidates: the classes whose data this task trains on (its own and any
+    # replayed ones), or every seen class (loss.negatives)
+    negatives = seen if params.loss.negatives == "seen" else data.labels.unique()
+    per_epoch, steps = schedule.budget.steps_per_epoch, schedule.budget.steps
     rows: list[dict[str, float]] = []
     start = time.perf_counter()
     progress = Progress(
@@ -299,49 +330,54 @@ def train_task(
         TimeRemainingColumn(),
         console=console,
     )
-    total_steps = schedule.rounds * schedule.epochs * steps_per_epoch
     with progress:
-        bar = progress.add_task("train", total=total_steps, loss="-")
+        bar = progress.add_task("train", total=schedule.total_steps, loss="-")
         model.train()
         for module in frozen:
             module.eval()
+        order = torch.empty(0, dtype=torch.long)
         for _ in range(schedule.rounds):
-            for epoch in range(schedule.epochs):
-                order = torch.randperm(n_img, generator=gen)
-                for i in range(steps_per_epoch):
-                    for group in optimizer.param_groups:
-                        group["lr"] = tc.lr * schedule.lr_factor(epoch, i, steps_per_epoch)
-                    images = order[i * tc.images_per_step : (i + 1) * tc.images_per_step]
-                    per_level = [
-                        level_losses(
-                            model,
-                            lvl,
-                            _sample_batch(data, images, lvl, tc.patches_per_image, gen),
-                            seen,
-                            params.loss,
-                            gen,
-                        )
-                        for lvl in range(model.n_levels)
-                    ]
-                    loss, means = total_loss(per_level, params.loss, schedule.reg_factor(epoch))
-                    step = int(model.global_step)
-                    _check_finite({"loss": loss, **means}, task, step)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if tc.grad_clip is not None:
-                        norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
-                        _check_finite({"grad_norm": norm}, task, step)
-                    optimizer.step()
-                    model.global_step += 1
-                    rows.append(
-                        {"step": step, "task": t, "epoch": epoch, "loss": loss.item()}
-                        | {k: v.item() for k, v in means.items()}
+            for i in range(steps):
+                at = i % per_epoch
+                if at == 0:
+                    order = torch.randperm(n_img, generator=gen)
+                for group in optimizer.param_groups:
+                    group["lr"] = tc.lr * schedule.lr_factor(i, tc)
+                images = order[at * tc.images_per_step : (at + 1) * tc.images_per_step]
+                per_level = [
+                    level_losses(
+                        model,
+                        lvl,
+                        _sample_batch(data, images, lvl, tc.patches_per_image, gen),
+                        seen,
+                        params.loss,
+                        gen,
+                        negatives=negatives,
                     )
-                    progress.update(bar, advance=1, loss=f"{loss.item():.4f}")
+                    for lvl in range(model.n_levels)
+                ]
+                loss, means = total_loss(per_level, params.loss, schedule.reg_factor(i))
+                step = int(model.global_step)
+                _check_finite({"loss": loss, **means}, task, step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if tc.grad_clip is not None:
+                    norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
+                    _check_finite({"grad_norm": norm}, task, step)
+                optimizer.step()
+                model.global_step += 1
+                rows.append(
+                    {"step": step, "task": t, "epoch": schedule.budget.epoch_of(i),
+                     "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
+                    | {k_: v.item() for k_, v in means.items()}
+                )
+                progress.update(bar, advance=1, loss=f"{loss.item():.4f}")
     train_seconds = time.perf_counter() - start
     for p in model.parameters():
         if not torch.isfinite(p).all():
             raise NonFiniteLossError(f"non-finite weights after task {task}; nothing written")
+    if params.flow.prototypes == "fixed":
+        model.freeze_prototypes(class_ids)
 
     calibration = {
         cls: calibration_patches(model, calib[cid].features, cid, params.eval.batch_images)
@@ -408,7 +444,7 @@ def train_bank_task(
         params.split[t], description=f"train {task} ({params.model.kind})", console=console,
         disable=console is None,
     ):
-        split = load_split(features_dir, cls, "train")
+        split = load_inputs(features_dir, cls, "train", params.features.neighbourhood)
         fit_idx, calib_idx = calibration_split(len(split), params.eval.calib_fraction, params.seed)
         cid = params.classes.index(cls)
         log = bank.add_class(
@@ -416,9 +452,9 @@ def train_bank_task(
         )
         # the bank's optimizer steps already stop on a non-finite loss or gradient norm
         rows += [{"step": len(rows) + i, "task": t, **row} for i, row in enumerate(log)]
-        with torch.no_grad():
-            levels = bank.patch_scores(cls, split.subset(calib_idx).features)
-        calibration[cls] = {"nf": [m.float().cpu() for m in levels]}
+        calibration[cls] = bank_patch_scores(
+            bank[cls], split.subset(calib_idx).features, params.eval.batch_images
+        ).to_record()
     seconds = time.perf_counter() - start
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)

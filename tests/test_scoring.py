@@ -11,15 +11,16 @@ from ccnf.errors import CcnfError
 from ccnf.flows import CCNF
 from ccnf.flows.ccnf import LevelOutput
 from ccnf.scoring import (
-    STAT_KEYS,
-    bank_calibration_stats,
-    calibration_stats,
+    assemble,
+    calibration_record,
     class_statistics,
     gaussian_blur,
     image_scores,
+    level_stats_of,
+    patch_scores,
     pixel_maps,
     pool,
-    score_images,
+    score_names,
     select_classes,
     stack_stats,
     thresholds,
@@ -45,20 +46,31 @@ def test_pooling_modes() -> None:
     assert top.tolist() == [97.0, 197.0]  # mean of the 5 largest
 
 
-def _scored(power: int = 2):
+def _scored(power: int = 2, fusion: str = "mean"):
+    """A small random CCNF, 3 images and their Scores (calibrated on themselves)."""
     torch.manual_seed(0)
     cfg = FlowConfig(n_couplings=2, hidden_dim=8, embedding_dim=4, pos_dim=4)
     model = CCNF([5, 7], [[4, 4], [2, 2]], cfg, n_classes=2)
     feats = [torch.randn(3, 5, 4, 4), torch.randn(3, 7, 2, 2)]
-    sc = ScoreConfig(proto_power=power, smoothing_sigma=0.0)
-    return model, feats, score_images(model, feats, torch.tensor([0, 1, 1]), sc, 8, 2)
+    sc = ScoreConfig(proto_power=power, smoothing_sigma=0.0, level_fusion=fusion)
+    patches = patch_scores(model, feats, torch.tensor([0, 1, 1]), 2)
+    record = calibration_record(patches.to_record(), sc, 8)
+    st = stack_stats({"c": record}, ["c"] * 3)
+    return model, feats, assemble(patches, sc, 8, level_stats_of(st))
+
+
+def _stats(power: int = 2) -> dict:
+    """The calibration record of the 3 images of :func:`_scored` (mean level fusion)."""
+    model, feats, _ = _scored(power)
+    patches = patch_scores(model, feats, torch.tensor([0, 1, 1]), 2)
+    return calibration_record(patches.to_record(), ScoreConfig(proto_power=power,
+                              smoothing_sigma=0.0), 8)
 
 
 def test_scores_match_direct_flow_evaluation() -> None:
     model, feats, s = _scored()
-    assert s.nf_map.shape == (3, 8, 8) and s.proto_image.shape == (3,)
-    # nf image score (max pooling, no smoothing) equals the worst patch after upsampling:
-    # check the proto image score by hand instead, level by level
+    assert s.maps["nf"].shape == (3, 8, 8) and s.images["proto"].shape == (3,)
+    # check the proto image score by hand, level by level
     want = []
     for i, y in enumerate([0, 1, 1]):
         per_level = []
@@ -69,28 +81,103 @@ def test_scores_match_direct_flow_evaluation() -> None:
             mu = model.prototype(lvl, torch.tensor([y]))[0]
             per_level.append(float((out.z.mean(0) - mu).pow(2).sum().detach() / d))
         want.append(np.mean(per_level))
-    np.testing.assert_allclose(s.proto_image, want, rtol=1e-5)
+    np.testing.assert_allclose(s.images["proto"], want, rtol=1e-5)
     _, _, s1 = _scored(power=1)
-    np.testing.assert_allclose(s1.proto_image, np.sqrt(want), rtol=1e-5)
+    np.testing.assert_allclose(s1.images["proto"], np.sqrt(want), rtol=1e-5)
+
+
+def test_latent_score_equals_direct_computation() -> None:
+    """latent patch score = 0.5 ||z - mu||^2 / D (no log-det), mu the prior mean; its map is
+    the mean of the upsampled levels and its image score the map's maximum."""
+    model, feats, s = _scored()
+    for i, y in enumerate([0, 1, 1]):
+        levels = []
+        for lvl, f in enumerate(feats):
+            d, h, w = f.shape[1:]
+            out = model.forward_level(lvl, f[i].flatten(1).t(), torch.full((h * w,), y),
+                                      torch.arange(h * w))
+            patch = (0.5 * out.z.detach().pow(2).sum(-1) / d).view(1, 1, h, w)
+            assert not torch.allclose(patch, (-out.log_prob.detach() / d).view(1, 1, h, w))
+            levels.append(torch.nn.functional.interpolate(
+                patch, size=(8, 8), mode="bilinear", align_corners=False))
+        want = torch.cat(levels, dim=1).mean(dim=1)[0].numpy()
+        np.testing.assert_allclose(s.maps["latent"][i], want, rtol=1e-5, atol=1e-6)
+        assert s.images["latent"][i] == pytest.approx(float(want.max()), rel=1e-6)
+
+
+def test_latent_score_centres_on_the_class_mixture_prior() -> None:
+    torch.manual_seed(0)
+    cfg = FlowConfig(n_couplings=2, hidden_dim=8, embedding_dim=4, pos_dim=4,
+                     prior="class_mixture")
+    model = CCNF([5], [[2, 2]], cfg, n_classes=2)
+    feats = [torch.randn(2, 5, 2, 2)]
+    lat = patch_scores(model, feats, torch.tensor([1, 1]), 2).levels["latent"][0]
+    out = model.forward_level(0, feats[0][0].flatten(1).t(), torch.full((4,), 1),
+                              torch.arange(4))
+    mu = model.prototype(0, torch.tensor([1]))[0]
+    want = 0.5 * (out.z - mu).pow(2).sum(-1).detach() / 5
+    torch.testing.assert_close(lat[0].flatten(), want)
+
+
+def test_standardized_fusion_reads_only_calibration_statistics() -> None:
+    """Each level becomes (s - m_l) / sd_l with the calibration patches' statistics: the map
+    follows the calibration record and nothing else (not the test images' own statistics)."""
+    model, feats, _ = _scored()
+    sc = ScoreConfig(smoothing_sigma=0.0, level_fusion="standardized")
+    calib_feats = [f[:2] * 1.5 for f in feats]  # 2 "normal" images, other than the test ones
+    cal = calibration_record(
+        patch_scores(model, calib_feats, torch.tensor([1, 1]), 2).to_record(), sc, 8
+    )
+    test = patch_scores(model, feats, torch.tensor([1, 1, 1]), 2)
+    got = assemble(test, sc, 8, level_stats_of(stack_stats({"c": cal}, ["c"] * 3)))
+    # by hand, from the calibration patches' own mean/std per level (ddof=0)
+    calib = patch_scores(model, calib_feats, torch.tensor([1, 1]), 2)
+    up = []
+    for lvl in range(2):
+        ref = calib.levels["latent"][lvl].double()
+        m, sd = float(ref.mean()), float(ref.std(unbiased=False))
+        assert cal["levels"]["latent"][lvl] == pytest.approx([m, sd])
+        z = (test.levels["latent"][lvl] - m) / sd
+        up.append(torch.nn.functional.interpolate(z.float(), size=(8, 8), mode="bilinear",
+                                                  align_corners=False))
+    want = torch.cat(up, dim=1).mean(dim=1).numpy()
+    np.testing.assert_allclose(got.maps["latent"], want, rtol=1e-5, atol=1e-5)
+    # different test images: the statistics stay the calibration's
+    other = patch_scores(model, [f * 3 for f in feats], torch.tensor([1, 1, 1]), 2)
+    again = assemble(other, sc, 8, level_stats_of(stack_stats({"c": cal}, ["c"] * 3)))
+    assert not np.allclose(again.maps["latent"], got.maps["latent"])
+    shifted = {**cal, "levels": {s: [[m + 1.0, sd] for m, sd in lv]
+                                 for s, lv in cal["levels"].items()}}
+    moved = assemble(test, sc, 8, level_stats_of(stack_stats({"c": shifted}, ["c"] * 3)))
+    # (s - (m + 1)) / sd = z - 1 / sd at every level: the map moves by the level mean of 1/sd
+    drop = np.mean([1.0 / lv[1] for lv in cal["levels"]["latent"]])
+    np.testing.assert_allclose(moved.maps["latent"], got.maps["latent"] - drop, rtol=1e-5,
+                               atol=1e-5)
+    assert np.all(moved.maps["latent"] < got.maps["latent"])
+    with pytest.raises(ValueError, match="calibration"):
+        assemble(test, sc, 8, None)
 
 
 def test_batching_does_not_change_scores() -> None:
-    model, feats, s = _scored()
-    again = score_images(model, feats, torch.tensor([0, 1, 1]),
-                         ScoreConfig(smoothing_sigma=0.0), 8, 3)
-    np.testing.assert_allclose(again.nf_map, s.nf_map, rtol=1e-5, atol=1e-6)
+    model, feats, _ = _scored()
+    a = patch_scores(model, feats, torch.tensor([0, 1, 1]), 2)
+    b = patch_scores(model, feats, torch.tensor([0, 1, 1]), 3)
+    for s in a.levels:
+        for x, y in zip(a.levels[s], b.levels[s], strict=True):
+            np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_hybrid_is_weighted_sum_of_calibrated_scores() -> None:
     _, _, s = _scored()
-    stats = calibration_stats(s)
+    stats = _stats()
     img = image_scores(s, stats, alpha=0.3)
-    z_nf = (s.nf_image - stats["nf_image"][0]) / stats["nf_image"][1]
-    z_pr = (s.proto_image - stats["proto_image"][0]) / stats["proto_image"][1]
+    z_nf = (s.images["nf"] - stats["nf_image"][0]) / stats["nf_image"][1]
+    z_pr = (s.images["proto"] - stats["proto_image"][0]) / stats["proto_image"][1]
     np.testing.assert_allclose(img["hybrid"], 0.3 * z_pr + 0.7 * z_nf)
     maps = pixel_maps(s, stats, alpha=1.0)
-    want = (s.proto_map - stats["proto_pixel"][0]) / stats["proto_pixel"][1]
+    want = (s.maps["proto"] - stats["proto_pixel"][0]) / stats["proto_pixel"][1]
     np.testing.assert_allclose(maps["hybrid"], want, rtol=1e-5, atol=1e-5)
+    assert set(img) == {"nf", "latent", "proto", "hybrid"}
 
 
 # -- calibration, calibrated scores, thresholds ---------------------------------------------------
@@ -98,51 +185,60 @@ def test_hybrid_is_weighted_sum_of_calibrated_scores() -> None:
 
 def test_calibration_stats_keep_raw_image_scores() -> None:
     _, _, s = _scored()
-    stats = calibration_stats(s)
-    assert stats["nf_image_values"] == pytest.approx(s.nf_image.tolist(), abs=0)
-    assert stats["proto_image_values"] == pytest.approx(s.proto_image.tolist(), abs=0)
+    stats = _stats()
+    for name in ("nf", "latent", "proto"):
+        assert stats[f"{name}_image_values"] == pytest.approx(s.images[name].tolist(), abs=0)
     assert stats["nf_image"][0] == pytest.approx(np.mean(stats["nf_image_values"]))
-    assert stats["proto_pixel"][1] == pytest.approx(float(s.proto_map.astype(np.float64).std()))
+    assert stats["proto_pixel"][1] == pytest.approx(
+        float(s.maps["proto"].astype(np.float64).std())
+    )
 
 
-def test_bank_calibration_record_is_the_nf_part() -> None:
-    _, _, s = _scored()
-    full = calibration_stats(s)
-    bank = bank_calibration_stats(s.nf_map, s.nf_image)
-    assert bank == {k: full[k] for k in ("nf_image", "nf_pixel", "nf_image_values")}
+def test_bank_calibration_record_has_no_proto() -> None:
+    model, feats, _ = _scored()
+    patches = patch_scores(model, feats, torch.tensor([1, 1, 1]), 2).to_record()
+    full = calibration_record(patches, ScoreConfig(), 8)
+    bank = calibration_record({k: patches[k] for k in ("nf", "latent")}, ScoreConfig(), 8)
+    assert score_names(bank) == ["nf", "latent"]
+    assert score_names(full) == ["nf", "latent", "proto", "hybrid"]
+    assert bank == {k: v for k, v in full.items() if not k.startswith("proto")} | {
+        "levels": {k: v for k, v in full["levels"].items() if k != "proto"}
+    }
 
 
 def test_calibrated_scores_are_standardized() -> None:
     _, _, s = _scored()
-    stats = calibration_stats(s)
+    stats = _stats()
     raw = image_scores(s, stats, alpha=0.4)
     cal = image_scores(s, stats, alpha=0.4, calibrated=True)
-    nf_z = (s.nf_image - stats["nf_image"][0]) / stats["nf_image"][1]
+    nf_z = (s.images["nf"] - stats["nf_image"][0]) / stats["nf_image"][1]
     np.testing.assert_allclose(cal["nf"], nf_z)
     np.testing.assert_allclose(
-        cal["proto"], (s.proto_image - stats["proto_image"][0]) / stats["proto_image"][1]
+        cal["proto"], (s.images["proto"] - stats["proto_image"][0]) / stats["proto_image"][1]
     )
     # standardized on the images the statistics came from: mean 0, std 1
     assert cal["nf"].mean() == pytest.approx(0.0, abs=1e-9)
-    assert cal["nf"].std() == pytest.approx(1.0)
-    np.testing.assert_array_equal(raw["nf"], s.nf_image)  # off: raw scores
+    assert cal["latent"].std() == pytest.approx(1.0)
+    np.testing.assert_array_equal(raw["nf"], s.images["nf"])  # off: raw scores
     np.testing.assert_array_equal(cal["hybrid"], raw["hybrid"])  # hybrid is always calibrated
     maps = pixel_maps(s, stats, alpha=0.4, calibrated=True)
-    want = (s.nf_map - stats["nf_pixel"][0]) / stats["nf_pixel"][1]
+    want = (s.maps["nf"] - stats["nf_pixel"][0]) / stats["nf_pixel"][1]
     np.testing.assert_allclose(maps["nf"], want, rtol=1e-5, atol=1e-5)
     assert maps["nf"].dtype == np.float32
 
 
 def test_per_image_statistics_apply_row_by_row() -> None:
     _, _, s = _scored()
-    a = calibration_stats(s)
-    b = {k: [v[0] + 1.0, v[1] * 2.0] for k, v in a.items() if k in STAT_KEYS}
+    a = _stats()
+    b = {k: ([v[0] + 1.0, v[1] * 2.0] if k.endswith(("_image", "_pixel")) else v)
+         for k, v in a.items()}
     per_image = stack_stats({"a": a, "b": b}, ["a", "b", "a"])
     assert per_image["nf_image"].shape == (3, 2)
+    assert per_image["levels/nf"].shape == (3, 2, 2)
     got = image_scores(s, per_image, alpha=0.5, calibrated=True)
     for i, rec in enumerate([a, b, a]):
         want = image_scores(s, rec, alpha=0.5, calibrated=True)
-        for name in ("nf", "proto", "hybrid"):
+        for name in ("nf", "latent", "proto", "hybrid"):
             assert got[name][i] == pytest.approx(want[name][i], abs=1e-12)
     maps = pixel_maps(s, per_image, alpha=0.5)
     np.testing.assert_allclose(maps["hybrid"][1], pixel_maps(s, b, alpha=0.5)["hybrid"][1])
@@ -173,8 +269,7 @@ def test_thresholds_against_direct_computation() -> None:
 
 
 def test_checkpoint_without_raw_calibration_values_is_a_user_error() -> None:
-    _, _, s = _scored()
-    old = {k: v for k, v in calibration_stats(s).items() if k in STAT_KEYS}
+    old = {k: v for k, v in _stats().items() if not k.endswith("_values")}
     with pytest.raises(CcnfError, match="dvc repro") as info:
         thresholds(old, 0.5, False, 3.0, 99.0, cls="weave", where="models/t0/model.pt")
     assert "weave" in str(info.value) and "models/t0/model.pt" in str(info.value)
@@ -264,16 +359,20 @@ def test_class_statistics_match_per_image_flow_passes() -> None:
 
 def test_calibration_record_from_patches_equals_direct_statistics() -> None:
     """The checkpoint stores patch scores; statistics for any score.* follow from them."""
-    from ccnf.scoring import calibration_patches, calibration_record
+    from ccnf.scoring import calibration_patches
 
     model, feats, _ = _scored()
     patches = calibration_patches(model, feats, 1, batch_images=2)
     for sc in (ScoreConfig(smoothing_sigma=1.0), ScoreConfig(pooling="mean", proto_power=1)):
-        want = calibration_stats(score_images(model, feats, torch.full((3,), 1), sc, 8, 2))
+        scores = assemble(patch_scores(model, feats, torch.full((3,), 1), 2), sc, 8)
         got = calibration_record(patches, sc, 8)
-        assert set(got) == set(want)
-        for key in want:
-            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7)
+        for name, values in scores.images.items():
+            np.testing.assert_allclose(got[f"{name}_image_values"], values, rtol=1e-6)
+            assert got[f"{name}_image"] == pytest.approx(
+                [values.mean(), values.std()], rel=1e-6)
+        for name, maps in scores.maps.items():
+            assert got[f"{name}_pixel"] == pytest.approx(
+                [maps.astype(np.float64).mean(), maps.astype(np.float64).std()], rel=1e-5)
     with pytest.raises(CcnfError, match="predates"):
         calibration_record({"nf_image": [0.0, 1.0]}, ScoreConfig(), 8)
 

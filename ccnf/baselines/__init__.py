@@ -17,7 +17,7 @@ from ccnf.baselines.base import PerClassModel
 from ccnf.baselines.fastflow import ConvAffineCoupling, FastFlow2d, FastFlowModel
 from ccnf.baselines.flow_bank import FlowBankModel
 from ccnf.baselines.gaussian import GaussianModel
-from ccnf.baselines.maps import anomaly_map, score_images
+from ccnf.baselines.maps import bank_patch_scores
 
 __all__ = [
     "BANK_KINDS",
@@ -28,10 +28,9 @@ __all__ = [
     "FlowBankModel",
     "GaussianModel",
     "PerClassModel",
-    "anomaly_map",
+    "bank_patch_scores",
     "build_model",
     "class_seed",
     "model_spec",
     "nbytes",
-    "score_images",
 ]

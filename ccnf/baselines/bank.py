@@ -37,15 +37,17 @@ def model_spec(params: Params, channels: list[int], grids: list[list[int]]) -> d
     if kind == "gaussian":
         return {**base, "eps": m.gaussian_eps}
     if kind == "flow_bank":
+        n_levels = len(channels)
         return {
             **base,
-            "n_couplings": f.n_couplings,
-            "hidden_dim": f.hidden_dim,
+            "n_couplings": [f.couplings_at(lvl, n_levels) for lvl in range(n_levels)],
+            "hidden_dims": [f.hidden_at(int(c)) for c in channels],
             "clamp_alpha": f.clamp_alpha,
             "spectral_norm": f.spectral_norm,
             "pos_dim": f.pos_dim,
             "warmup_steps": f.warmup_steps,
-            "feature_norm": f.feature_norm,
+            # a one-class model: task 0's statistics and the class's own are the same
+            "feature_norm": f.feature_norm or f.class_norm,
         }
     if kind == "fastflow":
         return {
@@ -147,8 +149,9 @@ class ClassBank:
         return rows
 
     # -- scoring -------------------------------------------------------------------------------
-    def patch_scores(self, name: str, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Class ``name``'s patch scores: feats[l] (B, C_l, H_l, W_l) -> per level (B,1,H_l,W_l)."""
+    def patch_scores(self, name: str, feats: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        """Class ``name``'s patch scores: feats[l] (B, C_l, H_l, W_l) -> {score: per level
+        (B, 1, H_l, W_l)}."""
         return self[name].patch_scores(feats)
 
     @torch.no_grad()
@@ -157,14 +160,14 @@ class ClassBank:
     ) -> torch.Tensor:
         """(B, K) mean patch score of each image under each class's model (lower = more likely).
 
-        For the flows this is the mean over levels of -log p(X) / (D_l H_l W_l), the
-        likelihood-based class selection; for the Gaussian the mean Mahalanobis distance.
-        Argmin over K gives the selected class (``score.class_select: likelihood``).
+        The mean over levels of -log p(X) / (D_l H_l W_l) (the nf patch scores): the
+        likelihood-based class selection. Argmin over K gives the selected class
+        (``score.class_select: likelihood``).
         """
         names = self.classes if classes is None else classes
         cols = []
         for name in names:
-            levels = self[name].patch_scores(feats)
+            levels = self[name].patch_scores(feats)["nf"]
             cols.append(torch.stack([m.flatten(1).mean(1) for m in levels]).mean(0))
         return torch.stack(cols, dim=1)
 

@@ -4,8 +4,10 @@ A per-class model sees the cached training features of exactly one class, once, 
 only scores. Feature lists follow the cache: ``feats[l]`` is (N, C_l, H_l, W_l) for level l
 (any float dtype; fp16 from the cache is upcast to float32 here).
 
-Patch scores are "higher = more anomalous", one map per level, (B, 1, H_l, W_l), so that
-they go through the same upsample / level-average / blur / pooling as CCNF's ``nf`` score
+Patch scores are "higher = more anomalous", one map per level, (B, 1, H_l, W_l), for each of
+the two density scores CCNF also has: ``nf`` = -log p(x) / D_l and ``latent`` = the Gaussian
+term alone (0.5 ||z||^2 / D_l for a flow, half the squared Mahalanobis distance / D_l for the
+Gaussian). They go through the same upsample / level fusion / blur / pooling as CCNF's scores
 (:mod:`ccnf.baselines.maps`).
 """
 
@@ -22,6 +24,7 @@ from torch import nn
 from ccnf.config import TrainConfig
 from ccnf.errors import CcnfError, NonFiniteLossError
 from ccnf.optim import AdamW
+from ccnf.schedule import StepBudget, lr_factor
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -58,8 +61,9 @@ class PerClassModel(nn.Module, ABC):
         """
 
     @abstractmethod
-    def patch_scores(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        """feats[l] (B, C_l, H_l, W_l) -> per level (B, 1, H_l, W_l) anomaly scores (float32)."""
+    def patch_scores(self, feats: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        """feats[l] (B, C_l, H_l, W_l) -> {"nf" | "latent": per level (B, 1, H_l, W_l)}
+        anomaly scores (float32)."""
 
     # -- shared helpers ------------------------------------------------------------------------
     @property
@@ -94,23 +98,30 @@ class PerClassModel(nn.Module, ABC):
         gen: torch.Generator,
         loss_of: Callable[[torch.Tensor], torch.Tensor],
     ) -> list[dict[str, float]]:
-        """AdamW over ``train.epochs`` shuffled passes of the n training images.
+        """AdamW over shuffled passes of the n training images for the budget of one class
+        (:class:`ccnf.schedule.StepBudget`: ``train.epochs`` passes, at least
+        ``train.min_steps_per_class`` steps), learning rate by ``train.lr_schedule``.
 
         loss_of(images (b,) indices) -> scalar loss of that step. Returns one log row per step;
         leaves the model in eval mode.
         """
         params = [p for p in self.parameters() if p.requires_grad]
         opt = AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-        steps_per_epoch = math.ceil(n / train.images_per_step)
+        budget = StepBudget.of(n, 1, train)
         rows: list[dict[str, float]] = []
         self.train()
-        for epoch in range(train.epochs):
-            order = torch.randperm(n, generator=gen).to(self.device)
-            for i in range(steps_per_epoch):
-                images = order[i * train.images_per_step : (i + 1) * train.images_per_step]
-                loss = loss_of(images)
-                step = self.optimizer_step(loss, opt, params, train.grad_clip)
-                rows.append({"step": step, "epoch": epoch, "loss": loss.item(), "L_g": loss.item()})
+        order = torch.empty(0, dtype=torch.long)
+        for i in range(budget.steps):
+            at = i % budget.steps_per_epoch
+            if at == 0:
+                order = torch.randperm(n, generator=gen).to(self.device)
+            for group in opt.param_groups:
+                group["lr"] = train.lr * lr_factor(i, budget.steps, train)
+            images = order[at * train.images_per_step : (at + 1) * train.images_per_step]
+            loss = loss_of(images)
+            step = self.optimizer_step(loss, opt, params, train.grad_clip)
+            rows.append({"step": step, "epoch": budget.epoch_of(i), "loss": loss.item(),
+                         "L_g": loss.item()})
         self.eval()
         return rows
 

@@ -13,8 +13,8 @@ B' at pixel p depends on A only through the subnet, so each step's Jacobian is b
 triangular and its log-det is a sum over pixels of sum_c s_c(p): the log-det splits exactly
 into per-position terms, logdet_p = sum_k sum_c s_{k,c}(p) - sum_c log_sigma_c, and
     log p(X) = sum_p [ -0.5 ||z_p||^2 - 0.5 C log(2 pi) + logdet_p ].
-Patch score at p = -(-0.5 ||z_p||^2 - 0.5 C log(2 pi) + logdet_p) / C; the training loss is
-its mean over positions, images and levels.
+Patch scores at p: nf = -(-0.5 ||z_p||^2 - 0.5 C log(2 pi) + logdet_p) / C, latent =
+0.5 ||z_p||^2 / C; the training loss is nf's mean over positions, images and levels.
 """
 
 from __future__ import annotations
@@ -155,12 +155,14 @@ class FastFlowModel(PerClassModel):
     def spec(self) -> dict[str, Any]:
         return {"channels": self.channels, "grids": self.grids, **self._spec}
 
-    def level_nll_map(self, level: int, x: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W) -> -log p per position / C, (B, 1, H, W)."""
+    def level_maps(self, level: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, C, H, W) -> (-log p per position / C, 0.5 ||z||^2 per position / C), each
+        (B, 1, H, W)."""
         z, logdet = self.flows[level](x, self.warm())
         c = x.shape[1]
-        log_p = -0.5 * z.pow(2).sum(dim=1) - 0.5 * c * LOG_2PI + logdet
-        return (-log_p / c)[:, None]
+        half_sq = 0.5 * z.pow(2).sum(dim=1)
+        log_p = -half_sq - 0.5 * c * LOG_2PI + logdet
+        return (-log_p / c)[:, None], (half_sq / c)[:, None]
 
     def fit(
         self, feats: list[torch.Tensor], train: TrainConfig, gen: torch.Generator
@@ -174,14 +176,16 @@ class FastFlowModel(PerClassModel):
         def loss_of(images: torch.Tensor) -> torch.Tensor:
             # whole maps (no position sampling): the conv subnets need the neighbourhood
             return torch.stack(
-                [self.level_nll_map(lvl, f[images]).mean() for lvl, f in enumerate(feats)]
+                [self.level_maps(lvl, f[images])[0].mean() for lvl, f in enumerate(feats)]
             ).mean()
 
         return self.train_epochs(n, train, gen, loss_of)
 
     @torch.no_grad()
-    def patch_scores(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        """-log p per position / C_l: per level (B, 1, H_l, W_l)."""
+    def patch_scores(self, feats: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        """nf = -log p per position / C_l, latent = 0.5 ||z||^2 / C_l: per level
+        (B, 1, H_l, W_l)."""
         feats = self.check_features(feats, "fastflow scoring")
         self.eval()
-        return [self.level_nll_map(lvl, f) for lvl, f in enumerate(feats)]
+        pairs = [self.level_maps(lvl, f) for lvl, f in enumerate(feats)]
+        return {"nf": [p[0] for p in pairs], "latent": [p[1] for p in pairs]}

@@ -4,14 +4,17 @@ Per level l (patch vector x in R^{D_l} at grid position p):
     c = PE(p)                                  2-D sinusoidal encoding (no class embedding)
     z = f_l(x; c)                              the same ConditionalFlow CCNF uses
     log p(x) = -0.5 ||z||^2 - 0.5 D_l log(2 pi) + log|det df_l/dx|
-    patch score = -log p(x) / D_l
+    patch scores: nf = -log p(x) / D_l, latent = 0.5 ||z||^2 / D_l
 Training: L_g = mean over levels of mean(-log p / D_l) on ``train.patches_per_image`` random
-positions of ``train.images_per_step`` images per step, AdamW, gradient-norm clipping, the
-soft clamp and the additive-to-affine warm-up of the CCNF couplings (``flow.*``).
+positions of ``train.images_per_step`` images per step for the budget of
+:class:`ccnf.schedule.StepBudget`, AdamW, gradient-norm clipping, the soft clamp and the
+additive-to-affine warm-up of the CCNF couplings (``flow.*``). Capacity per level as CCNF's
+(``flow.n_couplings``, ``flow.hidden_ratio`` / ``hidden_dim``).
 
-With ``flow.feature_norm`` each channel is first standardised with this class's own training
-mean/std (stored with the model); log p then includes the standardisation's log-det
--sum_c log std_c, so likelihoods stay comparable across classes (class selection).
+With ``flow.feature_norm`` or ``flow.class_norm`` each channel is first standardised with this
+class's own training mean/std (for a one-class model the two are the same), stored with the
+model; log p then includes the standardisation's log-det -sum_c log std_c, so likelihoods stay
+comparable across classes (class selection).
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ class FlowBankModel(PerClassModel):
         channels: list[int],
         grids: list[list[int]],
         *,
-        n_couplings: int,
-        hidden_dim: int,
+        n_couplings: list[int],
+        hidden_dims: list[int],
         clamp_alpha: float,
         spectral_norm: bool,
         pos_dim: int,
@@ -47,8 +50,8 @@ class FlowBankModel(PerClassModel):
     ) -> None:
         super().__init__(channels, grids)
         self._spec = {
-            "n_couplings": n_couplings,
-            "hidden_dim": hidden_dim,
+            "n_couplings": list(n_couplings),
+            "hidden_dims": list(hidden_dims),
             "clamp_alpha": clamp_alpha,
             "spectral_norm": spectral_norm,
             "pos_dim": pos_dim,
@@ -61,12 +64,12 @@ class FlowBankModel(PerClassModel):
             ConditionalFlow(
                 c,
                 pos_dim,
-                n_couplings=n_couplings,
-                hidden_dim=hidden_dim,
+                n_couplings=k,
+                hidden_dim=hid,
                 clamp_alpha=clamp_alpha,
                 spectral_norm=spectral_norm,
             )
-            for c in self.channels
+            for c, k, hid in zip(self.channels, n_couplings, hidden_dims, strict=True)
         )
         for lvl, (c, (h, w)) in enumerate(zip(self.channels, self.grids, strict=True)):
             # Deterministic from the grid: recomputed on load, so not stored in checkpoints.
@@ -80,13 +83,17 @@ class FlowBankModel(PerClassModel):
     def spec(self) -> dict[str, Any]:
         return {"channels": self.channels, "grids": self.grids, **self._spec}
 
-    def level_log_prob(self, level: int, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """x (N, D_l) raw patch features at flat grid positions pos (N,) -> log p(x) (N,)."""
+    def level_log_prob(
+        self, level: int, x: torch.Tensor, pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, D_l) raw patch features at flat grid positions pos (N,) -> (log p(x) (N,),
+        0.5 ||z||^2 (N,))."""
         mean, std = getattr(self, f"feat_mean_{level}"), getattr(self, f"feat_std_{level}")
         x = (x - mean) / std
         z, logdet, _ = self.flows[level](x, getattr(self, f"pos_{level}")[pos], self.warm())
         d = x.shape[1]
-        return -0.5 * z.pow(2).sum(-1) - 0.5 * d * LOG_2PI + logdet - std.log().sum()
+        half_sq = 0.5 * z.pow(2).sum(-1)
+        return -half_sq - 0.5 * d * LOG_2PI + logdet - std.log().sum(), half_sq
 
     def fit(
         self, feats: list[torch.Tensor], train: TrainConfig, gen: torch.Generator
@@ -105,22 +112,25 @@ class FlowBankModel(PerClassModel):
             losses = []
             for lvl, x_all in enumerate(per_level):
                 x, pos = _sample(x_all, images, train.patches_per_image, gen)
-                losses.append((-self.level_log_prob(lvl, x, pos) / x.shape[1]).mean())
+                losses.append((-self.level_log_prob(lvl, x, pos)[0] / x.shape[1]).mean())
             return torch.stack(losses).mean()
 
         return self.train_epochs(n, train, gen, loss_of)
 
     @torch.no_grad()
-    def patch_scores(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        """-log p(x_p) / D_l per patch: per level (B, 1, H_l, W_l)."""
+    def patch_scores(self, feats: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        """nf = -log p(x_p) / D_l and latent = 0.5 ||z_p||^2 / D_l per patch: per level
+        (B, 1, H_l, W_l)."""
         feats = self.check_features(feats, "flow_bank scoring")
         self.eval()  # eval: no spectral-norm power iteration, the stored weights stay untouched
-        out = []
+        out: dict[str, list[torch.Tensor]] = {"nf": [], "latent": []}
         for lvl, f in enumerate(feats):
             b, d, h, w = f.shape
             x = f.flatten(2).transpose(1, 2).reshape(b * h * w, d)
             pos = torch.arange(h * w, device=f.device).repeat(b)
-            out.append((-self.level_log_prob(lvl, x, pos) / d).view(b, 1, h, w))
+            log_p, half_sq = self.level_log_prob(lvl, x, pos)
+            out["nf"].append((-log_p / d).view(b, 1, h, w))
+            out["latent"].append((half_sq / d).view(b, 1, h, w))
         return out
 
 

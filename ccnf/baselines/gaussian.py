@@ -3,11 +3,16 @@
 For level l and position p with training vectors x_{n,p} in R^{C_l} (n = 1..N images):
     mu_p    = mean_n x_{n,p}
     Sigma_p = sum_n (x_{n,p} - mu_p)(x_{n,p} - mu_p)^T / (N - 1) + eps * I
-    score(x_p) = sqrt((x_p - mu_p)^T Sigma_p^{-1} (x_p - mu_p))        (Mahalanobis distance)
+    m_p(x)^2 = (x - mu_p)^T Sigma_p^{-1} (x - mu_p)                 (squared Mahalanobis)
+    latent(x_p) = 0.5 m_p(x_p)^2 / C_l
+    nf(x_p) = -log N(x_p; mu_p, Sigma_p) / C_l = latent + (0.5 log det Sigma_p) / C_l
+              + 0.5 log(2 pi)
+latent ranks the patches of one position as PaDiM's Mahalanobis distance does; nf adds the
+per-position log-volume, as a flow's -log p adds its log-det.
 No training loop and no randomness. Unlike PaDiM there is no random channel subset: every
 cached channel is kept (C_l is small here), so the model is exact rather than sampled.
 
-Memory per class: sum_l H_l W_l (C_l + C_l^2) floats (default levels: 784 * 1640 +
+Memory per class: sum_l H_l W_l (C_l + C_l^2 + 1) floats (default levels: 784 * 1640 +
 196 * 12656, about 3.8 M floats = 15 MB in float32), the price of a per-position covariance.
 """
 
@@ -17,15 +22,15 @@ from typing import Any
 
 import torch
 
-from ccnf.baselines.base import PerClassModel, require_images
+from ccnf.baselines.base import LOG_2PI, PerClassModel, require_images
 from ccnf.config import TrainConfig
 
 
 class GaussianModel(PerClassModel):
     """Per-position Gaussian (mean + precision) per level.
 
-    Buffers per level l: ``mean_l`` (H_l W_l, C_l) and ``precision_l`` (H_l W_l, C_l, C_l),
-    float32, estimated in float64.
+    Buffers per level l: ``mean_l`` (H_l W_l, C_l), ``precision_l`` (H_l W_l, C_l, C_l) and
+    ``logdet_l`` (H_l W_l,) = log det Sigma_p, float32, estimated in float64.
     """
 
     kind = "gaussian"
@@ -38,6 +43,7 @@ class GaussianModel(PerClassModel):
         for lvl, (c, (h, w)) in enumerate(zip(self.channels, self.grids, strict=True)):
             self.register_buffer(f"mean_{lvl}", torch.zeros(h * w, c))
             self.register_buffer(f"precision_{lvl}", torch.eye(c).expand(h * w, c, c).clone())
+            self.register_buffer(f"logdet_{lvl}", torch.zeros(h * w))
 
     def spec(self) -> dict[str, Any]:
         return {"channels": self.channels, "grids": self.grids, "eps": self.eps}
@@ -56,20 +62,26 @@ class GaussianModel(PerClassModel):
             cov = d.transpose(1, 2) @ d / (n - 1)  # (P, C, C)
             cov = cov + self.eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
             # Cholesky inverse: the ridge makes Sigma_p SPD even when N < C (rank-deficient).
-            prec = torch.cholesky_inverse(torch.linalg.cholesky(cov))
+            chol = torch.linalg.cholesky(cov)
+            prec = torch.cholesky_inverse(chol)
             getattr(self, f"mean_{lvl}").copy_(mean.float())
             getattr(self, f"precision_{lvl}").copy_(prec.float())
+            logdet = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+            getattr(self, f"logdet_{lvl}").copy_(logdet.float())
         return []
 
     @torch.no_grad()
-    def patch_scores(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Mahalanobis distance per patch: per level (B, 1, H_l, W_l)."""
+    def patch_scores(self, feats: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        """nf and latent (module docstring) per patch: per level (B, 1, H_l, W_l)."""
         feats = self.check_features(feats, "gaussian scoring")
-        out = []
+        out: dict[str, list[torch.Tensor]] = {"nf": [], "latent": []}
         for lvl, f in enumerate(feats):
-            b, _, h, w = f.shape
+            b, c, h, w = f.shape
             d = f.flatten(2).permute(2, 0, 1) - getattr(self, f"mean_{lvl}")[:, None]  # (P, B, C)
-            m = ((d @ getattr(self, f"precision_{lvl}")) * d).sum(dim=-1)  # (P, B)
-            # float32 round-off can push a tiny quadratic form below 0; the distance is >= 0.
-            out.append(m.clamp_min(0).sqrt().t().reshape(b, 1, h, w))
+            m2 = ((d @ getattr(self, f"precision_{lvl}")) * d).sum(dim=-1)  # (P, B)
+            # float32 round-off can push a tiny quadratic form below 0; m^2 is >= 0
+            latent = 0.5 * m2.clamp_min(0) / c
+            nf = latent + (0.5 * getattr(self, f"logdet_{lvl}")[:, None] / c + 0.5 * LOG_2PI)
+            out["latent"].append(latent.t().reshape(b, 1, h, w))
+            out["nf"].append(nf.t().reshape(b, 1, h, w))
         return out

@@ -1,17 +1,22 @@
 """CCNF: one conditional flow per feature level, shared by all classes.
 
 Per level l (patch features x in R^{D_l}):
-    x' = (x - m_l) / s_l                     fixed feature normalization (E1; identity if off)
+    x' = (x - m) / s                         fixed feature normalization: m, s of task 0 (E1,
+                                             ``flow.feature_norm``) or of class y itself
+                                             (``flow.class_norm``); identity if both are off
     c = [e_y, PE(position), phi(sigma)]      class embedding (grows with classes), 2-D PE,
                                              noise-level embedding (P6; only if noise_dim > 0)
     z = f_l(x'; c)
-    log p(x | y) = log N(z; mu, I) + log|det df_l/dx'| - sum_d log s_{l,d}
+    log p(x | y) = log N(z; mu, I) + log|det df_l/dx'| - sum_d log s_d
                  = -0.5 ||z - mu||^2 - 0.5 D_l log(2 pi) + logdet,
 with mu = 0 (``flow.prior: standard``) or mu = mu_{y,l} (``class_mixture``, E7/E10).
+With ``flow.conditioning: film`` e_y leaves c and modulates the subnets' hidden units instead.
 A prototype head mu_{y,l} = P_l e_y (P_l: linear, no bias, init 0.1 * I_{D_l x E}) maps the
 class embedding into each level's latent space; the centre loss (E11/E10) trains it and the
-``proto`` score reads it. ``flow.class_conditioning: false`` drops e_y from c (position-only
-flow); the embedding then feeds only the prototype head.
+``proto`` score reads it. With ``flow.prototypes: fixed`` a class's mu_{y,l} is copied into a
+buffer when its task ends and read from there afterwards, so later tasks cannot move it.
+``flow.class_conditioning: false`` drops e_y from c (position-only flow); the embedding then
+feeds only the prototype head.
 """
 
 from __future__ import annotations
@@ -83,17 +88,21 @@ class CCNF(nn.Module):
         self.cfg = cfg
         emb = cfg.embedding_dim
         self.embedding = nn.Parameter(torch.randn(n_classes, emb))
-        cond_dim = (emb if cfg.class_conditioning else 0) + cfg.pos_dim + cfg.noise_dim
+        film = cfg.class_conditioning and cfg.conditioning == "film"
+        concat = cfg.class_conditioning and not film
+        cond_dim = (emb if concat else 0) + cfg.pos_dim + cfg.noise_dim
+        n_levels = len(self.channels)
         self.flows = nn.ModuleList(
             ConditionalFlow(
                 d,
                 cond_dim,
-                n_couplings=cfg.n_couplings,
-                hidden_dim=cfg.hidden_dim,
+                n_couplings=cfg.couplings_at(lvl, n_levels),
+                hidden_dim=cfg.hidden_at(d),
                 clamp_alpha=cfg.clamp_alpha,
                 spectral_norm=cfg.spectral_norm,
+                film_dim=emb if film else 0,
             )
-            for d in self.channels
+            for lvl, d in enumerate(self.channels)
         )
         self.protos = nn.ModuleList()
         for d in self.channels:
@@ -106,6 +115,12 @@ class CCNF(nn.Module):
             # E1 feature normalization; identity until set_feature_stats (and when it is off)
             self.register_buffer(f"feat_mean_{lvl}", torch.zeros(self.channels[lvl]))
             self.register_buffer(f"feat_std_{lvl}", torch.ones(self.channels[lvl]))
+            # flow.class_norm: per-class mean/std rows (C, D_l), set when the class is learned
+            self.register_buffer(f"class_mean_{lvl}", torch.zeros(n_classes, self.channels[lvl]))
+            self.register_buffer(f"class_std_{lvl}", torch.ones(n_classes, self.channels[lvl]))
+            # flow.prototypes: fixed: mu_{y,l} copied here when class y's task ends
+            self.register_buffer(f"proto_fixed_{lvl}", torch.zeros(n_classes, self.channels[lvl]))
+        self.register_buffer("proto_frozen", torch.zeros(n_classes, dtype=torch.bool))
         self.register_buffer("global_step", torch.tensor(0, dtype=torch.long))
         # loss-specific heads (E4 L_proto, E5 L_mi_feat), created by the loss that needs them
         self.heads = nn.ModuleDict()
@@ -120,9 +135,16 @@ class CCNF(nn.Module):
         return len(self.channels)
 
     def add_classes(self, n: int) -> None:
-        """Grow the embedding table by n rows, N(0, 1) from the global RNG (seed first)."""
+        """Grow the embedding table by n rows, N(0, 1) from the global RNG (seed first), and
+        every per-class buffer by n neutral rows (mean 0, std 1, prototype not frozen)."""
         new = torch.randn(n, self.embedding.shape[1]).to(self.embedding.device)
         self.embedding = nn.Parameter(torch.cat([self.embedding.detach(), new], dim=0))
+        for lvl in range(self.n_levels):
+            for name, fill in (("class_mean", 0.0), ("class_std", 1.0), ("proto_fixed", 0.0)):
+                old = getattr(self, f"{name}_{lvl}")
+                setattr(self, f"{name}_{lvl}",
+                        torch.cat([old, old.new_full((n, old.shape[1]), fill)]))
+        self.proto_frozen = torch.cat([self.proto_frozen, self.proto_frozen.new_zeros(n)])
 
     # -- stabilizer switches -----------------------------------------------------------------
     def warm(self) -> float:
@@ -131,10 +153,15 @@ class CCNF(nn.Module):
             return 1.0
         return min(1.0, float(self.global_step) / self.cfg.warmup_steps)
 
-    def set_spectral_norm(self, enabled: bool) -> None:
+    def set_spectral_norm(self, enabled: bool, absorb: bool = False) -> None:
+        """Switch spectral norm on or off in every subnet layer. Switching it on with
+        ``absorb`` keeps each layer's effective weight (see :meth:`SNLinear.switch_on`)."""
         for m in self.modules():
             if isinstance(m, SNLinear):
-                m.enabled.fill_(enabled)
+                if enabled:
+                    m.switch_on(absorb)
+                else:
+                    m.enabled.fill_(False)
 
     # -- E1 feature normalization ------------------------------------------------------------
     def feature_stats(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,6 +173,28 @@ class CCNF(nn.Module):
         m, s = self.feature_stats(level)
         m.copy_(mean)
         s.copy_(std)
+
+    # -- flow.class_norm ----------------------------------------------------------------------
+    def class_stats(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean (C, D_l), std (C, D_l)) of every class, for ``flow.class_norm``."""
+        return getattr(self, f"class_mean_{level}"), getattr(self, f"class_std_{level}")
+
+    def set_class_stats(
+        self, level: int, class_id: int, mean: torch.Tensor, std: torch.Tensor
+    ) -> None:
+        """Fix class ``class_id``'s normalization at ``level`` (once, when it is learned)."""
+        m, s = self.class_stats(level)
+        m[class_id].copy_(mean)
+        s[class_id].copy_(std)
+
+    # -- flow.prototypes: fixed -------------------------------------------------------------
+    @torch.no_grad()
+    def freeze_prototypes(self, class_ids: list[int]) -> None:
+        """Copy mu_{y,l} = P_l e_y of each class into its fixed row; read from there after."""
+        ids = torch.as_tensor(class_ids, dtype=torch.long, device=self.embedding.device)
+        for lvl in range(self.n_levels):
+            getattr(self, f"proto_fixed_{lvl}")[ids] = self.protos[lvl](self.embedding[ids])
+        self.proto_frozen[ids] = True
 
     # -- loss heads --------------------------------------------------------------------------
     def head(self, name: str, build: Callable[[], nn.Module]) -> nn.Module:
@@ -165,6 +214,10 @@ class CCNF(nn.Module):
         """(H_l * W_l, pos_dim) positional encodings of the level's grid."""
         return getattr(self, f"pos_{level}")
 
+    @property
+    def uses_film(self) -> bool:
+        return self.cfg.class_conditioning and self.cfg.conditioning == "film"
+
     def condition(
         self,
         level: int,
@@ -174,11 +227,11 @@ class CCNF(nn.Module):
     ) -> torch.Tensor:
         """c = [e_y, PE(pos), phi(sigma)]: y, pos_index, sigma (N,) -> (N, cond_dim).
 
-        e_y is left out without class conditioning, phi(sigma) without a noise embedding;
-        sigma None means clean data (sigma = 0).
+        e_y is left out without class conditioning or with FiLM (it modulates the subnets
+        instead), phi(sigma) without a noise embedding; sigma None means clean data.
         """
         parts = [self.positions(level)[pos_index]]
-        if self.cfg.class_conditioning:
+        if self.cfg.class_conditioning and not self.uses_film:
             parts.insert(0, self.embedding[y])
         if self.cfg.noise_dim > 0:
             if sigma is None:
@@ -187,8 +240,13 @@ class CCNF(nn.Module):
         return torch.cat(parts, dim=-1)
 
     def prototype(self, level: int, y: torch.Tensor) -> torch.Tensor:
-        """mu_{y,l} = P_l e_y: y (M,) -> (M, D_l)."""
-        return self.protos[level](self.embedding[y])
+        """mu_{y,l}: y (M,) -> (M, D_l). P_l e_y, or the fixed copy of a class whose
+        prototype was frozen (``flow.prototypes: fixed``)."""
+        mu = self.protos[level](self.embedding[y])
+        if self.cfg.prototypes != "fixed":
+            return mu
+        frozen = self.proto_frozen[y]
+        return torch.where(frozen[:, None], getattr(self, f"proto_fixed_{level}")[y], mu)
 
     def forward_level(
         self,
@@ -202,13 +260,20 @@ class CCNF(nn.Module):
 
         sigma (N,): noise level of x for the P6 noise-conditioned flow (None: clean).
         """
-        mean, std = self.feature_stats(level)
         if self.cfg.feature_norm:
+            mean, std = self.feature_stats(level)
             x = (x - mean) / std
+        elif self.cfg.class_norm:
+            means, stds = self.class_stats(level)
+            std = stds[y]
+            x = (x - means[y]) / std
         cond = self.condition(level, y, pos_index, sigma)
-        z, logdet, scale_sq = self.flows[level](x, cond, self.warm())
+        film = self.embedding[y] if self.uses_film else None
+        z, logdet, scale_sq = self.flows[level](x, cond, self.warm(), film)
         if self.cfg.feature_norm:
             logdet = logdet - std.log().sum()
+        elif self.cfg.class_norm:
+            logdet = logdet - std.log().sum(dim=-1)
         d = x.shape[1]
         mu = self.prototype(level, y) if self.cfg.prior == "class_mixture" else None
         centred = z if mu is None else z - mu

@@ -1,10 +1,16 @@
 """Conditional affine coupling (RealNVP) with the CCNF stabilizers.
 
-Split x = [x_a, x_b]; (s_raw, t) = subnet([x_a, c]);
+Split x = [x_a, x_b]; h = W_1 [x_a, c] + b_1; with FiLM h <- h * (1 + gamma(e)) + beta(e);
+(s_raw, t) = W_2 relu(h) + b_2;
   s = alpha * tanh(s_raw / alpha) * w      (soft clamp, stabilizer 2; warm-up w, stabilizer 3)
   y = [x_a, x_b * exp(s) + t],   log|det dy/dx| = sum(s).
 The subnet's linear layers are :class:`SNLinear` (spectral norm, stabilizer 1).
 w = min(1, step / warmup_steps) goes from 0 (additive, volume preserving) to 1 (affine).
+
+FiLM (feature-wise linear modulation, Perez et al. 2018): a second condition e (the class
+embedding) scales and shifts the hidden units instead of being concatenated to the input, so
+the class changes the subnet's function rather than only its bias. gamma and beta come from one
+linear map initialized to zero: at initialization the coupling ignores e.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from ccnf.flows.spectral import SNLinear
 class ConditionalAffineCoupling(nn.Module):
     """One affine coupling block.
 
-    forward(x (N, D), cond (N, K), warm in [0, 1]) -> (y (N, D), logdet (N,), s (N, D - D//2)).
+    forward(x (N, D), cond (N, K), warm in [0, 1], film (N, F) or None)
+        -> (y (N, D), logdet (N,), s (N, D - D//2)).
+    ``film_dim`` F > 0 enables FiLM modulation by ``film``; 0 disables it.
     """
 
     def __init__(
@@ -29,6 +37,7 @@ class ConditionalAffineCoupling(nn.Module):
         *,
         clamp_alpha: float,
         spectral_norm: bool,
+        film_dim: int = 0,
     ) -> None:
         super().__init__()
         if dim < 2:
@@ -39,24 +48,44 @@ class ConditionalAffineCoupling(nn.Module):
         self.hidden = SNLinear(self.dim_a + cond_dim, hidden_dim, enabled=spectral_norm)
         self.out = SNLinear(hidden_dim, 2 * self.dim_b, enabled=spectral_norm)
         self.act = nn.ReLU()
+        self.film: nn.Linear | None = None
+        if film_dim > 0:
+            self.film = nn.Linear(film_dim, 2 * hidden_dim)
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
 
     def _scale_shift(
-        self, x_a: torch.Tensor, cond: torch.Tensor, warm: float
+        self, x_a: torch.Tensor, cond: torch.Tensor, warm: float, film: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.out(self.act(self.hidden(torch.cat([x_a, cond], dim=-1))))
-        s_raw, t = h.chunk(2, dim=-1)
+        h = self.hidden(torch.cat([x_a, cond], dim=-1))
+        if self.film is not None:
+            if film is None:
+                raise ValueError("this coupling uses FiLM: pass the film condition")
+            gamma, beta = self.film(film).chunk(2, dim=-1)
+            h = h * (1 + gamma) + beta
+        s_raw, t = self.out(self.act(h)).chunk(2, dim=-1)
         s = self.clamp_alpha * torch.tanh(s_raw / self.clamp_alpha) * warm
         return s, t
 
     def forward(
-        self, x: torch.Tensor, cond: torch.Tensor, warm: float = 1.0
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor,
+        warm: float = 1.0,
+        film: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x_a, x_b = x[:, : self.dim_a], x[:, self.dim_a :]
-        s, t = self._scale_shift(x_a, cond, warm)
+        s, t = self._scale_shift(x_a, cond, warm, film)
         y_b = x_b * torch.exp(s) + t
         return torch.cat([x_a, y_b], dim=-1), s.sum(dim=-1), s
 
-    def inverse(self, y: torch.Tensor, cond: torch.Tensor, warm: float = 1.0) -> torch.Tensor:
+    def inverse(
+        self,
+        y: torch.Tensor,
+        cond: torch.Tensor,
+        warm: float = 1.0,
+        film: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         y_a, y_b = y[:, : self.dim_a], y[:, self.dim_a :]
-        s, t = self._scale_shift(y_a, cond, warm)
+        s, t = self._scale_shift(y_a, cond, warm, film)
         return torch.cat([y_a, (y_b - t) * torch.exp(-s)], dim=-1)

@@ -11,8 +11,9 @@ from ccnf.flows.coupling import ConditionalAffineCoupling
 class ConditionalFlow(nn.Module):
     """z = f(x; c) = (P_K o C_K o ... o P_1 o C_1)(x), C_k affine couplings, P_k permutations.
 
-    forward(x (N, D), cond (N, K), warm) -> (z (N, D), logdet (N,), scale_sq (N,)) where
-    scale_sq is the mean of s^2 over all couplings' log-scales (for L_scale_penalty).
+    forward(x (N, D), cond (N, K), warm, film (N, F) or None) -> (z (N, D), logdet (N,),
+    scale_sq (N,)) where scale_sq is the mean of s^2 over all couplings' log-scales (for
+    L_scale_penalty); ``film`` modulates every coupling's subnet when ``film_dim`` > 0.
     """
 
     def __init__(
@@ -24,12 +25,18 @@ class ConditionalFlow(nn.Module):
         hidden_dim: int,
         clamp_alpha: float,
         spectral_norm: bool,
+        film_dim: int = 0,
     ) -> None:
         super().__init__()
         self.dim = dim
         self.couplings = nn.ModuleList(
             ConditionalAffineCoupling(
-                dim, cond_dim, hidden_dim, clamp_alpha=clamp_alpha, spectral_norm=spectral_norm
+                dim,
+                cond_dim,
+                hidden_dim,
+                clamp_alpha=clamp_alpha,
+                spectral_norm=spectral_norm,
+                film_dim=film_dim,
             )
             for _ in range(n_couplings)
         )
@@ -48,12 +55,16 @@ class ConditionalFlow(nn.Module):
         self.register_buffer("inv_perms", torch.argsort(perms, dim=1))
 
     def forward(
-        self, x: torch.Tensor, cond: torch.Tensor, warm: float = 1.0
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor,
+        warm: float = 1.0,
+        film: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logdet = x.new_zeros(x.shape[0])
         scale_sq = x.new_zeros(x.shape[0])
         for coupling, perm in zip(self.couplings, self.perms, strict=True):
-            x, ld, s = coupling(x, cond, warm)
+            x, ld, s = coupling(x, cond, warm, film)
             # index_select, not x[:, perm]: same values (and gradients: perm is a bijection, so
             # every gradient entry is a single copied value), ~4x cheaper than advanced indexing
             x = x.index_select(1, perm)
@@ -61,9 +72,15 @@ class ConditionalFlow(nn.Module):
             scale_sq = scale_sq + s.pow(2).mean(dim=-1)
         return x, logdet, scale_sq / len(self.couplings)
 
-    def inverse(self, z: torch.Tensor, cond: torch.Tensor, warm: float = 1.0) -> torch.Tensor:
+    def inverse(
+        self,
+        z: torch.Tensor,
+        cond: torch.Tensor,
+        warm: float = 1.0,
+        film: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         for coupling, inv in zip(
             reversed(self.couplings), reversed(self.inv_perms), strict=True
         ):
-            z = coupling.inverse(z.index_select(1, inv), cond, warm)
+            z = coupling.inverse(z.index_select(1, inv), cond, warm, film)
         return z
