@@ -241,6 +241,28 @@ def _restore_gaps(text: str, gapped: set[str]) -> str:
     return "\n".join(out)
 
 
+_EOL_COMMENT = re.compile(r"^(\s*[\w-]+:[^#'\"]*?)(\s+)(#.*)$")
+
+
+def _align_comments(text: str, keys: tuple[str, ...]) -> str:
+    """Put the end-of-line comments of ``keys`` back in the file's usual comment column.
+
+    ruamel moves a comment right when a longer value pushes it, and keeps it there once read
+    back: without this, switching to a long root and back would leave the comments adrift.
+    """
+    lines = text.split("\n")
+    columns = [len(m.group(1)) + len(m.group(2)) for m in map(_EOL_COMMENT.match, lines) if m]
+    if not columns:
+        return text
+    usual = max(set(columns), key=columns.count)
+    for i, line in enumerate(lines):
+        m = _EOL_COMMENT.match(line)
+        if m and m.group(1).strip().split(":")[0] in keys:
+            code = m.group(1).rstrip()
+            lines[i] = code + " " * max(1, usual - len(code)) + m.group(3)
+    return "\n".join(lines)
+
+
 def rewrite_params(path: Path, choice: DataChoice) -> Params:
     """Write ``choice`` into the params file at ``path``, comments kept; validated first."""
     path = Path(path)
@@ -277,6 +299,7 @@ def rewrite_params(path: Path, choice: DataChoice) -> Params:
     buf = io.StringIO()
     y.dump(doc, buf)
     text = _restore_gaps(buf.getvalue(), _gapped_sections(original) | {"tasks"})
+    text = _align_comments(text, DATA_KEYS)
     params = parse_params(yaml.safe_load(text), str(path))
     write_text(path, text)
     return params
