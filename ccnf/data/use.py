@@ -110,14 +110,16 @@ def choose(
 ) -> DataChoice:
     """The data choice from the command's options, defaults from ``current`` (params as read).
 
-    Anything not given keeps its current value when the source (and, for its class list, the
-    root) stays the same; a new ``folder`` root lists its class folders alphabetically; a new
-    ``mvtec`` / ``visa`` root uses the official classes (``null``). Checks the root on disk.
+    What is not given keeps its current value while the source stays the same; the class list
+    is kept only when neither ``--root`` nor ``--classes`` is given (a protocol switch). With a
+    root given, ``folder`` lists its class folders alphabetically and ``mvtec`` / ``visa`` use
+    their official classes (``null``). Checks the root on disk.
     """
     data = current.get("data") or {}
     cur_source = data.get("source", "synthetic")
     cur_root = data.get("root", SYNTHETIC_ROOT)
     source = source or cur_source
+    root_given = root is not None
     if source not in split_mod.SOURCES:
         hint = difflib.get_close_matches(source, split_mod.SOURCES, n=1)
         raise CcnfError(
@@ -148,9 +150,8 @@ def choose(
                 fix="pass the folder holding the classes (relative paths are relative to the "
                 "repository)",
             )
-    same_place = source == cur_source and root == cur_root
-    if classes is None and same_place:
-        classes = data.get("classes")
+    if classes is None and not root_given and source == cur_source:
+        classes = data.get("classes")  # e.g. --protocol alone: the same data, another split
     if classes is None and source == "folder":
         from ccnf.data.sources import discover_classes
 

@@ -82,6 +82,8 @@ def test_protocol_only_keeps_the_data(params_file: Path, industrial: Path) -> No
     p = load_params(params_file)
     assert p.data.classes == list(reversed(INDUSTRIAL))  # the given order is kept
     assert p.split[-1] == ["cookie"] and len(p.task_names) == 2
+    _use(params_file, source="folder", root=str(industrial), protocol="one-per-task")
+    assert load_params(params_file).data.classes == sorted(INDUSTRIAL)  # a root: a fresh look
 
 
 @pytest.mark.parametrize(
