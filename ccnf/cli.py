@@ -37,10 +37,11 @@ PARAMS = typer.Option(Path("params.yaml"), "--params", help="params file")
 def _show_plan(p: Params, title: str) -> None:
     """What the pipeline will run for these params: data, split, task chain, stages."""
     d = p.data
-    classes = "the source's own list" if d.classes is None else "data.classes"
+    listed = "the source's own list" if d.classes is None else "data.classes"
+    n = len(p.classes)
     console.print(
-        f"data: [bold]{d.source}[/] under {d.root}; {len(p.classes)} classes ({classes}) cut by "
-        f"protocol [bold]{d.protocol}[/] into {len(p.split)} task(s)"
+        f"data: [bold]{d.source}[/] under {d.root}; {n} class{'es' if n != 1 else ''} "
+        f"({listed}) cut by protocol [bold]{d.protocol}[/] into {len(p.split)} task(s)"
     )
     synth = ", ".join(f"synth@{g}" for g in d.generate)
     tasks = p.task_names
