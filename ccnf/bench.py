@@ -163,7 +163,7 @@ def dir_size(path: Path) -> dict[str, float]:
 def _subset_params(params: Params, classes: list[str]) -> Params:
     """params with a one-task split of ``classes`` (for runs on part of the data)."""
     raw = params.model_dump()
-    raw["splits"] = {params.data.source: [classes]}
+    raw["data"] |= {"classes": list(classes), "protocol": "all-in-one"}
     raw["tasks"] = {"t0": {"prev": "models/init"}}
     return parse_params(raw, "bench subset")
 

@@ -228,7 +228,7 @@ def _plain(value: Any) -> Any:
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """A deep copy of ``raw`` with each ``key=value`` applied, as ``dvc exp run -S`` would.
 
-    Dotted keys walk mappings; an integer part indexes a list (``splits.mvtec.0=[a,b]``). A key
+    Dotted keys walk mappings; an integer part indexes a list (``data.classes.0=a``). A key
     that is not already there is an error (DVC: "Could not override"), never a silent addition.
     """
     out = copy.deepcopy(raw)
@@ -289,7 +289,7 @@ def schema_key_error(key: str) -> str | None:
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             model = ann
             continue
-        # a leaf, or a free-form mapping/list (splits, tasks, out_indices, noise_sigmas):
+        # a leaf, or a free-form mapping/list (classes, tasks, out_indices, noise_sigmas):
         # anything below it is checked by parse_params on the applied result
         if depth < len(parts) - 1 and ann in (int, float, bool, str):
             return f"'{key}' goes below '{'.'.join(parts[: depth + 1])}', which is a value"
@@ -532,7 +532,8 @@ class RunOutcome:
     @property
     def shared_stages_run(self) -> list[str]:
         """Stages that must have been reused (features shared) but ran."""
-        return [s for s in self.stages_run if s in SHARED_STAGES]
+        # foreach stages run as name@item (synth@synthetic)
+        return [s for s in self.stages_run if s.split("@")[0] in SHARED_STAGES]
 
 
 def run_sequential(

@@ -1,6 +1,8 @@
 """The ``ccnf`` command line: what users run outside DVC.
 
-    ccnf params                 validate params.yaml
+    ccnf params                 validate params.yaml, show the data, split and task chain
+    ccnf data use SOURCE ...    point the study at a dataset and a protocol (rewrites params)
+    ccnf data protocols         the protocols that fit the current classes
     ccnf data synth OUT_DIR     generate the embedded synthetic dataset
     ccnf data check             difficulty check: training-free 1-NN patch memory AUROC
     ccnf info                   the current run's results in the terminal
@@ -17,7 +19,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ccnf.config import load_params
+from ccnf.config import Params, load_params
 from ccnf.console import console, report_user_errors
 from ccnf.errors import CcnfError
 
@@ -32,17 +34,117 @@ app.add_typer(report_app, name="report")
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="params file")
 
 
-@app.command("params")
-@report_user_errors
-def params_cmd(params: Path = PARAMS) -> None:
-    """Validate params.yaml and print the task split."""
-    p = load_params(params)
-    table = Table(title=f"{params}: valid ({p.data.source} data)")
+def _show_plan(p: Params, title: str) -> None:
+    """What the pipeline will run for these params: data, split, task chain, stages."""
+    d = p.data
+    listed = "the source's own list" if d.classes is None else "data.classes"
+    n = len(p.classes)
+    console.print(
+        f"data: [bold]{d.source}[/] under {d.root}; {n} class{'es' if n != 1 else ''} "
+        f"({listed}) cut by protocol [bold]{d.protocol}[/] into {len(p.split)} task(s)"
+    )
+    synth = ", ".join(f"synth@{g}" for g in d.generate)
+    tasks = p.task_names
+    span = tasks[0] if len(tasks) == 1 else f"{tasks[0]}..{tasks[-1]}"
+    console.print(
+        f"stages: {synth + ', ' if synth else ''}prepare, extract, init, train@{span}, "
+        f"evaluate@{span}, aggregate"
+        + ("" if synth else " (no synth: the images are on disk)")
+    )
+    table = Table(title=title)
     table.add_column("task")
     table.add_column("classes")
     table.add_column("starts from")
-    for name, classes in zip(p.task_names, p.split, strict=True):
-        table.add_row(name, ", ".join(classes), p.tasks[name].prev)
+    for name, task_classes in zip(tasks, p.split, strict=True):
+        table.add_row(name, ", ".join(task_classes), p.tasks[name].prev)
+    console.print(table)
+
+
+@app.command("params")
+@report_user_errors
+def params_cmd(params: Path = PARAMS) -> None:
+    """Validate params.yaml and show what will run: data, split, task chain, stages."""
+    p = load_params(params)
+    _show_plan(p, f"{params}: valid ({p.data.source} data)")
+
+
+@data_app.command("use")
+@report_user_errors
+def data_use(
+    source: str = typer.Argument(
+        None, help="synthetic | mvtec | visa | folder (any MVTec-layout root); default: current"
+    ),
+    root: str = typer.Option(
+        None, "--root", help="dataset folder (relative paths: to the repository)"
+    ),
+    protocol: str = typer.Option(
+        None, "--protocol", "-p",
+        help="AxB (A tasks of B classes), A-B-C... (task sizes in order), one-per-task, "
+        "all-in-one; default: current",
+    ),
+    classes: str = typer.Option(
+        None, "--classes",
+        help="comma-separated class order (default: the source's list; folder: its class "
+        "folders, alphabetical)",
+    ),
+    print_overrides: bool = typer.Option(
+        False, "--overrides",
+        help="print the same change as a dvc exp run -S command; params.yaml is not touched",
+    ),
+    params: Path = PARAMS,
+) -> None:
+    """Point the study at a dataset and a protocol: rewrites data.* and the tasks chain.
+
+    Comments and every other key of params.yaml stay; the result is validated before it is
+    written. Then run: dvc repro (or dvc exp run).
+    """
+    import yaml
+
+    from ccnf.data.use import choose, overrides, overrides_command, rewrite_params
+
+    if not params.is_file():
+        raise CcnfError(f"params file not found: {params}",
+                        fix="run from the repository root, or pass --params PATH")
+    raw = yaml.safe_load(params.read_text(encoding="utf-8")) or {}
+    wanted = None if classes is None else [c.strip() for c in classes.split(",") if c.strip()]
+    choice = choose(raw, source=source, root=root, protocol=protocol, classes=wanted,
+                    base=params.resolve().parent)
+    if print_overrides:
+        typer.echo(overrides_command(overrides(raw, choice)))
+        return
+    p = rewrite_params(params, choice)
+    _show_plan(p, f"{params} rewritten")
+    console.print("next: dvc repro (or dvc exp run)")
+
+
+@data_app.command("protocols")
+@report_user_errors
+def data_protocols(
+    n: int = typer.Option(None, "--n", min=1, help="number of classes (default: params)"),
+    params: Path = PARAMS,
+) -> None:
+    """The protocols that fit N classes, with the analogues of the MVTec AD protocols."""
+    from ccnf.data.split import ALL_IN_ONE, MVTEC_PROTOCOLS, ONE_PER_TASK, analogues, fitting
+
+    if n is None:
+        n = len(load_params(params).classes)
+    meaning: dict[str, list[str]] = {
+        ONE_PER_TASK: [f"= {n}x1, one class per task"],
+        ALL_IN_ONE: [f"= 1x{n}, every class in one task"],
+    }
+    for g in fitting(n):
+        tasks, per = g.split("x")
+        meaning.setdefault(g, []).append(f"{tasks} task(s) of {per} class(es)")
+    for mvtec, name in analogues(n).items():
+        meaning.setdefault(name, []).append(
+            f"plays the part of MVTec AD's {mvtec} ({MVTEC_PROTOCOLS[mvtec]})"
+        )
+    meaning["A-B-C..."] = [f"any task sizes, in order, that sum to {n}"]
+    table = Table(title=f"protocols for {n} classes (ccnf data use --protocol NAME)")
+    table.add_column("protocol")
+    table.add_column("means")
+    for name, lines in meaning.items():
+        table.add_row(name, "; ".join(lines))
     console.print(table)
 
 
@@ -71,6 +173,7 @@ def data_check(
     report = knn_check(
         root or Path(p.data.root),
         p.classes,
+        source=p.data.source,
         image_size=p.data.image_size,
         mask_size=p.data.mask_size,
         backbone_cfg=p.backbone,

@@ -12,12 +12,26 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
+from ccnf.data import split as split_mod
 from ccnf.errors import CcnfError
 
 SYNTHETIC_ROOT = "data/synthetic"
 INIT_CHECKPOINT = "models/init"
+
+
+def use_command(source: str, root: str, protocol: str) -> str:
+    """The ``ccnf data use`` command that makes params.yaml consistent for this data."""
+    where = "" if source == "synthetic" else f" --root {root}"
+    return f"ccnf data use {source}{where} --protocol {protocol}"
 
 
 class _Section(BaseModel):
@@ -35,22 +49,48 @@ class SyntheticConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["synthetic", "mvtec"] = "synthetic"
-    root: str = SYNTHETIC_ROOT
+    """Where the images come from and which classes form which task (README: Your own data).
+
+    The task split is ``classes`` (null: the source's own list) cut into consecutive tasks by
+    ``protocol`` (:mod:`ccnf.data.split`); ``ccnf data use`` rewrites these keys and ``tasks``
+    together, so the per-task chain always follows the split.
+    """
+
+    source: Literal["synthetic", "mvtec", "visa", "folder"] = Field(
+        "synthetic",
+        description=(
+            "synthetic: the embedded dataset the pipeline generates; mvtec: MVTec AD on disk; "
+            "visa: VisA on disk (split_csv/1cls.csv); folder: any MVTec-layout root"
+        ),
+    )
+    root: str = Field(SYNTHETIC_ROOT, description="dataset root (relative to the repository)")
+    classes: list[str] | None = Field(
+        None,
+        description=(
+            "class order (task order); null: the source's list (synthetic: its designed "
+            "order, mvtec/visa: the official classes, alphabetical); folder needs the list"
+        ),
+    )
+    protocol: str = Field(
+        "5x3",
+        description=(
+            "how the classes form tasks: AxB (A tasks of B), A-B-C... (task sizes in order), "
+            "one-per-task, all-in-one"
+        ),
+    )
+    generate: list[Literal["synthetic"]] = Field(
+        default_factory=lambda: ["synthetic"],
+        description=(
+            "datasets the pipeline generates (one synth@<name> stage each): [synthetic] "
+            "exactly when source is synthetic, [] otherwise, so synth never runs for data on "
+            "disk"
+        ),
+    )
     image_size: int = Field(224, ge=32, le=1024, description="backbone input side, px")
     mask_size: int = Field(
         128, ge=16, le=1024, description="resolution at which pixel metrics are computed"
     )
     synthetic: SyntheticConfig = SyntheticConfig()
-
-    @model_validator(mode="after")
-    def _root_matches_source(self) -> DataConfig:
-        if self.source == "synthetic" and self.root != SYNTHETIC_ROOT:
-            raise ValueError(
-                f"data.root must be '{SYNTHETIC_ROOT}' when data.source is 'synthetic' "
-                f"(got '{self.root}'); to use a dataset on disk set data.source=mvtec"
-            )
-        return self
 
 
 class BackboneConfig(_Section):
@@ -464,8 +504,12 @@ class Params(_Section):
         ),
     )
     data: DataConfig = DataConfig()
-    splits: dict[str, list[list[str]]]
-    tasks: dict[str, TaskConfig]
+    tasks: dict[str, TaskConfig] = Field(
+        description=(
+            "the per-task chain dvc.yaml's foreach runs: t0..tN-1, each resuming from the "
+            "checkpoint before it; one task per task of the split (ccnf data use writes it)"
+        )
+    )
     backbone: BackboneConfig = BackboneConfig()
     features: FeaturesConfig = FeaturesConfig()
     model: ModelConfig = ModelConfig()
@@ -493,41 +537,61 @@ class Params(_Section):
         return self
 
     @model_validator(mode="after")
-    def _check_tasks(self) -> Params:
+    def _check_data_and_tasks(self) -> Params:
+        """The active source's split (and only that one) and the task chain that follows it."""
+        d = self.data
+        fix = use_command(d.source, d.root, d.protocol)
+        if d.source == "synthetic":
+            if d.root != SYNTHETIC_ROOT:
+                raise ValueError(
+                    f"data.root must be '{SYNTHETIC_ROOT}' when data.source is 'synthetic' "
+                    f"(got '{d.root}'); for a dataset on disk run: "
+                    "ccnf data use folder --root PATH (or mvtec / visa)"
+                )
+            if d.generate != ["synthetic"]:
+                raise ValueError(
+                    "data.generate must be [synthetic] when data.source is 'synthetic' (the "
+                    f"synth stage generates the images), got {d.generate}; run: {fix}"
+                )
+        elif d.generate:
+            raise ValueError(
+                f"data.generate is {d.generate} but data.source is '{d.source}': the synth "
+                "stage would generate a dataset nothing reads. Set data.generate=[] (with "
+                f"dvc exp run: -S 'data.generate=[]'), or run: {fix}"
+            )
+        classes = d.classes if d.classes is not None else split_mod.default_classes(d.source)
+        if classes is None:
+            raise ValueError(
+                "data.classes is null, but data.source 'folder' has no class list of its own: "
+                "list the class folders in task order, or run "
+                f"ccnf data use folder --root {d.root} --protocol {d.protocol} "
+                "(it writes the folders under data.root, alphabetical)"
+            )
+        split_mod.check_classes(d.source, list(classes))
+        split = split_mod.make_split(list(classes), d.protocol)
         names = list(self.tasks)
         if not names:
-            raise ValueError("tasks is empty: define at least one task (t0)")
+            raise ValueError(f"tasks is empty: define at least one task (t0); run: {fix}")
         expected_prev = INIT_CHECKPOINT
         for name in names:
             if self.tasks[name].prev != expected_prev:
                 raise ValueError(
                     f"tasks.{name}.prev must be '{expected_prev}' (the checkpoint of the task "
-                    f"before it), got '{self.tasks[name].prev}'"
+                    f"before it), got '{self.tasks[name].prev}'; run: {fix}"
                 )
             expected_prev = f"models/{name}"
-        if self.data.source not in self.splits:
+        if len(names) != len(split):
             raise ValueError(
-                f"splits has no entry for data.source '{self.data.source}' "
-                f"(have: {sorted(self.splits)})"
+                f"data.protocol '{d.protocol}' cuts the {len(classes)} classes into "
+                f"{len(split)} task(s), but tasks defines {len(names)} ({', '.join(names)}): "
+                f"the task chain must follow the split. Run: {fix} (it rewrites tasks; "
+                "add --overrides to print the same change as dvc exp run -S flags)"
             )
-        for source, split in self.splits.items():
-            if len(split) != len(names):
-                raise ValueError(
-                    f"splits.{source} has {len(split)} tasks but tasks defines {len(names)} "
-                    f"({', '.join(names)})"
-                )
-            seen: dict[str, int] = {}
-            for i, classes in enumerate(split):
-                if not classes:
-                    raise ValueError(f"splits.{source}.{i} is empty: every task needs a class")
-                for c in classes:
-                    if c in seen:
-                        raise ValueError(
-                            f"class '{c}' is in task {seen[c]} and task {i} of splits.{source}: "
-                            "each class belongs to exactly one task"
-                        )
-                    seen[c] = i
+        self._split = split
         return self
+
+    # the split of the active source, computed once by the validator above
+    _split: list[list[str]] = PrivateAttr(default_factory=list)
 
     @property
     def task_names(self) -> list[str]:
@@ -536,12 +600,12 @@ class Params(_Section):
     @property
     def split(self) -> list[list[str]]:
         """The task split of the active data source: split[t] = class names of task t."""
-        return self.splits[self.data.source]
+        return self._split
 
     @property
     def classes(self) -> list[str]:
         """All classes in task order; a class's index here is its global class id."""
-        return [c for task in self.split for c in task]
+        return [c for task in self._split for c in task]
 
     def task_index(self, task: str) -> int:
         if task not in self.tasks:
@@ -609,6 +673,15 @@ def format_validation_error(err: ValidationError, source: str) -> CcnfError:
 
 
 def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    if isinstance(raw, dict) and "splits" in raw:
+        # params.yaml from before the split became data.classes + data.protocol
+        raise CcnfError(
+            "params has a 'splits' section: the task split is now data.classes (null: the "
+            "source's own list) cut into tasks by data.protocol (e.g. 5x3)",
+            where=source,
+            fix="delete 'splits', then run: ccnf data use SOURCE [--root PATH] --protocol 5x3 "
+            "(README: Your own data)",
+        )
     try:
         return Params.model_validate(raw)
     except ValidationError as err:

@@ -27,7 +27,9 @@ Output of :func:`evaluate_task` (``metrics/tasks/<task>.json``)::
                              score: {metric: value}}, ...}}}
 
 With ``class_select: oracle`` the agnostic block is ``{"class_select": "oracle",
-"same_as_aware": true, "selection_accuracy": 1.0}``. Both selection statistics come from one
+"same_as_aware": true, "selection_accuracy": 1.0}``. When only one class has been seen, no
+selection pass runs (every method can only pick that class): the block has the full layout
+above, with selection accuracy 1 and the task-aware metrics. Both selection statistics come from one
 flow pass, so the accuracy of the method not chosen is reported for free.
 
 Metrics per class and score: image AUROC, pixel AUROC, AUPRO, image AP, image F1-max
@@ -282,7 +284,12 @@ class _ClassEvaluator:
         agnostic = None
         if self.agnostic:
             start = time.perf_counter()
-            if self.is_bank:
+            if len(self.seen) == 1:
+                # one class seen: every method picks it, so there is no selection pass to run
+                # (the block equals the task-aware one, as a pass would have found)
+                methods = ["likelihood"] if self.is_bank else list(SELECT_METHODS)
+                by_method = {m: np.zeros(len(split), dtype=np.int64) for m in methods}
+            elif self.is_bank:
                 stat = -self.bank.selection_scores(split.features, self.seen).double().numpy()
                 by_method = {"likelihood": np.argmax(stat, axis=1)}
             else:

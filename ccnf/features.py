@@ -127,15 +127,19 @@ def _progress(console: Console | None = None) -> Progress:
 
 
 def _load_record(
-    root: Path, record: Record, size: int, msize: int, with_mask: bool
+    root: Path, record: Record, size: int, msize: int, with_mask: bool,
+    mask_threshold: int = 127,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Decode one image to (3, size, size) float32 in [0, 1] (and its mask when asked)."""
+    """Decode one image to (3, size, size) float32 in [0, 1] (and its mask when asked).
+
+    ``mask_threshold``: the manifest's mask convention (a pixel above it is a defect).
+    """
     image = np.ascontiguousarray(load_image(root / record.image, size).transpose(2, 0, 1))
     if not with_mask:
         return image, None
     if record.mask is None:
         return image, np.zeros((msize, msize), dtype=bool)
-    return image, load_mask(root / record.mask, msize)
+    return image, load_mask(root / record.mask, msize, mask_threshold)
 
 
 def _prefetched(
@@ -217,7 +221,8 @@ def extract_features(
     masks: list[np.ndarray] = []
 
     def load(job: int, record: Record) -> tuple[np.ndarray, np.ndarray | None]:
-        return _load_record(root, record, size, msize, with_mask=jobs[job][1] == "test")
+        return _load_record(root, record, size, msize, with_mask=jobs[job][1] == "test",
+                            mask_threshold=manifest.mask_threshold)
 
     counts: dict[str, dict[str, int]] = {}
     start = time.perf_counter()

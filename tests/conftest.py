@@ -56,12 +56,22 @@ def raw_params() -> dict[str, Any]:
     return default_params()
 
 
+def protocol_of(split: list[list[str]]) -> str:
+    """The data.protocol that cuts the flattened split back into these tasks."""
+    sizes = [len(t) for t in split]
+    if len(set(sizes)) == 1:
+        return f"{len(sizes)}x{sizes[0]}"
+    return "-".join(str(s) for s in sizes)
+
+
 def tiny_params(root: Path, classes: list[list[str]]) -> dict[str, Any]:
-    """Params for a fast run on a tiny MVTec-layout root with the given task split."""
+    """Params for a fast run on a tiny MVTec-layout root (source folder) with this task split."""
     p = default_params()
-    p["data"].update(source="mvtec", root=str(root), image_size=64, mask_size=32)
-    p["splits"]["mvtec"] = classes
-    p["splits"]["synthetic"] = classes
+    p["data"].update(
+        source="folder", root=str(root), image_size=64, mask_size=32,
+        classes=[c for task in classes for c in task], protocol=protocol_of(classes),
+        generate=[],
+    )
     p["tasks"] = {
         f"t{i}": {"prev": "models/init" if i == 0 else f"models/t{i - 1}"}
         for i in range(len(classes))
@@ -72,3 +82,45 @@ def tiny_params(root: Path, classes: list[list[str]]) -> dict[str, Any]:
     p["loss"]["entropy_samples"] = 16
     p["eval"]["batch_images"] = 4
     return p
+
+
+def make_visa_root(
+    root: Path, objects: list[str], *, n_train: int = 5, n_good: int = 2, n_bad: int = 2,
+    size: int = 48, mask_value: int = 1, seed: int = 0,
+) -> Path:
+    """A tiny VisA-shaped dataset: JPEG images, split_csv/1cls.csv, masks coded 0 / mask_value.
+
+    Layout and CSV as VisA ships them (<object>/Data/Images/{Normal,Anomaly}/*.JPG,
+    <object>/Data/Masks/Anomaly/*.png); defects are bright squares, their masks carry
+    ``mask_value`` (VisA's masks are not 0/255).
+    """
+    rng = np.random.default_rng(seed)
+    rows = ["object,split,label,image,mask"]
+    for k, obj in enumerate(objects):
+        base = rng.integers(40, 200, size=3)
+
+        def normal(base: np.ndarray = base) -> np.ndarray:
+            return np.clip(base + rng.normal(0, 12, size=(size, size, 3)), 0, 255).astype(
+                np.uint8)
+
+        images = root / obj / "Data" / "Images"
+        for i in range(n_train + n_good):
+            rel = f"{obj}/Data/Images/Normal/{i:04d}.JPG"
+            (images / "Normal").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(normal()).save(root / rel, format="JPEG", quality=95)
+            rows.append(f"{obj},{'train' if i < n_train else 'test'},normal,{rel},")
+        for i in range(n_bad):
+            img = normal()
+            mask = np.zeros((size, size), dtype=np.uint8)
+            y, x = rng.integers(4, size - 16, size=2)
+            img[y : y + 12, x : x + 12] = 255 - (k * 20) % 255
+            mask[y : y + 12, x : x + 12] = mask_value
+            rel = f"{obj}/Data/Images/Anomaly/{i:03d}.JPG"
+            mrel = f"{obj}/Data/Masks/Anomaly/{i:03d}.png"
+            (images / "Anomaly").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(root / rel, format="JPEG", quality=95)
+            write_png(root / mrel, mask)
+            rows.append(f"{obj},test,anomaly,{rel},{mrel}")
+    (root / "split_csv").mkdir(parents=True, exist_ok=True)
+    (root / "split_csv" / "1cls.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return root

@@ -169,15 +169,16 @@ def test_parse_override_types_values_like_dvc(text: str, key: str, value: object
 
 def test_apply_overrides_walks_lists_and_refuses_new_keys() -> None:
     raw = yaml.safe_load(PARAMS.read_text())
-    out = apply_overrides(raw, ["splits.mvtec.0=[a,b,c]", "train.sub_epochs=2"])
-    assert out["splits"]["mvtec"][0] == ["a", "b", "c"] and out["train"]["sub_epochs"] == 2
+    out = apply_overrides(raw, ["loss.noise_sigmas.0=0.3", "train.sub_epochs=2"])
+    assert out["loss"]["noise_sigmas"][0] == 0.3 and out["train"]["sub_epochs"] == 2
     assert raw["train"]["sub_epochs"] is None  # the input is not modified
     with pytest.raises(CcnfError, match=r"no key 'loss\.lambda_centre'"):
         apply_overrides(raw, ["loss.lambda_centre=1.0"])
     with pytest.raises(CcnfError, match="not an index"):
-        apply_overrides(raw, ["splits.mvtec.9=[a]"])
+        apply_overrides(raw, ["loss.noise_sigmas.9=0.1"])
     assert schema_key_error("flow.prior") is None
-    assert schema_key_error("splits.mvtec.0") is None
+    assert schema_key_error("data.classes.0") is None
+    assert schema_key_error("tasks.t0.prev") is None
     assert "is a value" in (schema_key_error("seed.x") or "")
 
 

@@ -44,13 +44,16 @@ def _features(gen: torch.Generator, n: int, shift: float) -> list[torch.Tensor]:
     ]
 
 
-def build_study(root: Path, raw_overrides: dict[str, dict[str, Any]] | None = None) -> Params:
+def build_study(
+    root: Path, raw_overrides: dict[str, dict[str, Any]] | None = None,
+    task_split: list[list[str]] = SPLIT,
+) -> Params:
     """Feature cache in root/features, checkpoints root/models/t0 and t1; returns the params.
 
     Classes differ by a feature offset; defective test images get a bright 2x2 patch (level
     0) and their masks mark the matching quarter of the image.
     """
-    raw = tiny_params(root / "data", SPLIT)
+    raw = tiny_params(root / "data", task_split)
     raw["eval"].update(batch_images=4, gallery_per_class=1)
     for section, values in (raw_overrides or {}).items():
         raw[section].update(values)
@@ -83,14 +86,14 @@ def build_study(root: Path, raw_overrides: dict[str, dict[str, Any]] | None = No
     model = CCNF(CHANNELS, GRIDS, params.flow, n_classes=0)
     calibration: dict[str, Any] = {}
     for t, task in enumerate(params.task_names):
-        model.add_classes(len(SPLIT[t]))
-        for cls in SPLIT[t]:
+        model.add_classes(len(task_split[t]))
+        for cls in task_split[t]:
             train = torch.load(root / "features" / cls / "train.pt", weights_only=False)
             cid = params.classes.index(cls)
             calibration[cls] = calibration_patches(model, train["features"], cid, 4)
         out = root / "models" / task
         out.mkdir(parents=True, exist_ok=True)
-        seen = [c for j in range(t + 1) for c in SPLIT[j]]
+        seen = [c for j in range(t + 1) for c in task_split[j]]
         torch.save(model.checkpoint(classes=seen, task=t, calibration=dict(calibration)),
                    out / "model.pt")
     return params

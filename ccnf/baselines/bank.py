@@ -136,7 +136,7 @@ class ClassBank:
         if name in self.models:
             raise CcnfError(
                 f"class '{name}' is already in the {self.kind} bank",
-                fix="each class belongs to exactly one task (splits.*)",
+                fix="each class belongs to exactly one task (data.classes lists it once)",
             )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -49,7 +49,8 @@ from sklearn.metrics import roc_auc_score
 from ccnf.backbone import Backbone
 from ccnf.config import BackboneConfig
 from ccnf.data.images import load_image, load_mask
-from ccnf.data.manifest import Record, index_root
+from ccnf.data.manifest import Record
+from ccnf.data.sources import index_source
 from ccnf.errors import CcnfError
 
 SMOOTHING_SIGMA = 4.0
@@ -301,8 +302,11 @@ def knn_check(
     pooled_top_fraction: float = 0.1,
     seed: int = 0,
     progress: bool = True,
+    source: str = "folder",
 ) -> KnnReport:
-    """Per-class and pooled 1-NN patch-memory AUROCs of an MVTec-layout dataset at ``root``.
+    """Per-class and pooled 1-NN patch-memory AUROCs of the dataset at ``root``.
+
+    ``source`` says how the root is laid out (``data.source``: MVTec layout, or VisA's CSV).
 
     See the module docstring for the method; ``pooled_*`` set how the pooled memory is
     searched (:func:`pooled_distances`), ``seed`` fixes its subsample.
@@ -314,7 +318,7 @@ def knn_check(
     if not classes:
         raise CcnfError("knn_check needs at least one class", fix="pass the classes to check")
     cfg = backbone_cfg or BackboneConfig()
-    manifest = index_root(root, classes, progress=progress)
+    manifest = index_source(source, root, classes, progress=progress)
     torch.manual_seed(seed)
     backbone = Backbone(cfg)
     gen = torch.Generator().manual_seed(seed)
@@ -345,7 +349,7 @@ def knn_check(
             labels = np.array([r.label for r in test])
             masks = np.stack(
                 [
-                    load_mask(root / r.mask, mask_size)
+                    load_mask(root / r.mask, mask_size, manifest.mask_threshold)
                     if r.mask
                     else np.zeros((mask_size, mask_size), bool)
                     for r in test

@@ -41,9 +41,13 @@ def load_image(path: Path, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
-def load_mask(path: Path, size: int) -> np.ndarray:
-    """Decode a ground-truth mask, resize with nearest neighbour; returns bool (size, size)."""
+def load_mask(path: Path, size: int, threshold: int = 127) -> np.ndarray:
+    """Decode a ground-truth mask, resize with nearest neighbour; returns bool (size, size).
+
+    A pixel is a defect when its grey value is above ``threshold``: 127 for MVTec-layout masks
+    (0/255), 0 for VisA's (defect pixels non-zero); the manifest records which.
+    """
     img = _open(path).convert("L")
     if img.size != (size, size):
         img = img.resize((size, size), Image.NEAREST)
-    return np.asarray(img) > 127
+    return np.asarray(img) > threshold

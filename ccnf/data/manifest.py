@@ -3,7 +3,10 @@
 Layout (per class): ``train/good/*.png``, ``test/good/*``, ``test/<defect>/*`` and
 ``ground_truth/<defect>/<stem>_mask.png``. The manifest lists every image with its class,
 split, defect type, mask path and a content hash (image and mask bytes), so changing an image
-on disk changes the manifest and DVC re-runs everything downstream.
+on disk changes the manifest and DVC re-runs everything downstream. It also records the mask
+convention of its dataset (``mask_threshold``: a mask pixel above it is a defect): 127 for
+MVTec-layout masks (0 = good, 255 = defect), 0 for VisA's (defect pixels non-zero, see
+:mod:`ccnf.data.visa`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from PIL import Image
 from rich.progress import track
 
 from ccnf.atomic import write_json
@@ -20,6 +24,9 @@ from ccnf.data.images import verify_image
 from ccnf.errors import CcnfError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# MVTec AD convention: masks are 0 (good) / 255 (defect); above the middle is a defect, which
+# also holds after lossy saving
+MVTEC_MASK_THRESHOLD = 127
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class Record:
 class Manifest:
     root: str
     records: list[Record]
+    mask_threshold: int = MVTEC_MASK_THRESHOLD  # a mask pixel > this (grey, 0-255) is a defect
 
     def select(self, cls: str, split: str) -> list[Record]:
         return [r for r in self.records if r.cls == cls and r.split == split]
@@ -49,14 +57,22 @@ class Manifest:
         return sorted({r.cls for r in self.records})
 
     def save(self, path: Path) -> None:
-        write_json(path, {"root": self.root, "records": [asdict(r) for r in self.records]})
+        write_json(path, {
+            "root": self.root,
+            "mask_threshold": self.mask_threshold,
+            "records": [asdict(r) for r in self.records],
+        })
 
     @staticmethod
     def load(path: Path) -> Manifest:
         if not Path(path).is_file():
             raise CcnfError(f"manifest not found: {path}", fix="run the prepare stage: dvc repro")
         raw = json.loads(Path(path).read_text())
-        return Manifest(raw["root"], [Record(**r) for r in raw["records"]])
+        return Manifest(
+            raw["root"],
+            [Record(**r) for r in raw["records"]],
+            raw.get("mask_threshold", MVTEC_MASK_THRESHOLD),
+        )
 
 
 def _images(folder: Path) -> list[Path]:
@@ -83,6 +99,56 @@ def _mask_for(root: Path, cls: str, defect: str, image: Path) -> Path:
     )
 
 
+def _mask_peak(path: Path) -> int:
+    """Largest grey value (0-255) of a mask image."""
+    with Image.open(path) as img:
+        return int(img.convert("L").getextrema()[1])
+
+
+def make_record(
+    root: Path, cls: str, split: str, defect: str, image: Path, mask: Path | None,
+    mask_threshold: int = MVTEC_MASK_THRESHOLD,
+) -> Record:
+    """One manifest entry; the image (and mask) is decoded once to catch corrupt files.
+
+    A mask whose pixels are all at or below ``mask_threshold`` but not all zero is an error: the
+    dataset codes its masks differently (e.g. 0/1), and every defect would silently vanish.
+    """
+    verify_image(image)
+    if mask is not None:
+        verify_image(mask)
+        peak = _mask_peak(mask)
+        if 0 < peak <= mask_threshold:
+            raise CcnfError(
+                f"mask {mask} has no pixel above {mask_threshold} (its largest value is {peak}): "
+                "defects would read as empty masks",
+                where=str(mask),
+                fix="MVTec-layout masks are 0 (good) / 255 (defect): rescale the masks "
+                "(e.g. 0/1 -> 0/255)",
+            )
+    return Record(
+        cls=cls,
+        split=split,
+        defect=defect,
+        image=str(image.relative_to(root)),
+        mask=None if mask is None else str(mask.relative_to(root)),
+        sha1=_sha1(image, *([mask] if mask is not None else [])),
+    )
+
+
+def check_counts(records: list[Record], classes: list[str], root: Path) -> None:
+    """Every class needs >= 2 training images and both good and defective test images."""
+    for cls in classes:
+        n_train = sum(r.cls == cls and r.split == "train" for r in records)
+        test = [r for r in records if r.cls == cls and r.split == "test"]
+        if n_train < 2 or not any(r.label for r in test) or not any(not r.label for r in test):
+            raise CcnfError(
+                f"class '{cls}' needs >= 2 training images and both good and defective test "
+                f"images (has {n_train} train, {len(test)} test)",
+                where=str(root / cls),
+            )
+
+
 def index_root(root: Path, classes: list[str], *, progress: bool = True) -> Manifest:
     """Index ``classes`` under ``root``; every image is decoded once to catch corrupt files."""
     root = Path(root)
@@ -97,9 +163,9 @@ def index_root(root: Path, classes: list[str], *, progress: bool = True) -> Mani
         present = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
         raise CcnfError(
             f"classes missing on disk under {root}: {', '.join(missing)}",
-            where="params.yaml: splits / data.root",
+            where="params.yaml: data.classes / data.root",
             fix=f"classes found there: {', '.join(present) or 'none'}; "
-            "fix the split or the root",
+            "fix data.classes or data.root (ccnf data use)",
         )
     jobs: list[tuple[str, str, str, Path]] = []
     for cls in classes:
@@ -109,31 +175,12 @@ def index_root(root: Path, classes: list[str], *, progress: bool = True) -> Mani
             raise CcnfError(f"class '{cls}' has no test folder: {test}", where=str(root))
         for defect_dir in sorted(d for d in test.iterdir() if d.is_dir()):
             jobs += [(cls, "test", defect_dir.name, p) for p in _images(defect_dir)]
-    records = []
-    for cls, split, defect, image in track(
-        jobs, description="indexing images", disable=not progress, transient=True
-    ):
-        verify_image(image)
-        mask = None if defect == "good" else _mask_for(root, cls, defect, image)
-        if mask is not None:
-            verify_image(mask)
-        records.append(
-            Record(
-                cls=cls,
-                split=split,
-                defect=defect,
-                image=str(image.relative_to(root)),
-                mask=None if mask is None else str(mask.relative_to(root)),
-                sha1=_sha1(image, *([mask] if mask is not None else [])),
-            )
+    records = [
+        make_record(root, cls, split, defect, image,
+                    None if defect == "good" else _mask_for(root, cls, defect, image))
+        for cls, split, defect, image in track(
+            jobs, description="indexing images", disable=not progress, transient=True
         )
-    for cls in classes:
-        n_train = sum(r.cls == cls and r.split == "train" for r in records)
-        test = [r for r in records if r.cls == cls and r.split == "test"]
-        if n_train < 2 or not any(r.label for r in test) or not any(not r.label for r in test):
-            raise CcnfError(
-                f"class '{cls}' needs >= 2 training images and both good and defective test "
-                f"images (has {n_train} train, {len(test)} test)",
-                where=str(root / cls),
-            )
+    ]
+    check_counts(records, classes, root)
     return Manifest(str(root), records)

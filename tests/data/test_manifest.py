@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_mvtec_root, write_png
+from PIL import Image
 
 from ccnf.data.images import load_image, load_mask
 from ccnf.data.manifest import Manifest, index_root
@@ -69,3 +70,12 @@ def test_grayscale_images_load_as_three_channels(tmp_path: Path) -> None:
     write_png(tmp_path / "m.png", np.pad(np.full((4, 4), 255, np.uint8), 4))
     mask = load_mask(tmp_path / "m.png", 12)
     assert mask.dtype == bool and mask.sum() == 16
+
+
+def test_masks_coded_zero_one_are_refused(root: Path) -> None:
+    """0/1 masks under the 0/255 convention would read as empty: prepare names the file."""
+    mask = root / "alpha" / "ground_truth" / "hole" / "000_mask.png"
+    write_png(mask, (np.asarray(Image.open(mask)) > 0).astype(np.uint8))
+    with pytest.raises(CcnfError, match="has no pixel above 127") as info:
+        index_root(root, ["alpha"], progress=False)
+    assert str(mask) in str(info.value) and "0/1 -> 0/255" in str(info.value)
