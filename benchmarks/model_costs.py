@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ccnf.atomic import write_json
 from ccnf.baselines.measure import measure
 from ccnf.config import load_params
-from ccnf.features import load_split
+from ccnf.features import load_inputs
 from ccnf.flows.ccnf import CCNF, read_checkpoint
-from ccnf.scoring import score_images
+from ccnf.scoring import score_images, unit_level_stats
 from ccnf.train import init_model, train_task
 
 KINDS = ("gaussian", "flow_bank", "fastflow")
@@ -53,11 +53,12 @@ def ccnf_costs(params_path: Path, features: Path, cls: str) -> dict[str, float |
         ckpt = read_checkpoint(prev)
         size = (prev / "model.pt").stat().st_size
     model = CCNF.from_checkpoint(ckpt, params.flow)
-    test = load_split(features, cls, "test")
+    test = load_inputs(features, cls, "test", params.features.neighbourhood)
     cid = params.classes.index(cls)
     start = time.perf_counter()
     score_images(model, test.features, torch.full((len(test),), cid), params.score,
-                 params.data.mask_size, params.eval.batch_images)
+                 params.data.mask_size, params.eval.batch_images,
+                 unit_level_stats(len(test), len(test.features)))
     score_s = time.perf_counter() - start
     return {
         "kind": "ccnf",

@@ -8,7 +8,10 @@ Everything is computed for the task-aware block (oracle class) and the task-agno
 Writes (all small, git-tracked):
     metrics/summary.json    {score: {image_auroc, pixel_auroc, aupro, image_ap, image_f1max,
                              image_forgetting, pixel_forgetting, aupro_forgetting,
-                             image_{precision,recall,f1}_{kstd,pct}},      (task-aware)
+                             image_diagonal, pixel_diagonal, aupro_diagonal (mean R[j][j]),
+                             image_{precision,recall,f1}_{kstd,pct}, image_ap_chance,
+                             image_f1_all, image_normal_flagged_{kstd,pct},
+                             {image,pixel}_auroc_worst_class},     (task-aware)
                              "agnostic": {score: same keys},
                              "class_select": {"method", "accuracy", "forgetting",
                                               "likelihood_accuracy", "prototype_accuracy"}}
@@ -38,7 +41,7 @@ from ccnf.atomic import write_json, write_text
 from ccnf.config import Params
 from ccnf.data.images import load_image
 from ccnf.errors import CcnfError
-from ccnf.metrics import forgetting, roc_curve
+from ccnf.metrics import diagonal_average, forgetting, roc_curve
 from ccnf.names import ALL_METRICS, DECIMALS, SCORES, SELECT_METHODS
 from ccnf.plots import (
     GalleryRow,
@@ -48,6 +51,7 @@ from ccnf.plots import (
     plot_roc_curves,
     plot_task_curves,
 )
+from ccnf.report import stale_scores
 
 FORGETTING_OF = {"image_auroc": "image", "pixel_auroc": "pixel", "aupro": "aupro"}
 
@@ -161,15 +165,32 @@ def _final(r: np.ndarray) -> float:
 
 
 def summarize(mats: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
-    """{score: {metric: final average, <short>_forgetting: forgetting}}, rounded to 1e-6."""
+    """{score: {metric: final average, <short>_forgetting: forgetting, <short>_diagonal:
+    mean of R[j][j] (each task right after it was learned)}}, rounded to 1e-6."""
     summary: dict[str, dict[str, float]] = {}
     for score, by_metric in mats.items():
         entry = {m: round(_final(r), DECIMALS) for m, r in by_metric.items()}
         for metric, short in FORGETTING_OF.items():
             if _complete(by_metric[metric]):  # forgetting needs every task's evaluation
                 entry[f"{short}_forgetting"] = round(forgetting(by_metric[metric]), DECIMALS)
+                entry[f"{short}_diagonal"] = round(diagonal_average(by_metric[metric]),
+                                                   DECIMALS)
         summary[score] = entry
     return summary
+
+
+def worst_classes(last: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{score: {"pixel_auroc_worst_class": min over classes, "image_auroc_worst_class": ...}}
+    of the final model, task-aware (a forgotten class hides in an average; not here)."""
+    per_class = last["per_class"].values()
+    scores = [s for s in SCORES if s in next(iter(per_class))]
+    return {
+        s: {
+            f"{m}_worst_class": round(min(entry[s][m] for entry in per_class), DECIMALS)
+            for m in ("image_auroc", "pixel_auroc")
+        }
+        for s in scores
+    }
 
 
 def summarize_selection(method: str, sel: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -196,7 +217,7 @@ def _final_per_class(last: dict[str, Any]) -> dict[str, Any]:
         else:
             a = agn["per_class"][cls]
             nested = {k: v for k, v in a.items() if k != "task"}
-        out[cls] = entry | {"agnostic": nested}
+        out[cls] = entry | {"agnostic": nested, "stale_calibration": stale_scores(entry)}
     return out
 
 
@@ -242,6 +263,7 @@ def aggregate(
     plots_dir: Path,
 ) -> dict[str, Any]:
     task_names = params.task_names
+    headline = params.score.headline
     results = load_task_results(params, metrics_dir)
     method = results[-1]["class_select"]
     mats = matrices(results, task_names)
@@ -249,6 +271,8 @@ def aggregate(
     sel = selection_matrices(results, task_names)
     scores = scores_of(results)
     summary: dict[str, Any] = summarize(mats)
+    for score, entry in worst_classes(results[-1]).items():
+        summary[score] |= entry
     summary["agnostic"] = summarize(agn_mats)
     summary["class_select"] = summarize_selection(method, sel)
     write_json(metrics_dir / "summary.json", summary)
@@ -319,16 +343,17 @@ def aggregate(
             name = str(gal[f"{cls}/{k}/name"])
             mask = gal[f"{cls}/{k}/mask"]
             image = load_image(root / name, mask.shape[0])
-            nf_auroc = results[-1]["per_class"][cls]["nf"]["pixel_auroc"]
+            h_auroc = results[-1]["per_class"][cls][headline]["pixel_auroc"]
             rows_g.append(
                 GalleryRow(
                     image=image,
                     mask=mask,
-                    anomaly_map=gal[f"{cls}/{k}/nf"],
-                    caption=f"{cls}: {Path(name).parent.name} (nf pixel AUROC {nf_auroc:.3f})",
+                    anomaly_map=gal[f"{cls}/{k}/{headline}"],
+                    caption=f"{cls}: {Path(name).parent.name} ({headline} pixel AUROC "
+                    f"{h_auroc:.3f})",
                 )
             )
             k += 1
     if rows_g:
-        plot_gallery(rows_g, plots_dir / "gallery.png", f"nf anomaly maps after {last}")
+        plot_gallery(rows_g, plots_dir / "gallery.png", f"{headline} anomaly maps after {last}")
     return summary

@@ -346,7 +346,7 @@ def bench_inference(
 ) -> dict[str, Any]:
     """Per-image cost of scoring a test batch, split into its parts."""
     from ccnf.features import FeatureMeta, load_split
-    from ccnf.scoring import gaussian_blur, pool, score_images
+    from ccnf.scoring import gaussian_blur, pool, score_images, unit_level_stats
 
     meta = FeatureMeta.load(features)
     split = load_split(features, meta.classes[0], "test")
@@ -396,8 +396,10 @@ def bench_inference(
             amap = gaussian_blur(torch.cat(up, dim=1).mean(dim=1), sigma).cpu().numpy()
         pool(amap, params.score)
 
+    unit = unit_level_stats(b, len(feats))  # same arithmetic as real calibration statistics
+
     def whole() -> None:
-        score_images(model, feats, y_img, params.score, params.data.mask_size, b)
+        score_images(model, feats, y_img, params.score, params.data.mask_size, b, unit)
 
     section: dict[str, Any] = {
         "batch_images": b,

@@ -37,11 +37,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ccnf.config import Params, parse_params
 from ccnf.errors import CcnfError
+from ccnf.names import SCORES
 
 CATALOG_FILE = Path("catalog.yaml")
 PARAMS_FILE = "params.yaml"
 SUMMARY_FILE = "metrics/summary.json"
-SCORE_DEFS = ("nf", "proto", "hybrid")
+SCORE_DEFS = SCORES
 # a valid git ref component that is also easy to type: DVC stores experiments as git refs
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # DVC stage names that must never run in a catalog experiment (the features are shared)
@@ -76,6 +77,10 @@ class _CatalogModel(BaseModel):
 
     reference: str
     ci_subset: list[str] = Field(default_factory=list)
+    # named sets of experiments (e.g. the one benchmarks/industrial12.py runs on real images)
+    subsets: dict[str, list[str]] = Field(default_factory=dict)
+    # the experiments whose records the competence targets compare (study_report.TARGETS)
+    targets: dict[str, str] = Field(default_factory=dict)
     experiments: dict[str, _EntryModel] = Field(min_length=1)
 
 
@@ -113,6 +118,8 @@ class Catalog:
     reference: str
     ci_subset: tuple[str, ...]
     experiments: dict[str, Experiment]
+    subsets: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    targets: dict[str, str] = field(default_factory=dict)
 
     @property
     def ids(self) -> list[str]:
@@ -374,11 +381,16 @@ def load_catalog(
         raise CcnfError(f"reference '{model.reference}' has overrides",
                         where=f"{path}: reference",
                         fix="the reference is params.yaml itself: give it overrides: []")
-    for i in model.ci_subset:
-        if i not in experiments:
-            raise CcnfError(f"ci_subset names unknown experiment '{i}'",
-                            where=f"{path}: ci_subset", fix=f"use ids of {path}")
-    return Catalog(path, model.reference, tuple(model.ci_subset), experiments)
+    named = {"ci_subset": model.ci_subset,
+             **{f"subsets.{k}": v for k, v in model.subsets.items()},
+             **{f"targets.{k}": [v] for k, v in model.targets.items()}}
+    for where_key, ids in named.items():
+        for i in ids:
+            if i not in experiments:
+                raise CcnfError(f"{where_key} names unknown experiment '{i}'",
+                                where=f"{path}: {where_key}", fix=f"use ids of {path}")
+    return Catalog(path, model.reference, tuple(model.ci_subset), experiments,
+                   {k: tuple(v) for k, v in model.subsets.items()}, dict(model.targets))
 
 
 # ----------------------------------------------------------------------------- DVC calls

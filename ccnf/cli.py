@@ -22,6 +22,7 @@ from rich.table import Table
 from ccnf.config import Params, load_params
 from ccnf.console import console, report_user_errors
 from ccnf.errors import CcnfError
+from ccnf.names import SCORES
 
 app = typer.Typer(
     help="Continual Conditional Normalizing Flows: study tools.", no_args_is_help=True
@@ -189,39 +190,66 @@ def _fmt(v: float | None) -> str:
 
 @app.command("info")
 @report_user_errors
-def info(metrics: Path = typer.Option(Path("metrics"), help="metrics directory")) -> None:
-    """Print the current run's summary, R matrix and per-class table."""
-    from ccnf.names import SCORES
-    from ccnf.report import SUMMARY_COLUMNS, load_metrics
+def info(
+    metrics: Path = typer.Option(Path("metrics"), help="metrics directory"),
+    params: Path = PARAMS,
+) -> None:
+    """Print the current run's summary, R matrix and per-class table (any model kind)."""
+    from ccnf.report import SUMMARY_COLUMNS, load_metrics, stale_scores
 
+    headline = _headline(params)
     summary, per_class = load_metrics(metrics)
-    table = Table(title="final averages (after the last task) and forgetting")
+    scores = [s for s in SCORES if s in summary]
+    table = Table(title="final averages (after the last task) and forgetting, task-aware")
     table.add_column("score")
     for _, label in SUMMARY_COLUMNS:
         table.add_column(label, justify="right")
-    for s in SCORES:
-        table.add_row(s, *(f"{summary[s][k]:.4f}" for k, _ in SUMMARY_COLUMNS))
+    for s in scores:
+        table.add_row(s, *(_fmt4(summary[s].get(k)) for k, _ in SUMMARY_COLUMNS))
     console.print(table)
+    th = Table(title="automatic thresholds next to their chance levels (task-aware)")
+    for col in ("score", "image AP", "AP of a random ranking", "F1 @ mean+k*std",
+                "F1 @ percentile", "F1 of flagging every image",
+                "normal images flagged @ mean+k*std"):
+        th.add_column(col, justify="left" if col == "score" else "right")
+    for s in scores:
+        v = summary[s]
+        th.add_row(s, *(_fmt4(v.get(k)) for k in (
+            "image_ap", "image_ap_chance", "image_f1_kstd", "image_f1_pct", "image_f1_all",
+            "image_normal_flagged_kstd")))
+    console.print(th)
     mats = json.loads((metrics / "matrices.json").read_text())
-    r = mats["nf"]["image_auroc"]
-    rt = Table(title="R[t][j], nf image AUROC (rows: after task t; cols: task j)")
+    r = mats[headline]["image_auroc"]
+    rt = Table(title=f"R[t][j], {headline} image AUROC (rows: after task t; cols: task j)")
     rt.add_column("after")
     for j in range(len(r)):
         rt.add_column(f"t{j}", justify="right")
     for t, row in enumerate(r):
         rt.add_row(f"t{t}", *(_fmt(v) for v in row))
     console.print(rt)
-    ct = Table(title="per class, final model")
-    for col in ("task", "class", "nf image", "nf pixel", "nf AUPRO", "proto image",
-                "hybrid image"):
-        ct.add_column(col, justify="right" if col not in ("class",) else "left")
+    ct = Table(title="per class, final model (stale: calibration threshold flags most normal "
+               "test images)")
+    cols = ["task", "class", f"{headline} image", f"{headline} pixel", f"{headline} AUPRO",
+            *(f"{s} image" for s in scores if s != headline), "stale"]
+    for col in cols:
+        ct.add_column(col, justify="left" if col in ("class", "stale") else "right")
     for cls, m in per_class.items():
+        h = m[headline]
         ct.add_row(
-            f"t{m['task']}", cls, f"{m['nf']['image_auroc']:.3f}", f"{m['nf']['pixel_auroc']:.3f}",
-            f"{m['nf']['aupro']:.3f}", f"{m['proto']['image_auroc']:.3f}",
-            f"{m['hybrid']['image_auroc']:.3f}",
+            f"t{m['task']}", cls, _fmt(h["image_auroc"]), _fmt(h["pixel_auroc"]),
+            _fmt(h["aupro"]), *(_fmt(m[s]["image_auroc"]) for s in scores if s != headline),
+            ", ".join(stale_scores(m)) or "",
         )
     console.print(ct)
+
+
+def _fmt4(v: float | None) -> str:
+    return "—" if v is None else f"{v:.4f}"
+
+
+def _headline(params: Path) -> str:
+    """``score.headline`` of the params (nf when there is no params file)."""
+    return load_params(params).score.headline if params.is_file() else "nf"
 
 
 @app.command("score")
@@ -230,17 +258,28 @@ def score(
     image: Path,
     cls: str = typer.Option(..., "--cls", help="class of the image (oracle selection)"),
     model_dir: Path = typer.Option(None, "--model", help="checkpoint dir (default: last task)"),
-    out: Path = typer.Option(None, help="write the nf anomaly map here (PNG)"),
+    out: Path = typer.Option(None, help="write the headline score's anomaly map here (PNG)"),
     params: Path = PARAMS,
 ) -> None:
-    """Score one image with a trained checkpoint: image scores and the anomaly map."""
+    """Score one image with a trained checkpoint (any model kind): every image score, its
+    calibrated value (z against the class's normal training images), and the anomaly map."""
     import numpy as np
     import torch
 
     from ccnf.backbone import Backbone
+    from ccnf.baselines import ClassBank, bank_patch_scores
     from ccnf.data.images import load_image
+    from ccnf.features import neighbourhood
     from ccnf.flows.ccnf import CCNF, read_checkpoint
-    from ccnf.scoring import calibration_record, image_scores, pixel_maps, score_images
+    from ccnf.scoring import (
+        assemble,
+        calibration_record,
+        image_scores,
+        level_stats_of,
+        patch_scores,
+        pixel_maps,
+        stack_stats,
+    )
 
     p = load_params(params)
     model_dir = model_dir or Path("models") / p.task_names[-1]
@@ -250,32 +289,37 @@ def score(
             f"class '{cls}' is not known to {model_dir}",
             fix=f"use one of: {', '.join(ckpt['classes'])}",
         )
-    model = CCNF.from_checkpoint(ckpt, p.flow)
     pixels = load_image(image, p.data.image_size)
-    feats = Backbone(p.backbone)(torch.from_numpy(pixels).permute(2, 0, 1)[None])
-    cid = torch.tensor([ckpt["classes"].index(cls)])
-    raw = score_images(model, list(feats), cid, p.score, p.data.mask_size, 1)
+    with torch.no_grad():
+        feats = Backbone(p.backbone)(torch.from_numpy(pixels).permute(2, 0, 1)[None])
+    feats = neighbourhood([f.float() for f in feats], p.features.neighbourhood)
+    if "state_dicts" in ckpt:  # a per-class bank (model.kind != ccnf)
+        patches = bank_patch_scores(ClassBank.from_checkpoint(ckpt)[cls], feats, 1)
+    else:
+        model = CCNF.from_checkpoint(ckpt, p.flow)
+        patches = patch_scores(model, feats, torch.tensor([ckpt["classes"].index(cls)]), 1)
     stats = calibration_record(ckpt["calibration"][cls], p.score, p.data.mask_size, cls=cls)
+    st = stack_stats({cls: stats}, [cls])
+    raw = assemble(patches, p.score, p.data.mask_size, level_stats_of(st))
     imgs = image_scores(raw, stats, p.score.alpha)
+    calibrated = image_scores(raw, stats, p.score.alpha, calibrated=True)
     table = Table(title=f"{image} as '{cls}'")
     table.add_column("score")
     table.add_column("image score", justify="right")
     table.add_column("calibrated (z)", justify="right")
-    table.add_row("nf", f"{imgs['nf'][0]:.4f}",
-                  f"{(imgs['nf'][0] - stats['nf_image'][0]) / stats['nf_image'][1]:+.2f}")
-    table.add_row("proto", f"{imgs['proto'][0]:.4f}",
-                  f"{(imgs['proto'][0] - stats['proto_image'][0]) / stats['proto_image'][1]:+.2f}")
-    table.add_row("hybrid", f"{imgs['hybrid'][0]:.4f}", f"{imgs['hybrid'][0]:+.2f}")
+    for name, v in imgs.items():
+        table.add_row(name, f"{v[0]:.4f}", f"{calibrated[name][0]:+.2f}")
     console.print(table)
     if out is not None:
         from ccnf.plots import GalleryRow, plot_gallery
 
-        amap = pixel_maps(raw, stats, p.score.alpha)["nf"][0]
+        headline = p.score.headline if p.score.headline in imgs else "nf"
+        amap = pixel_maps(raw, stats, p.score.alpha)[headline][0]
         row = GalleryRow(
             image=load_image(image, p.data.mask_size),
             mask=np.zeros(amap.shape, dtype=bool),
             anomaly_map=amap,
-            caption=f"{image.name} as {cls}: nf {imgs['nf'][0]:.3f}",
+            caption=f"{image.name} as {cls}: {headline} {imgs[headline][0]:.3f}",
         )
         plot_gallery([row], out, "ccnf score")
         console.print(f"anomaly map written to {out}")
@@ -290,7 +334,7 @@ def report_readme(
     """Rewrite README's results block from metrics/."""
     from ccnf.report import update_readme
 
-    update_readme(readme, metrics)
+    update_readme(readme, metrics, _headline(PARAMS.default))
     console.print(f"{readme}: results block updated from {metrics}")
 
 
@@ -304,7 +348,7 @@ def report_check(
     """Fail if README's results differ from metrics/ by more than the tolerance."""
     from ccnf.report import check_readme
 
-    problems = check_readme(readme, metrics, tolerance)
+    problems = check_readme(readme, metrics, tolerance, _headline(PARAMS.default))
     if problems:
         raise CcnfError(
             f"README results differ from fresh metrics (tolerance {tolerance}):\n  "

@@ -146,12 +146,11 @@ class FlowConfig(_Section):
         4, description="affine coupling blocks per level (one number, or one per level)"
     )
     hidden_dim: int = Field(128, ge=4, description="width of the coupling subnet (s,t) MLP")
-    hidden_ratio: float | None = Field(
+    hidden_ratio: float | list[float] | None = Field(
         None,
-        gt=0,
         description=(
             "subnet width relative to the level's feature size D_l: hidden = round(ratio * "
-            "D_l), at least 8 (null: hidden_dim at every level)"
+            "D_l), at least 8; one number, or one per level (null: hidden_dim at every level)"
         ),
     )
     embedding_dim: int = Field(32, ge=1, description="class embedding size")
@@ -231,6 +230,9 @@ class FlowConfig(_Section):
         couplings = self.n_couplings if isinstance(self.n_couplings, list) else [self.n_couplings]
         if not couplings or any(k < 1 for k in couplings):
             raise ValueError(f"flow.n_couplings must be >= 1 per level (got {self.n_couplings})")
+        ratios = self.hidden_ratio if isinstance(self.hidden_ratio, list) else [self.hidden_ratio]
+        if not ratios or any(r is not None and r <= 0 for r in ratios):
+            raise ValueError(f"flow.hidden_ratio must be > 0 per level (got {self.hidden_ratio})")
         if self.feature_norm and self.class_norm:
             raise ValueError(
                 "flow.feature_norm (task 0's statistics for every class) and flow.class_norm "
@@ -240,22 +242,28 @@ class FlowConfig(_Section):
 
     def couplings_at(self, level: int, n_levels: int) -> int:
         """Coupling blocks of ``level`` (of n_levels); a per-level list must match n_levels."""
-        if isinstance(self.n_couplings, int):
-            return self.n_couplings
-        if len(self.n_couplings) != n_levels:
-            raise CcnfError(
-                f"flow.n_couplings lists {len(self.n_couplings)} levels but the features have "
-                f"{n_levels} (backbone.out_indices)",
-                where="params.yaml: flow.n_couplings",
-                fix="give one number per level, or a single number for all",
-            )
-        return self.n_couplings[level]
+        return int(_per_level(self.n_couplings, level, n_levels, "n_couplings"))
 
-    def hidden_at(self, dim: int) -> int:
-        """Subnet width of a level with feature size ``dim``."""
-        if self.hidden_ratio is None:
+    def hidden_at(self, level: int, n_levels: int, dim: int) -> int:
+        """Subnet width of ``level`` (of n_levels) with feature size ``dim``."""
+        ratio = _per_level(self.hidden_ratio, level, n_levels, "hidden_ratio")
+        if ratio is None:
             return self.hidden_dim
-        return max(8, round(self.hidden_ratio * dim))
+        return max(8, round(ratio * dim))
+
+
+def _per_level(value: Any, level: int, n_levels: int, key: str) -> Any:
+    """``value`` itself, or its entry for ``level`` when it is a per-level list."""
+    if not isinstance(value, list):
+        return value
+    if len(value) != n_levels:
+        raise CcnfError(
+            f"flow.{key} lists {len(value)} levels but the features have {n_levels} "
+            "(backbone.out_indices)",
+            where=f"params.yaml: flow.{key}",
+            fix="give one number per level, or a single number for all",
+        )
+    return value[level]
 
 
 class LossConfig(_Section):
@@ -301,7 +309,10 @@ class LossConfig(_Section):
     noise_sigmas: list[float] = Field(
         default_factory=lambda: [0.05, 0.1, 0.2],
         min_length=1,
-        description="P6 noise levels, in units of the (normalized) feature scale",
+        description=(
+            "P6 noise levels sigma, in raw feature units: the noise is added to the cached "
+            "(neighbourhood-averaged) features before any normalization"
+        ),
     )
     dsm_samples: int = Field(
         128, ge=1, description="patch vectors per level and step on which L_dsm is evaluated"
@@ -533,6 +544,11 @@ class Params(_Section):
             raise ValueError(
                 f"score.class_select 'prototype' needs CCNF's class centres; model.kind "
                 f"'{self.model.kind}' supports likelihood or oracle"
+            )
+        if self.score.headline in ("proto", "hybrid"):
+            raise ValueError(
+                f"score.headline '{self.score.headline}' needs CCNF's prototypes; model.kind "
+                f"'{self.model.kind}' has the nf and latent scores only"
             )
         return self
 

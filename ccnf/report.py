@@ -15,7 +15,7 @@ from typing import Any
 
 from ccnf.atomic import write_text
 from ccnf.errors import CcnfError
-from ccnf.names import SCORES
+from ccnf.names import SCORES, STALE_FLAGGED
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 SUMMARY_COLUMNS = (
@@ -31,13 +31,15 @@ NUMBER = re.compile(r"[-+]?\d+\.\d+")
 
 
 THRESHOLD_COLUMNS = (
+    ("image_ap", "image AP"),
+    ("image_ap_chance", "AP of a random ranking"),
     ("image_f1max", "F1-max (best threshold)"),
     ("image_f1_kstd", "F1 @ mean+k*std"),
     ("image_precision_kstd", "precision @ mean+k*std"),
     ("image_recall_kstd", "recall @ mean+k*std"),
     ("image_f1_pct", "F1 @ percentile"),
-    ("image_precision_pct", "precision @ percentile"),
-    ("image_recall_pct", "recall @ percentile"),
+    ("image_f1_all", "F1 of flagging every image"),
+    ("image_normal_flagged_kstd", "normal images flagged @ mean+k*std"),
 )
 
 
@@ -103,30 +105,51 @@ def threshold_table(summary: dict[str, Any], agnostic: bool = False) -> str:
     return _table(summary["agnostic"] if agnostic else summary, THRESHOLD_COLUMNS)
 
 
-def per_class_table(per_class: dict[str, Any]) -> str:
+def per_class_table(per_class: dict[str, Any], headline: str = "nf") -> str:
+    """One row per class of the final model: the headline score's image/pixel AUROC and
+    AUPRO, every score's image AUROC, the agnostic headline image AUROC, the selection
+    accuracy, and the scores whose calibration has gone stale (more than half of the class's
+    normal test images at or above their mean + k*std threshold)."""
+    others = [s for s in SCORES if s in next(iter(per_class.values()))]
     head = (
-        "| task | class | nf image | nf pixel | nf AUPRO | proto image | hybrid image | "
-        "hybrid pixel | agnostic nf image | selection accuracy |"
+        f"| task | class | {headline} image | {headline} pixel | {headline} AUPRO | "
+        + " | ".join(f"{s} image" for s in others if s != headline)
+        + f" | agnostic {headline} image | selection accuracy | stale calibration |"
     )
-    sep = "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    sep = "|---:|---|" + "---:|" * (4 + len(others)) + "---|"
     rows = []
     for cls, m in per_class.items():
-        a = m["agnostic"]
-        rows.append(
-            f"| t{m['task']} | {cls} | {m['nf']['image_auroc']:.4f} | "
-            f"{m['nf']['pixel_auroc']:.4f} | {m['nf']['aupro']:.4f} | "
-            f"{m['proto']['image_auroc']:.4f} | {m['hybrid']['image_auroc']:.4f} | "
-            f"{m['hybrid']['pixel_auroc']:.4f} | {a['nf']['image_auroc']:.4f} | "
-            f"{a['selection_accuracy']:.4f} |"
-        )
+        a, h = m["agnostic"], m[headline]
+        cells = [f"t{m['task']}", cls, f"{h['image_auroc']:.4f}", f"{h['pixel_auroc']:.4f}",
+                 f"{h['aupro']:.4f}"]
+        cells += [f"{m[s]['image_auroc']:.4f}" for s in others if s != headline]
+        cells += [f"{a[headline]['image_auroc']:.4f}", f"{a['selection_accuracy']:.4f}",
+                  ", ".join(stale_scores(m)) or "—"]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join([head, sep, *rows])
 
 
-def results_block(summary: dict[str, Any], per_class: dict[str, Any]) -> str:
+def stale_scores(entry: dict[str, Any]) -> list[str]:
+    """Scores of one class whose normal test images are mostly (> STALE_FLAGGED) at or above
+    the class's mean + k*std calibration threshold: the calibration no longer fits the
+    model (drift after later tasks), so its threshold metrics sit at the trivial floor."""
+    return [
+        s for s in SCORES
+        if s in entry and entry[s].get("image_normal_flagged_kstd", 0.0) > STALE_FLAGGED
+    ]
+
+
+def results_block(
+    summary: dict[str, Any], per_class: dict[str, Any], headline: str = "nf"
+) -> str:
+    """The README's results block; ``headline``: ``score.headline`` of the params."""
     method = summary["class_select"]["method"]
     return (
         "Final averages over the tasks after the last task, **task-aware** (each test image "
-        "scored under its true class), and forgetting:\n\n"
+        "scored under its true class), and forgetting. Scores: `nf` = -log p(x|y)/D, `latent` "
+        "= 0.5 ||z - mu||^2 / D (the same flow without its log-det), `proto` = distance of "
+        "the latent mean to the class prototype, `hybrid` = their calibrated mix; the study "
+        f"leads with `{headline}` (`score.headline`):\n\n"
         + summary_table(summary)
         + "\n\n**Task-agnostic**: each test image scored under the class selected by "
         f"`{method}` (`score.class_select`) among all classes seen so far; hybrid scores and "
@@ -139,13 +162,16 @@ def results_block(summary: dict[str, Any], per_class: dict[str, Any]) -> str:
         + "\n\nAutomatic image thresholds from each class's training-normal calibration "
         "scores (U-Flow): mean + k*std (`eval.threshold_k`) and a percentile "
         "(`eval.threshold_percentile`); image-level final averages next to F1-max (the best "
-        "threshold, chosen on test data), task-aware:\n\n"
+        "threshold, chosen on test data) and the chance levels: the AP of a random ranking "
+        "(= the defect rate) and the F1 of flagging every image as defective (2r / (1 + r) "
+        "for defect rate r), which a stale calibration falls to. Task-aware:\n\n"
         + threshold_table(summary)
         + "\n\nand task-agnostic:\n\n"
         + threshold_table(summary, agnostic=True)
         + "\n\nPer class, final model (agnostic columns: class selected by "
-        f"`{method}`):\n\n"
-        + per_class_table(per_class)
+        f"`{method}`; stale calibration: scores whose mean + k*std threshold flags more than "
+        "half of the class's normal test images):\n\n"
+        + per_class_table(per_class, headline)
     )
 
 
@@ -159,16 +185,18 @@ def _split(text: str, path: Path) -> tuple[str, str, str]:
     return head, body, tail
 
 
-def update_readme(readme: Path, metrics_dir: Path) -> None:
+def update_readme(readme: Path, metrics_dir: Path, headline: str = "nf") -> None:
     head, _, tail = _split(readme.read_text(), readme)
-    block = results_block(*load_metrics(metrics_dir))
+    block = results_block(*load_metrics(metrics_dir), headline)
     write_text(readme, f"{head}{BEGIN}\n{block}\n{END}{tail}")
 
 
-def check_readme(readme: Path, metrics_dir: Path, tolerance: float) -> list[str]:
+def check_readme(
+    readme: Path, metrics_dir: Path, tolerance: float, headline: str = "nf"
+) -> list[str]:
     """Differences between README's block and one rendered from metrics_dir (empty: match)."""
     _, committed, _ = _split(readme.read_text(), readme)
-    fresh = results_block(*load_metrics(metrics_dir))
+    fresh = results_block(*load_metrics(metrics_dir), headline)
     problems = []
     c_lines = [ln for ln in committed.strip().splitlines() if ln.startswith("|")]
     f_lines = [ln for ln in fresh.strip().splitlines() if ln.startswith("|")]

@@ -3,10 +3,14 @@
 Everything generated lives between markers, so ``ccnf catalog report`` rewrites only those
 blocks and keeps the hand-written reading around them:
 
-* ``<!-- catalog-table:begin/end -->``: one markdown table per score definition (nf, proto,
-  hybrid: image/pixel AUROC, AUPRO, image/pixel forgetting), plus class selection and the
-  task-agnostic nf AUROC next to the research note's MVTec figures. Rendered from DVC's
-  experiment records (``dvc exp show --json``), never from files of our own.
+* ``<!-- catalog-table:begin/end -->``: the competence targets (:data:`TARGETS`, met or not,
+  by how much), one markdown table per score definition (nf, latent, proto, hybrid:
+  image/pixel AUROC, AUPRO, image/pixel forgetting, image/pixel AUROC right after each task),
+  class selection and the task-agnostic headline AUROC next to the research note's MVTec
+  figures, and the per-class baselines next to anomalib's models on the same data. Rendered
+  from DVC's experiment records (``dvc exp show --json``), never from files of our own.
+  ``benchmarks/industrial12.py`` renders the same tables from a run on real images into
+  ``<!-- industrial12-table:begin/end -->``.
 * ``<!-- catalog-plots:begin/end -->``: links to the plots under ``docs/report/``.
 * ``<!-- catalog-timing:begin/end -->``: wall time of the last ``ccnf catalog run --all``
   (``docs/report/catalog_timing.json``).
@@ -41,12 +45,46 @@ METRIC_COLUMNS = (
     ("aupro", "AUPRO"),
     ("image_forgetting", "image forgetting"),
     ("pixel_forgetting", "pixel forgetting"),
+    ("image_diagonal", "image, right after its task"),
+    ("pixel_diagonal", "pixel, right after its task"),
+    ("pixel_auroc_worst_class", "worst class pixel AUROC"),
 )
 SCORE_TITLES = {
     "nf": "nf: -log p(x|y)/D, oracle (task-aware) class",
+    "latent": "latent: 0.5 ||z - mu||^2 / D (no log-det), oracle class",
     "proto": "proto: distance of the latent mean to the class prototype, oracle class",
     "hybrid": "hybrid (E12): calibrated mix of proto and nf, oracle class",
 }
+
+
+@dataclass(frozen=True)
+class Target:
+    """left >= right + margin, each side a (catalog role, summary metric) of one score."""
+
+    text: str
+    left: tuple[str, str]
+    right: tuple[str, str]
+    margin: float
+
+
+# the competence targets of issue 10 (roles name experiments in catalog.yaml's ``targets``)
+TARGETS = (
+    *(
+        t
+        for kind in ("image", "pixel")
+        for t in (
+            Target(f"flow bank >= Gaussian floor ({kind} AUROC)",
+                   ("flow_bank", f"{kind}_auroc"), ("gaussian", f"{kind}_auroc"), 0.0),
+            Target(f"CCNF joint >= flow bank - 0.01 ({kind} AUROC)",
+                   ("joint", f"{kind}_auroc"), ("flow_bank", f"{kind}_auroc"), -0.01),
+            Target(f"CCNF right after each task >= Gaussian - 0.02 ({kind} AUROC)",
+                   ("sequential", f"{kind}_diagonal"), ("gaussian", f"{kind}_auroc"), -0.02),
+        )
+    ),
+    # right side empty: left >= margin
+    Target("no class below 0.5 pixel AUROC in the sequential (default) row",
+           ("sequential", "pixel_auroc_worst_class"), ("", ""), 0.5),
+)
 NUMBER = re.compile(r"[-+]?\d+\.\d+")
 
 
@@ -95,11 +133,62 @@ def score_table(rows: Sequence[Row], score: str) -> str:
     return "\n".join(lines)
 
 
-def selection_table(rows: Sequence[Row]) -> str:
-    """Class selection, task-agnostic nf AUROC, and the note's MVTec figure next to ours."""
-    head = ("| experiment | class select | selection accuracy | agnostic nf image AUROC | "
-            "agnostic nf pixel AUROC | ours nf image AUROC | ours nf pixel AUROC | "
-            "note (MVTec) image AUROC | note (MVTec) pixel AUROC |")
+def targets_table(rows: Sequence[Row], roles: dict[str, str], score: str) -> str:
+    """The competence targets, each with both sides' values and whether it is met."""
+    by_id = {r.exp.id: r for r in rows}
+    head = "| target | left | right | left - right | met |"
+    lines = [head, "|---|---:|---:|---:|---|"]
+    for t in TARGETS:
+        left = _role_value(by_id, roles, t.left[0], score, t.left[1])
+        right = (t.margin if not t.right[0] else
+                 _role_value(by_id, roles, t.right[0], score, t.right[1]))
+        margin = 0.0 if not t.right[0] else t.margin
+        if left is None or right is None:
+            gap, met = None, MISSING
+        else:
+            gap = left - right
+            met = "yes" if gap >= margin - 1e-12 else "no"
+        names = [f"`{roles.get(t.left[0], '?')}` {t.left[1]}"]
+        names.append(f"`{roles.get(t.right[0], '?')}` {t.right[1]}" if t.right[0] else "0.5")
+        lines.append(f"| {t.text} ({' vs '.join(names)}) | {_fmt(left)} | {_fmt(right)} | "
+                     f"{_fmt(gap)} | {met} |")
+    return "\n".join(lines)
+
+
+def _role_value(by_id: dict[str, Row], roles: dict[str, str], role: str, score: str,
+                key: str) -> float | None:
+    row = by_id.get(roles.get(role, ""))
+    return None if row is None else _get(_metrics(row), score, key)
+
+
+def peers_table(rows: Sequence[Row], peers: dict[str, Any] | None) -> str:
+    """The per-class baselines next to anomalib's models on the same data (when measured)."""
+    pairs = (("B-gaussian", "padim", "Padim"), ("B-flow_bank", "cflow", "Cflow"),
+             ("B-fastflow", "fastflow", "Fastflow"))
+    head = ("| ours | image AUROC | pixel AUROC | anomalib (same data, backbone, weights) | "
+            "classes | image AUROC | pixel AUROC |")
+    lines = [head, "|---|---:|---:|---|---:|---:|---:|"]
+    by_id = {r.exp.id: r for r in rows}
+    summary = (peers or {}).get("summary", {})
+    for exp_id, key, name in pairs:
+        if exp_id not in by_id:
+            continue
+        m = _metrics(by_id[exp_id])
+        peer = summary.get(key, {})
+        lines.append(
+            f"| {exp_id} (nf) | {_fmt(_get(m, 'nf', 'image_auroc'))} | "
+            f"{_fmt(_get(m, 'nf', 'pixel_auroc'))} | {name} | "
+            f"{peer.get('classes', MISSING)} | {_fmt(peer.get('image_AUROC_mean'))} | "
+            f"{_fmt(peer.get('pixel_AUROC_mean'))} |"
+        )
+    return "\n".join(lines)
+
+
+def selection_table(rows: Sequence[Row], score: str = "nf") -> str:
+    """Class selection, task-agnostic AUROC, and the note's MVTec figure next to ours."""
+    head = (f"| experiment | class select | selection accuracy | agnostic {score} image AUROC | "
+            f"agnostic {score} pixel AUROC | ours {score} image AUROC | ours {score} pixel "
+            "AUROC | note (MVTec) nf image AUROC | note (MVTec) nf pixel AUROC |")
     sep = "|---|---|" + "---:|" * 7
     lines = [head, sep]
     for row in rows:
@@ -109,10 +198,10 @@ def selection_table(rows: Sequence[Row]) -> str:
         cells = [
             method,
             _fmt(acc),
-            _fmt(_get(m, "agnostic", "nf", "image_auroc")),
-            _fmt(_get(m, "agnostic", "nf", "pixel_auroc")),
-            _fmt(_get(m, "nf", "image_auroc")),
-            _fmt(_get(m, "nf", "pixel_auroc")),
+            _fmt(_get(m, "agnostic", score, "image_auroc")),
+            _fmt(_get(m, "agnostic", score, "pixel_auroc")),
+            _fmt(_get(m, score, "image_auroc")),
+            _fmt(_get(m, score, "pixel_auroc")),
             _fmt(note.image_auroc if note else None),
             _fmt(note.pixel_auroc if note else None),
         ]
@@ -120,20 +209,45 @@ def selection_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def table_block(rows: Sequence[Row], reference: str) -> str:
-    """The generated table block of REPORT.md (all tables, and any record problems)."""
+def table_block(
+    rows: Sequence[Row],
+    reference: str,
+    *,
+    roles: dict[str, str] | None = None,
+    headline: str = "nf",
+    peers: dict[str, Any] | None = None,
+    data: str = "the embedded synthetic data",
+) -> str:
+    """The generated table block of REPORT.md (all tables, and any record problems).
+
+    roles: catalog.yaml's ``targets`` (which experiment is the Gaussian floor, the flow bank,
+    joint and the sequential default); headline: the score the targets are read on; peers:
+    benchmarks/anomalib_peers.json (None: no anomalib figures on this data).
+    """
     parts = [
         f"Final averages after the last task, per score definition; forgetting = mean over "
-        f"earlier tasks of (best earlier value - final value). `{reference}` is params.yaml "
-        f"itself; {MISSING} = not run, or not reported by this version of the pipeline. "
-        f"Source: `dvc exp show --json` (rendered by `ccnf catalog table`).",
+        f"earlier tasks of (best earlier value - final value); 'right after its task' = mean "
+        f"of R[j][j], each task evaluated just after it was learned. `{reference}` is "
+        f"params.yaml itself; {MISSING} = not run, or not reported by this version of the "
+        f"pipeline. Data: {data}. Source: `dvc exp show --json` (rendered by "
+        f"`ccnf catalog table`).",
     ]
+    if roles:
+        parts.append(f"#### competence targets ({headline} score)\n\n"
+                     + targets_table(rows, roles, headline))
     for score in SCORE_DEFS:
         parts.append(f"#### {SCORE_TITLES[score]}\n\n{score_table(rows, score)}")
     parts.append(
         "#### class selection (task-agnostic block) and the research note\n\n"
         "The note's figures are its final nf image/pixel AUROC on MVTec AD (1 epoch per task); "
-        "ours are on the embedded synthetic data.\n\n" + selection_table(rows)
+        f"ours are on {data}.\n\n" + selection_table(rows, headline)
+    )
+    parts.append(
+        "#### per-class baselines and anomalib's models on the same data\n\n"
+        + ("anomalib 2.7.0 on the same images, backbone and weights "
+           "(benchmarks/anomalib_peers.md; its classes column says how many of ours it ran)."
+           if peers else "No anomalib figures on this data.")
+        + "\n\n" + peers_table(rows, peers)
     )
     commits = record_baselines(rows)
     ref = next((r for r in rows if r.exp.id == reference), None)
@@ -292,15 +406,17 @@ once and shared by all of them. The tables below are rendered from DVC's own exp
 def plots_block(paths: Sequence[Path], report: Path) -> str:
     """Markdown image links to the plots, relative to REPORT.md."""
     captions = {
-        "forgetting": "forgetting per variant (nf and hybrid score, image and pixel)",
+        "forgetting": "forgetting per variant (headline and hybrid score, image and pixel)",
         "scores": "score definitions side by side: final image and pixel AUROC per variant",
-        "image_vs_pixel": "nf image vs pixel AUROC: ours (synthetic) and the note (MVTec AD)",
+        "image_vs_pixel": "headline image vs pixel AUROC: ours and the note (MVTec AD, nf)",
     }
     lines = []
     for p in paths:
         rel = Path(p).resolve().relative_to(report.resolve().parent) if Path(p).is_absolute() \
             else p
-        lines.append(f"![{captions.get(Path(p).stem, Path(p).stem)}]({rel.as_posix()})")
+        stem = Path(p).stem.split("_", 1)[1] if Path(p).stem.startswith("industrial12_") \
+            else Path(p).stem
+        lines.append(f"![{captions.get(stem, stem)}]({rel.as_posix()})")
     return "\n\n".join(lines) if lines else "(no plots: no experiment has results yet)"
 
 
@@ -370,22 +486,64 @@ def read_timing(path: Path = TIMING_FILE) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+@dataclass(frozen=True)
+class ReportSpec:
+    """Which blocks of REPORT.md a set of records fills, and how to read them.
+
+    block: marker prefix (``<block>-table``, ``<block>-plots``, ``<block>-timing``) and plot /
+    timing file prefix; roles: catalog.yaml's ``targets``; headline: ``score.headline``;
+    peers: anomalib's figures on the same data (None: none); data: what the rows ran on.
+    """
+
+    block: str = "catalog"
+    roles: dict[str, str] | None = None
+    headline: str = "nf"
+    peers: dict[str, Any] | None = None
+    data: str = "the embedded synthetic data"
+
+    @property
+    def timing_file(self) -> Path:
+        return TIMING_FILE if self.block == "catalog" else REPORT_DIR / f"{self.block}_timing.json"
+
+    def table(self, rows: Sequence[Row], reference: str) -> str:
+        return table_block(rows, reference, roles=self.roles, headline=self.headline,
+                           peers=self.peers, data=self.data)
+
+
+PEERS_FILE = Path("benchmarks/anomalib_peers.json")
+
+
+def read_peers(path: Path = PEERS_FILE) -> dict[str, Any] | None:
+    """anomalib's figures on the synthetic data (benchmarks/anomalib_peers.py), if measured."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CcnfError(f"{path} is not valid JSON: {err}",
+                        fix="re-run benchmarks/anomalib_peers.py or git checkout it") from None
+    return data if isinstance(data, dict) else None
+
+
 def write_report(
     rows: Sequence[Row],
     reference: str,
     report: Path = REPORT_FILE,
     plot_dir: Path = REPORT_DIR,
-    timing_file: Path = TIMING_FILE,
+    timing_file: Path | None = None,
     make_plots: bool = True,
+    spec: ReportSpec | None = None,
 ) -> list[Path]:
     """Create or update REPORT.md's generated blocks (and the plots); returns plot paths."""
+    spec = spec or ReportSpec()
     text = report.read_text(encoding="utf-8") if report.is_file() else TEMPLATE
-    plots = plot_all(rows, plot_dir) if make_plots else []
+    prefix = "" if spec.block == "catalog" else f"{spec.block}_"
+    plots = plot_all(rows, plot_dir, prefix, spec.headline) if make_plots else []
     rel_plots = [_relative(p, report) for p in plots]
-    text = set_block(text, "catalog-table", table_block(rows, reference), report)
-    text = set_block(text, "catalog-plots", plots_block(rel_plots, report), report)
-    text = set_block(text, "catalog-timing", timing_block(read_timing(timing_file), len(rows)),
-                     report)
+    timing = read_timing(timing_file or spec.timing_file)
+    text = set_block(text, f"{spec.block}-table", spec.table(rows, reference), report)
+    text = set_block(text, f"{spec.block}-plots", plots_block(rel_plots, report), report)
+    text = set_block(text, f"{spec.block}-timing", timing_block(timing, len(rows)), report)
     write_text(report, text)
     return plots
 
@@ -398,12 +556,13 @@ def _relative(p: Path, report: Path) -> Path:
 
 
 def check_report(rows: Sequence[Row], reference: str, report: Path, tolerance: float,
-                 ids: Sequence[str] | None = None) -> list[str]:
+                 ids: Sequence[str] | None = None, spec: ReportSpec | None = None) -> list[str]:
     """Differences between REPORT.md's committed table and one rendered from ``rows``."""
+    spec = spec or ReportSpec()
     if not report.is_file():
         raise CcnfError(f"{report} not found", fix="ccnf catalog report (after catalog run)")
-    committed = get_block(report.read_text(encoding="utf-8"), "catalog-table", report)
-    fresh = table_block(rows, reference)
+    committed = get_block(report.read_text(encoding="utf-8"), f"{spec.block}-table", report)
+    fresh = spec.table(rows, reference)
     problems = compare_tables(committed, fresh, tolerance, ids)
     selected = [r for r in rows if ids is None or r.exp.id in set(ids)]
     problems += [f"{r.exp.id}: {r.problem}" for r in selected if r.problem]
@@ -419,9 +578,12 @@ def _save(fig: Any, target: Path) -> Path:
     return target
 
 
-def plot_all(rows: Sequence[Row], out_dir: Path) -> list[Path]:
-    """The report's plots (only experiments with results); returns the written paths."""
-    done = [r for r in rows if r.record is not None and _get(r.record.metrics, "nf",
+def plot_all(
+    rows: Sequence[Row], out_dir: Path, prefix: str = "", headline: str = "nf"
+) -> list[Path]:
+    """The report's plots (only experiments with results); returns the written paths, named
+    ``<prefix>forgetting.png`` etc."""
+    done = [r for r in rows if r.record is not None and _get(r.record.metrics, headline,
                                                               "image_auroc") is not None]
     if not done:
         return []
@@ -436,7 +598,7 @@ def plot_all(rows: Sequence[Row], out_dir: Path) -> list[Path]:
     paths = []
 
     # 1. forgetting per variant
-    series = [("nf", "image_forgetting"), ("nf", "pixel_forgetting"),
+    series = [(headline, "image_forgetting"), (headline, "pixel_forgetting"),
               ("hybrid", "image_forgetting"), ("hybrid", "pixel_forgetting")]
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(ids) + 1.5), layout="constrained")
     h = 0.8 / len(series)
@@ -451,7 +613,7 @@ def plot_all(rows: Sequence[Row], out_dir: Path) -> list[Path]:
     ax.set_title("forgetting per variant")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.grid(axis="x", alpha=0.3)
-    paths.append(_save(fig, out_dir / "forgetting.png"))
+    paths.append(_save(fig, out_dir / f"{prefix}forgetting.png"))
     plt.close(fig)
 
     # 2. score definitions side by side
@@ -462,7 +624,8 @@ def plot_all(rows: Sequence[Row], out_dir: Path) -> list[Path]:
                               ("image AUROC", "pixel AUROC"), strict=True):
         for k, score in enumerate(SCORE_DEFS):
             vals = [_get(r.record.metrics, score, key) or 0.0 for r in done]  # type: ignore[union-attr]
-            ax.barh([v + (k - 1) * h for v in y], vals, height=h, label=score)
+            ax.barh([v + (k - (len(SCORE_DEFS) - 1) / 2) * h for v in y], vals, height=h,
+                    label=score)
         ax.axvline(0.5, color="grey", lw=0.8, ls="--")
         ax.set_xlim(0.3, 1.0)
         ax.set_title(f"final {title}")
@@ -471,14 +634,14 @@ def plot_all(rows: Sequence[Row], out_dir: Path) -> list[Path]:
     axes[0].invert_yaxis()
     axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.suptitle("score definitions side by side (oracle class)")
-    paths.append(_save(fig, out_dir / "scores.png"))
+    paths.append(_save(fig, out_dir / f"{prefix}scores.png"))
     plt.close(fig)
 
     # 3. image vs pixel AUROC: ours and the note's, same ids
     fig, axes = plt.subplots(1, 2, figsize=(11, 5), layout="constrained")
     for r in done:
         m = r.record.metrics  # type: ignore[union-attr]
-        xi, yp = _get(m, "nf", "image_auroc"), _get(m, "nf", "pixel_auroc")
+        xi, yp = _get(m, headline, "image_auroc"), _get(m, headline, "pixel_auroc")
         if xi is None or yp is None:
             continue
         axes[0].scatter(xi, yp, color="C0" if r.exp.note else "C7", s=18)
@@ -488,13 +651,13 @@ def plot_all(rows: Sequence[Row], out_dir: Path) -> list[Path]:
             axes[1].scatter(r.exp.note.image_auroc, r.exp.note.pixel_auroc, color="C1", s=18)
             axes[1].annotate(r.exp.id, (r.exp.note.image_auroc, r.exp.note.pixel_auroc),
                              fontsize=7, xytext=(3, 2), textcoords="offset points")
-    axes[0].set_title("ours: synthetic data (blue: has a note figure)")
-    axes[1].set_title("research note: MVTec AD")
-    for ax in axes:
-        ax.set_xlabel("nf image AUROC")
-        ax.set_ylabel("nf pixel AUROC")
+    axes[0].set_title(f"ours ({headline} score; blue: has a note figure)")
+    axes[1].set_title("research note: MVTec AD (nf score)")
+    for ax, score in zip(axes, (headline, "nf"), strict=True):
+        ax.set_xlabel(f"{score} image AUROC")
+        ax.set_ylabel(f"{score} pixel AUROC")
         ax.grid(alpha=0.3)
     fig.suptitle("image vs pixel AUROC per variant")
-    paths.append(_save(fig, out_dir / "image_vs_pixel.png"))
+    paths.append(_save(fig, out_dir / f"{prefix}image_vs_pixel.png"))
     plt.close(fig)
     return paths

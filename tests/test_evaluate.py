@@ -22,13 +22,16 @@ from ccnf.errors import CcnfError
 from ccnf.evaluate import evaluate_task
 from ccnf.flows import CCNF
 from ccnf.metrics import precision_recall_f1_at
-from ccnf.names import METRICS, SCORES, THRESHOLD_METRICS
+from ccnf.names import ALL_METRICS, SCORES
 from ccnf.scoring import (
     ClassStatistics,
+    assemble,
     calibration_patches,
     calibration_record,
     image_scores,
-    score_images,
+    level_stats_of,
+    patch_scores,
+    stack_stats,
     thresholds,
 )
 
@@ -142,7 +145,7 @@ def test_oracle_agnostic_block_is_the_aware_one_and_aware_never_changes(study) -
     assert lik["agnostic"]["same_as_aware"] is False
     for entry in lik["per_class"].values():
         for score in SCORES:
-            assert set(entry[score]) == set(METRICS) | set(THRESHOLD_METRICS)
+            assert set(entry[score]) == set(ALL_METRICS)
             assert all(0.0 <= v <= 1.0 for v in entry[score].values())
 
 
@@ -190,11 +193,14 @@ def test_selection_accuracy_and_agnostic_scores_against_direct_computation(
     model = CCNF.from_checkpoint(ckpt, params.flow)
     feats = torch.load(root / "features/c/test.pt", weights_only=False)
     ids = torch.tensor([0, 2, 2, 2, 2, 0])
-    s = score_images(model, feats["features"], ids, params.score, params.data.mask_size, 4)
+    names = ["a", "c", "c", "c", "c", "a"]
+    per_image = stack_stats({c: _stats(ckpt, c, params) for c in "ac"}, names)
+    s = assemble(patch_scores(model, feats["features"], ids, 4), params.score,
+                 params.data.mask_size, level_stats_of(per_image))
     raw = np.load(root / "fixed/eval/t1/image_scores.npz")
     np.testing.assert_array_equal(raw["c/selected"], ids.numpy())
     labels = feats["labels"].numpy()
-    for i, cls in enumerate(["a", "c", "c", "c", "c", "a"]):
+    for i, cls in enumerate(names):
         want = image_scores(s, _stats(ckpt, cls, params), params.score.alpha)
         for score in SCORES:
             assert raw[f"c/agnostic/{score}"][i] == pytest.approx(want[score][i], rel=1e-5)
@@ -233,6 +239,17 @@ def test_threshold_metrics_against_direct_computation(study) -> None:
                     )
                     got = [entry[score][f"image_{m}_{tag}"] for m in ("precision", "recall", "f1")]
                     assert got == pytest.approx(list(want), abs=1e-6)
+                    # the fraction of normal test images the threshold flags
+                    labels, values = raw[f"{cls}/labels"], raw[f"{cls}/{score}"]
+                    flagged = np.mean(values[labels == 0] >= thr[score][kind])
+                    assert entry[score][f"image_normal_flagged_{kind}"] == pytest.approx(
+                        flagged, abs=1e-6)
+                # chance levels: AP of a random ranking = the defect rate; F1 of flagging all
+                rate = float(np.mean(raw[f"{cls}/labels"]))
+                assert entry[score]["image_ap_chance"] == pytest.approx(rate, abs=1e-6)
+                everything = np.zeros_like(raw[f"{cls}/{score}"])
+                f1_all = precision_recall_f1_at(raw[f"{cls}/labels"], everything, 0.0)[2]
+                assert entry[score]["image_f1_all"] == pytest.approx(f1_all, abs=1e-6)
 
 
 def test_calibrated_scores_leave_oracle_ranking_metrics_unchanged(study) -> None:
@@ -259,7 +276,7 @@ def test_checkpoint_without_calibration_patches_asks_for_repro(tmp_path: Path) -
     torch.save(ckpt, path)
     with pytest.raises(CcnfError, match="dvc repro") as info:
         run(tmp_path, params)
-    assert "predates score-independent calibration" in str(info.value)
+    assert "predates this version" in str(info.value)
     assert not (tmp_path / "run/metrics/t1.json").exists()
 
 

@@ -280,13 +280,14 @@ def test_one_pass_terms_equal_separate_forwards() -> None:
     model, batch = _model_and_batch()
     model.eval()  # same spectral-norm estimate in every forward
     seen = torch.arange(3)
-    cfg = LossConfig(entropy_samples=7)
+    cfg = LossConfig(entropy_samples=7, mi_samples=9)
     terms = level_losses(model, 0, batch, seen, cfg, torch.Generator().manual_seed(1))
     gen = torch.Generator().manual_seed(1)
+    pick = torch.randperm(batch.x.shape[0], generator=gen)[:9]
     neg = negative_classes(batch, seen, gen)
     assert bool((neg != batch.y).all())
-    pos_out = model.forward_level(0, batch.x, batch.y, batch.pos)
-    neg_out = model.forward_level(0, batch.x, neg, batch.pos)
+    pos_out = model.forward_level(0, batch.x[pick], batch.y[pick], batch.pos[pick])
+    neg_out = model.forward_level(0, batch.x[pick], neg[pick], batch.pos[pick])
     want_mi = mi_margin(pos_out.log_prob, neg_out.log_prob, 6, cfg.mi_margin)
     x_e, y_e, p_e = entropy_inputs(batch, seen, 7, gen)
     ent = model.forward_level(0, x_e, y_e, p_e)
@@ -294,3 +295,39 @@ def test_one_pass_terms_equal_separate_forwards() -> None:
     torch.testing.assert_close(terms["L_mi"], want_mi)
     torch.testing.assert_close(terms["L_e"], want_e)
     assert 0 < float(want_e) <= math.log(3) + 1e-6
+
+
+@pytest.mark.parametrize("negatives", ["task", "seen"])
+def test_task_negatives_never_touch_old_classes(negatives: str) -> None:
+    """loss.negatives: task: L_mi's negative and L_e's softmax run over the classes trained
+    now, so an old class (no positives in the batch) gets no gradient from either term; the
+    note's 'seen' pushes the old classes' density down."""
+    model, batch = _model_and_batch(n_classes=5)
+    # the batch holds classes 3 and 4 only (the current task); 0..2 are old classes
+    batch.image_class = torch.tensor([3, 4, 4, 3])
+    batch.y = batch.image_class.repeat_interleave(5)
+    seen = torch.arange(5)
+    cand = torch.tensor([3, 4]) if negatives == "task" else None
+    cfg = LossConfig(lambda_g=0.0, lambda_logdet=0.0, lambda_z=0.0, lambda_balance=0.0,
+                     lambda_scale=0.0, lambda_center=0.0, lambda_mi=1.0, lambda_entropy=1.0,
+                     mi_margin=50.0)
+    terms = level_losses(model, 0, batch, seen, cfg, torch.Generator().manual_seed(0),
+                         negatives=cand)
+    assert set(terms) == {"L_mi", "L_e"}
+    (terms["L_mi"] + terms["L_e"]).backward()
+    old = model.embedding.grad[:3].abs().sum(dim=1)
+    new = model.embedding.grad[3:].abs().sum(dim=1)
+    assert bool((new > 0).all())
+    if negatives == "task":
+        assert bool((old == 0).all())
+    else:
+        assert bool((old > 0).any())
+
+
+def test_one_candidate_class_switches_mi_and_entropy_off() -> None:
+    model, batch = _model_and_batch(n_classes=3)
+    batch.image_class = torch.full((4,), 2)
+    batch.y = batch.image_class.repeat_interleave(5)
+    terms = level_losses(model, 0, batch, torch.arange(3), LossConfig(), torch.Generator(),
+                         negatives=torch.tensor([2]))
+    assert "L_mi" not in terms and "L_e" not in terms

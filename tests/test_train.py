@@ -226,14 +226,80 @@ def test_schedule_meta_and_sub_epochs() -> None:
     from ccnf.train import Schedule
 
     raw = tiny_params(Path("/nonexistent"), [["a"], ["b"]])
-    raw["train"].update(meta_epochs=3, sub_epochs=1, first_task_reg_scale=0.1, epochs=2)
+    raw["train"].update(meta_epochs=3, sub_epochs=1, first_task_reg_scale=0.1, epochs=2,
+                        images_per_step=4)
     params = parse_params(raw)
-    s0, s1 = Schedule.for_task(params, 0), Schedule.for_task(params, 1)
+    # 16 images in batches of 4: 4 steps per epoch, 2 epochs = 8 steps per round
+    s0, s1 = Schedule.for_task(params, 0, 16, 1), Schedule.for_task(params, 1, 16, 1)
     assert (s0.rounds, s1.rounds) == (3, 1)
-    assert s0.reg_factor(0) == pytest.approx(0.1) and s0.reg_factor(1) == 0.0
-    assert s1.reg_factor(0) == 1.0 and s1.reg_factor(1) == 0.0
-    assert s0.lr_factor(0, 0, 4) == pytest.approx(0.25) and s0.lr_factor(1, 0, 4) == 1.0
-    assert s1.lr_factor(0, 0, 4) == 1.0
+    assert (s0.budget.steps_per_epoch, s0.budget.steps, s0.total_steps) == (4, 8, 24)
+    assert s0.reg_factor(0) == pytest.approx(0.1) and s0.reg_factor(4) == 0.0
+    assert s1.reg_factor(3) == 1.0 and s1.reg_factor(4) == 0.0
+    tc = params.train
+    assert s0.lr_factor(0, tc) == pytest.approx(0.25) and s0.lr_factor(4, tc) == 1.0
+    assert s1.lr_factor(0, tc) == 1.0
+
+
+def test_step_budget_floor_and_cosine_schedule() -> None:
+    from ccnf.schedule import StepBudget, lr_factor
+
+    raw = tiny_params(Path("/nonexistent"), [["a"], ["b"]])
+    raw["train"].update(epochs=8, images_per_step=8, min_steps_per_class=50,
+                        lr_schedule="cosine", lr_warmup_steps=10)
+    tc = parse_params(raw).train
+    # 8 images of one class: 1 step per epoch, 8 epochs -> the floor decides
+    assert StepBudget.of(8, 1, tc).steps == 50
+    assert StepBudget.of(8, 3, tc).steps == 150  # per class learned
+    assert StepBudget.of(800, 1, tc).steps == 8 * 100  # epochs decide when they give more
+    assert lr_factor(0, 100, tc) == pytest.approx(0.1 * 1.0)  # warm-up x cos(0)
+    assert lr_factor(50, 100, tc) == pytest.approx(0.5)
+    assert lr_factor(99, 100, tc) < 0.01
+    off = tc.model_copy(update={"min_steps_per_class": 0, "lr_schedule": "constant",
+                                "lr_warmup_steps": 0})
+    assert StepBudget.of(8, 3, off).steps == 8 and lr_factor(7, 8, off) == 1.0
+
+
+def test_class_norm_stats_are_each_class_own_and_fixed(prepared) -> None:
+    tmp, raw = prepared
+    cn = _variant(raw, "flow", class_norm=True)
+    init_model(parse_params(cn), tmp / "features", tmp / "cn/init")
+    t0 = read_checkpoint(_train(tmp, cn, "cn/t0", prev="../cn/init"))
+    fit, _ = calibration_split(5, cn["eval"]["calib_fraction"], cn["seed"])
+    for cid, cls in enumerate("ab"):
+        f = load_split(tmp / "features", cls, "train").subset(fit).features[1].float()
+        flat = f.flatten(2).transpose(1, 2).reshape(-1, f.shape[1])
+        torch.testing.assert_close(t0["state_dict"]["class_mean_1"][cid], flat.mean(0))
+        torch.testing.assert_close(t0["state_dict"]["class_std_1"][cid], flat.std(0))
+    t1 = read_checkpoint(_train(tmp, cn, "cn/t1", task="t1", prev="../cn/t0"))
+    for key in ("class_mean_0", "class_std_1"):
+        assert torch.equal(t1["state_dict"][key][:2], t0["state_dict"][key])
+        assert not torch.equal(t1["state_dict"][key][2:3], t0["state_dict"][key][:1])
+
+
+@pytest.mark.parametrize("prototypes", ["fixed", "shared"])
+def test_finished_class_prototype_is_unchanged_by_later_tasks(prepared, prototypes) -> None:
+    """flow.prototypes: fixed freezes mu_y = P e_y when y's task ends; the shared projection P
+    keeps training on later classes, so with 'shared' the old prototype drifts."""
+    from ccnf.flows.ccnf import CCNF
+
+    tmp, raw = prepared
+    var = _variant(raw, "flow", prototypes=prototypes)
+    var = _variant(var, "loss", lambda_center=1.0)
+    params = parse_params(var)
+    name = f"proto_{prototypes}"
+    init_model(params, tmp / "features", tmp / name / "init")
+    m0 = CCNF.from_checkpoint(read_checkpoint(
+        _train(tmp, var, f"{name}/t0", prev=f"../{name}/init")), params.flow)
+    m1 = CCNF.from_checkpoint(read_checkpoint(
+        _train(tmp, var, f"{name}/t1", task="t1", prev=f"../{name}/t0")), params.flow)
+    old = torch.tensor([0, 1])
+    for lvl in range(m0.n_levels):
+        before, after = m0.prototype(lvl, old).detach(), m1.prototype(lvl, old).detach()
+        if prototypes == "fixed":
+            assert torch.equal(before, after)
+        else:
+            assert not torch.allclose(before, after)
+    assert not torch.equal(m1.protos[0].weight, m0.protos[0].weight)  # P itself trained on
 
 
 def test_meta_epochs_multiply_task_0_steps(prepared) -> None:
@@ -289,7 +355,7 @@ def test_baseline_banks_run_through_train_and_evaluate(prepared, kind: str) -> N
         assert torch.equal(v, t1["state_dicts"]["a"][k]), k
     res = evaluate_task(params, "t1", tmp / "features", tmp / kind / "t1",
                         tmp / kind / "m.json", tmp / kind / "eval")
-    assert set(res["per_class"]["a"]) == {"task", "nf"}  # a bank has one score
+    assert set(res["per_class"]["a"]) == {"task", "nf", "latent"}  # no prototype scores
     assert res["agnostic"]["same_as_aware"] is False
     assert set(res["agnostic"]["selection_accuracy_by_method"]) == {"likelihood"}
     with pytest.raises(CcnfError, match=r"model\.kind"):

@@ -41,7 +41,7 @@ def model_spec(params: Params, channels: list[int], grids: list[list[int]]) -> d
         return {
             **base,
             "n_couplings": [f.couplings_at(lvl, n_levels) for lvl in range(n_levels)],
-            "hidden_dims": [f.hidden_at(int(c)) for c in channels],
+            "hidden_dims": [f.hidden_at(lvl, n_levels, int(c)) for lvl, c in enumerate(channels)],
             "clamp_alpha": f.clamp_alpha,
             "spectral_norm": f.spectral_norm,
             "pos_dim": f.pos_dim,

@@ -20,11 +20,12 @@ import torch
 import yaml
 
 from ccnf.baselines.bank import ClassBank, class_seed
-from ccnf.baselines.maps import score_images
+from ccnf.baselines.maps import bank_patch_scores
 from ccnf.catalog import apply_overrides
 from ccnf.config import Params, parse_params
-from ccnf.features import FeatureMeta, load_split
+from ccnf.features import FeatureMeta, load_inputs
 from ccnf.metrics import auroc
+from ccnf.scoring import assemble, calibration_record, level_stats_of, stack_stats
 from ccnf.train import calibration_split
 
 
@@ -36,19 +37,25 @@ def measure(kind: str, cls: str, raw: dict, features_dir: Path) -> dict[str, flo
         "score": {**raw.get("score", {}), "class_select": "likelihood"},
     })
     meta = FeatureMeta.load(features_dir)
-    train = load_split(features_dir, cls, "train")
-    fit_idx, _ = calibration_split(len(train), params.eval.calib_fraction, params.seed)
+    train = load_inputs(features_dir, cls, "train", params.features.neighbourhood)
+    fit_idx, calib_idx = calibration_split(len(train), params.eval.calib_fraction, params.seed)
     fit = train.subset(fit_idx)
-    test = load_split(features_dir, cls, "test")
+    test = load_inputs(features_dir, cls, "test", params.features.neighbourhood)
     bank = ClassBank.from_params(params, meta.channels, meta.grids)
     t0 = time.perf_counter()
     rows = bank.add_class(cls, fit.features, params.train, class_seed(params.seed, 0))
     fit_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    maps, image = score_images(
-        bank[cls], test.features, params.score, params.data.mask_size, params.eval.batch_images
+    batch, size = params.eval.batch_images, params.data.mask_size
+    record = calibration_record(
+        bank_patch_scores(bank[cls], train.subset(calib_idx).features, batch).to_record(),
+        params.score, size, cls=cls,
     )
+    t0 = time.perf_counter()
+    scores = assemble(bank_patch_scores(bank[cls], test.features, batch), params.score, size,
+                      level_stats_of(stack_stats({cls: record}, [cls] * len(test))))
     score_s = time.perf_counter() - t0
+    headline = params.score.headline
+    maps, image = scores.maps[headline], scores.images[headline]
     assert test.masks is not None
     return {
         "kind": kind,

@@ -97,7 +97,7 @@ class CCNF(nn.Module):
                 d,
                 cond_dim,
                 n_couplings=cfg.couplings_at(lvl, n_levels),
-                hidden_dim=cfg.hidden_at(d),
+                hidden_dim=cfg.hidden_at(lvl, n_levels, d),
                 clamp_alpha=cfg.clamp_alpha,
                 spectral_norm=cfg.spectral_norm,
                 film_dim=emb if film else 0,

@@ -1,7 +1,12 @@
 """Evaluation metrics: ranking (AUROC, AP, F1), AUPRO, and continual-learning summaries."""
 
 from ccnf.metrics.aupro import aupro
-from ccnf.metrics.continual import final_average, forgetting, per_task_forgetting
+from ccnf.metrics.continual import (
+    diagonal_average,
+    final_average,
+    forgetting,
+    per_task_forgetting,
+)
 from ccnf.metrics.ranking import (
     auroc,
     average_precision,
@@ -14,6 +19,7 @@ __all__ = [
     "aupro",
     "auroc",
     "average_precision",
+    "diagonal_average",
     "f1_max",
     "final_average",
     "forgetting",

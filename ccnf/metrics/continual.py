@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["final_average", "forgetting", "per_task_forgetting"]
+__all__ = ["diagonal_average", "final_average", "forgetting", "per_task_forgetting"]
 
 
 def _validate(R: ArrayLike) -> NDArray[np.float64]:
@@ -30,6 +30,13 @@ def final_average(R: ArrayLike) -> float:
     """Average metric over all tasks after training the last one: ``mean_j R[T-1, j]``."""
     r = _validate(R)
     return float(r[-1].mean())
+
+
+def diagonal_average(R: ArrayLike) -> float:
+    """Average metric of each task right after it was learned: ``mean_j R[j, j]`` (how well
+    the model learns a task, before any later task can make it forget)."""
+    r = _validate(R)
+    return float(np.diag(r).mean())
 
 
 def per_task_forgetting(R: ArrayLike) -> NDArray[np.float64]:

@@ -8,9 +8,17 @@ import pytest
 import torch
 from conftest import default_params
 
-from ccnf.baselines import BANK_KINDS, ClassBank, class_seed, model_spec, nbytes, score_images
+from ccnf.baselines import (
+    BANK_KINDS,
+    ClassBank,
+    bank_patch_scores,
+    class_seed,
+    model_spec,
+    nbytes,
+)
 from ccnf.config import ScoreConfig, TrainConfig, parse_params
 from ccnf.errors import CcnfError
+from ccnf.scoring import assemble
 
 CHANNELS = [4, 6]
 GRIDS = [[4, 4], [2, 2]]
@@ -62,8 +70,11 @@ def test_earlier_classes_are_bit_identical_after_later_tasks(kind: str, tmp_path
     assert final.classes == ["a", "b", "c"]
     for k, v in final["a"].state_dict().items():
         assert torch.equal(v, state_a[k]), f"{kind}: class a's {k} changed"
-    for x, y in zip(final.patch_scores("a", probe), scores_a, strict=True):
-        assert torch.equal(x, y)
+    again = final.patch_scores("a", probe)
+    assert set(again) == {"nf", "latent"}
+    for name in again:
+        for x, y in zip(again[name], scores_a[name], strict=True):
+            assert torch.equal(x, y)
     assert not any(p.requires_grad for p in final["a"].parameters())
 
 
@@ -102,8 +113,10 @@ def test_memory_grows_per_class_and_selection_finds_the_class(kind: str) -> None
     assert bank.checkpoint_nbytes("low") == nbytes(bank["low"].state_dict())
     sel = bank.selection_scores(_feats(4, 7, offset=6.0))
     assert sel.shape == (4, 2) and torch.all(sel.argmin(dim=1) == 1)
-    maps, image = score_images(bank["high"], _feats(5, 8), ScoreConfig(), 16, 2)
-    assert maps.shape == (5, 16, 16) and image.shape == (5,)
+    patches = bank_patch_scores(bank["high"], _feats(5, 8), 2)
+    scores = assemble(patches, ScoreConfig(), 16)
+    assert scores.maps["nf"].shape == (5, 16, 16) and scores.images["latent"].shape == (5,)
+    assert patches.proto_image is None and "proto" not in scores.images
 
 
 def test_bank_errors_are_clear() -> None:

@@ -59,7 +59,7 @@ def test_flow_logdet_and_per_position_nll_match_autograd(kernel: int) -> None:
     torch.testing.assert_close(logdet.sum(), want, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(flow.inverse(z), x, atol=1e-9, rtol=1e-9)
     # the per-position patch scores add up to the exact -log p of the whole map, / C
-    nll_map = model.level_nll_map(0, x)
+    nll_map = model.level_maps(0, x)[0]
     log_p = -0.5 * z.pow(2).sum() - 0.5 * z.numel() * math.log(2 * math.pi) + want
     torch.testing.assert_close(nll_map.sum() * 4, -log_p, atol=1e-8, rtol=1e-9)
 
@@ -104,6 +104,8 @@ def test_fit_learns_is_deterministic_and_scores_shapes() -> None:
         assert torch.equal(v, states[1][k]), k
     assert logs[0][-1]["loss"] < logs[0][0]["loss"]
     scores = model.patch_scores(_maps(2, 5))
-    assert [tuple(s.shape) for s in scores] == [(2, 1, 6, 6), (2, 1, 3, 3)]
+    assert [tuple(s.shape) for s in scores["nf"]] == [(2, 1, 6, 6), (2, 1, 3, 3)]
     far = model.patch_scores([m + 20 for m in _maps(2, 5)])
-    assert all((f.mean() > s.mean()).item() for f, s in zip(far, scores, strict=True))
+    for name in ("nf", "latent"):
+        assert all((f.mean() > s.mean()).item()
+                   for f, s in zip(far[name], scores[name], strict=True))

@@ -18,8 +18,8 @@ def _model(feature_norm: bool = False, spectral_norm: bool = True) -> FlowBankMo
     return FlowBankModel(
         CHANNELS,
         GRIDS,
-        n_couplings=3,
-        hidden_dim=16,
+        n_couplings=[3, 3],
+        hidden_dims=[16, 16],
         clamp_alpha=1.9,
         spectral_norm=spectral_norm,
         pos_dim=8,
@@ -48,7 +48,7 @@ def test_log_prob_matches_autograd_change_of_variables(feature_norm: bool) -> No
     model = model.double().eval()
     x = torch.randn(3, 4, dtype=torch.double) * 3
     pos = torch.tensor([0, 5, 15])
-    log_p = model.level_log_prob(0, x, pos)
+    log_p, half_sq = model.level_log_prob(0, x, pos)
     for i in range(3):
 
         def to_z(v: torch.Tensor, i: int = i) -> torch.Tensor:
@@ -61,6 +61,7 @@ def test_log_prob_matches_autograd_change_of_variables(feature_norm: bool) -> No
         z = to_z(x[i])
         want = -0.5 * z.pow(2).sum() - 2 * math.log(2 * math.pi) + torch.linalg.slogdet(jac)[1]
         torch.testing.assert_close(log_p[i], want, atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(half_sq[i], 0.5 * z.pow(2).sum(), atol=1e-9, rtol=1e-9)
     if feature_norm:  # the standardisation is part of the density, not a free rescaling
         assert not torch.allclose(model.feat_std_0, torch.ones(4, dtype=torch.double))
 
@@ -81,7 +82,7 @@ def test_fit_is_deterministic_learns_and_scores_shapes() -> None:
     assert max(r["loss"] for r in rows_a[-4:]) < 0.8 * rows_a[0]["loss"]
     assert "pos_0" not in a.state_dict()  # recomputed from the grid, not checkpointed
     scores = a.patch_scores(_feats(2, 9))
-    assert [tuple(s.shape) for s in scores] == [(2, 1, 4, 4), (2, 1, 2, 2)]
+    assert [tuple(s.shape) for s in scores["latent"]] == [(2, 1, 4, 4), (2, 1, 2, 2)]
 
 
 def test_scoring_never_changes_the_model() -> None:
@@ -98,4 +99,5 @@ def test_scoring_never_changes_the_model() -> None:
     second = model.patch_scores(_feats(2, 5))
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert all(torch.equal(x, y) for x, y in zip(first, second, strict=True))
+    for name in ("nf", "latent"):
+        assert all(torch.equal(x, y) for x, y in zip(first[name], second[name], strict=True))

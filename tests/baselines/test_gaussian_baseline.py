@@ -37,7 +37,18 @@ def _numpy_mahalanobis(train: np.ndarray, test: np.ndarray, eps: float) -> np.nd
             inv = np.linalg.inv(cov)
             for b in range(test.shape[0]):
                 d = test[b, :, i, j] - mu
-                out[b, i, j] = np.sqrt(d @ inv @ d)
+                out[b, i, j] = d @ inv @ d
+    return out
+
+
+def _numpy_logdet(train: np.ndarray, eps: float) -> np.ndarray:
+    """log det Sigma_p per position (H, W), numpy."""
+    n, c, h, w = train.shape
+    out = np.zeros((h, w))
+    for i in range(h):
+        for j in range(w):
+            cov = np.cov(train[:, :, i, j].astype(np.float64), rowvar=False, ddof=1)
+            out[i, j] = np.linalg.slogdet(cov + eps * np.eye(c))[1]
     return out
 
 
@@ -49,9 +60,15 @@ def test_scores_equal_direct_mahalanobis(n_train: int, eps: float) -> None:
     assert model.fit(train, TrainConfig(), torch.Generator()) == []
     scores = model.patch_scores(test)
     for lvl, (tr, te) in enumerate(zip(train, test, strict=True)):
-        want = _numpy_mahalanobis(tr.numpy(), te.numpy(), eps)
-        assert scores[lvl].shape == (3, 1, *GRIDS[lvl])
-        np.testing.assert_allclose(scores[lvl][:, 0].numpy(), want, rtol=2e-4, atol=1e-4)
+        c = CHANNELS[lvl]
+        m2 = _numpy_mahalanobis(tr.numpy(), te.numpy(), eps)
+        latent = scores["latent"][lvl]
+        assert latent.shape == (3, 1, *GRIDS[lvl])
+        # latent = half the squared Mahalanobis distance per dimension
+        np.testing.assert_allclose(latent[:, 0].numpy(), 0.5 * m2 / c, rtol=2e-4, atol=1e-4)
+        # nf = -log N(x; mu_p, Sigma_p) / C
+        nf = 0.5 * m2 / c + 0.5 * _numpy_logdet(tr.numpy(), eps) / c + 0.5 * np.log(2 * np.pi)
+        np.testing.assert_allclose(scores["nf"][lvl][:, 0].numpy(), nf, rtol=2e-4, atol=2e-4)
 
 
 def test_fp16_cache_input_and_training_mean_scores_low() -> None:
@@ -60,7 +77,7 @@ def test_fp16_cache_input_and_training_mean_scores_low() -> None:
     model.fit([f.half() for f in train], TrainConfig(), torch.Generator())
     normal = model.patch_scores([f.half() for f in _feats(4, 3)])
     shifted = model.patch_scores([f + 30.0 for f in _feats(4, 3)])
-    for a, b in zip(normal, shifted, strict=True):
+    for a, b in zip(normal["latent"], shifted["latent"], strict=True):
         assert a.dtype == torch.float32
         assert (b.mean() > 3 * a.mean()).item()
 
@@ -72,7 +89,7 @@ def test_fit_is_deterministic_and_counts_its_statistics() -> None:
     b.fit(train, TrainConfig(), torch.Generator().manual_seed(99))
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
-    want = sum(h * w * (c + c * c) for c, (h, w) in zip(CHANNELS, GRIDS, strict=True))
+    want = sum(h * w * (c + c * c + 1) for c, (h, w) in zip(CHANNELS, GRIDS, strict=True))
     assert a.n_parameters() == want
 
 

@@ -157,3 +157,78 @@ def test_spectral_norm_weight_cached_at_inference_follows_every_change() -> None
     layer.train()
     out = layer(x)  # training: recomputed with autograd, power iteration included
     assert out.requires_grad
+
+
+@pytest.mark.parametrize("absorb", [True, False])
+def test_spectral_norm_switch_absorbs_the_norm_without_a_jump(absorb: bool) -> None:
+    """Switching spectral norm on at task 1 (SN off on task 0) with ``absorb`` keeps every
+    layer's effective weight, hence log p, as it was; without it W jumps to W / sigma(W)."""
+    torch.manual_seed(0)
+    cfg = FlowConfig(n_couplings=3, hidden_dim=16, embedding_dim=4, pos_dim=4, warmup_steps=0)
+    model = CCNF([6], [[3, 3]], cfg, n_classes=2)
+    model.set_spectral_norm(False)
+    with torch.no_grad():  # task 0 trained the raw weights far from norm 1
+        for m in model.modules():
+            if isinstance(m, SNLinear):
+                m.weight.mul_(3.0)
+    model.eval()
+    x, y, pos = torch.randn(20, 6), torch.randint(0, 2, (20,)), torch.randint(0, 9, (20,))
+    before = model.forward_level(0, x, y, pos).log_prob.detach()
+    model.set_spectral_norm(True, absorb=absorb)
+    after = model.forward_level(0, x, y, pos).log_prob.detach()
+    if absorb:
+        torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+        model.train()  # the first training forward (power iteration) keeps it too
+        torch.testing.assert_close(model.forward_level(0, x, y, pos).log_prob.detach(), before,
+                                   rtol=1e-5, atol=1e-5)
+    else:
+        assert (after - before).abs().max() > 0.1
+    for m in model.modules():
+        if isinstance(m, SNLinear):
+            assert bool(m.enabled)
+            sigma = float(torch.linalg.matrix_norm(m.effective_weight().detach(), ord=2))
+            assert sigma == pytest.approx(float(m.gain) if absorb else 1.0, rel=1e-4)
+
+
+def test_film_conditioning_starts_neutral_and_keeps_the_logdet_exact() -> None:
+    torch.manual_seed(0)
+    c = ConditionalAffineCoupling(5, 3, 12, clamp_alpha=1.5, spectral_norm=False, film_dim=4)
+    c = c.double().eval()
+    x, cond = torch.randn(4, 5, dtype=torch.double), torch.randn(4, 3, dtype=torch.double)
+    e1, e2 = torch.randn(4, 4, dtype=torch.double), torch.randn(4, 4, dtype=torch.double)
+    # FiLM starts at zero: the class does not matter until it is learned
+    torch.testing.assert_close(c(x, cond, 1.0, e1)[0], c(x, cond, 1.0, e2)[0])
+    with torch.no_grad():
+        c.film.weight.normal_()
+    y, logdet, _ = c(x, cond, 1.0, e1)
+    assert not torch.allclose(y, c(x, cond, 1.0, e2)[0])
+    want = torch.stack([
+        torch.linalg.slogdet(torch.autograd.functional.jacobian(
+            lambda v, i=i: c(v[None], cond[i : i + 1], 1.0, e1[i : i + 1])[0][0], x[i]))[1]
+        for i in range(4)
+    ])
+    torch.testing.assert_close(logdet, want, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(c.inverse(y, cond, 1.0, e1), x, atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match="FiLM"):
+        c(x, cond, 1.0, None)
+
+
+def test_class_norm_is_a_change_of_variables_in_log_p() -> None:
+    """With flow.class_norm, log p(x|y) of class y = log p_flow((x - m_y)/s_y) - sum log s_y:
+    a density in x (integrates to 1), and each class uses its own statistics."""
+    torch.manual_seed(0)
+    cfg = FlowConfig(n_couplings=2, hidden_dim=8, embedding_dim=2, pos_dim=0, warmup_steps=0,
+                     class_norm=True, class_conditioning=True)
+    model = CCNF([2], [[1, 1]], cfg, n_classes=2).double().eval()
+    model.set_class_stats(0, 1, torch.tensor([3.0, -2.0]), torch.tensor([2.0, 0.5]))
+    g = torch.linspace(-25, 25, 1001, dtype=torch.double)
+    xx, yy = torch.meshgrid(g, g, indexing="ij")
+    x = torch.stack([xx.ravel(), yy.ravel()], dim=1)
+    zeros = torch.zeros(x.shape[0], dtype=torch.long)
+    for cls in (0, 1):
+        out = model.forward_level(0, x, zeros + cls, zeros)
+        mass = float(out.log_prob.detach().exp().sum() * (g[1] - g[0]) ** 2)
+        assert mass == pytest.approx(1.0, abs=3e-3)
+    a = model.forward_level(0, x[:5], zeros[:5] + 1, zeros[:5]).log_prob
+    b = model.forward_level(0, x[:5], zeros[:5], zeros[:5]).log_prob
+    assert not torch.allclose(a, b)

@@ -76,3 +76,13 @@ def test_single_task() -> None:
 def test_invalid_input_raises(fn, R: np.ndarray) -> None:
     with pytest.raises(ValueError, match="R"):
         fn(R)
+
+
+def test_diagonal_average_is_each_task_right_after_it_was_learned() -> None:
+    from ccnf.metrics import diagonal_average
+
+    R = np.array([[0.9, nan, nan], [0.7, 0.8, nan], [0.6, 0.5, 0.95]])
+    assert diagonal_average(R) == pytest.approx((0.9 + 0.8 + 0.95) / 3)
+    assert diagonal_average(np.array([[0.4]])) == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="R"):
+        diagonal_average(np.array([[nan, nan], [0.7, 0.8]]))
