@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -90,6 +89,7 @@ def info(metrics: Path = typer.Option(Path("metrics"), help="metrics directory")
     """Print the current run's summary, R matrix and per-class table."""
     from ccnf.names import SCORES
     from ccnf.report import SUMMARY_COLUMNS, load_metrics
+    from ccnf.store import read_json
 
     summary, per_class = load_metrics(metrics)
     table = Table(title="final averages (after the last task) and forgetting")
@@ -99,7 +99,7 @@ def info(metrics: Path = typer.Option(Path("metrics"), help="metrics directory")
     for s in SCORES:
         table.add_row(s, *(f"{summary[s][k]:.4f}" for k, _ in SUMMARY_COLUMNS))
     console.print(table)
-    mats = json.loads((metrics / "matrices.json").read_text())
+    mats = read_json(metrics / "matrices.json", what="metrics file")
     r = mats["nf"]["image_auroc"]
     rt = Table(title="R[t][j], nf image AUROC (rows: after task t; cols: task j)")
     rt.add_column("after")

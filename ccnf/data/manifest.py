@@ -9,15 +9,15 @@ on disk changes the manifest and DVC re-runs everything downstream.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.progress import track
 
 from ccnf.atomic import write_json
-from ccnf.data.images import verify_image
+from ccnf.data.images import check_mask_size, verify_image
 from ccnf.errors import CcnfError
+from ccnf.store import read_json, recovery_fix
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -55,8 +55,12 @@ class Manifest:
     def load(path: Path) -> Manifest:
         if not Path(path).is_file():
             raise CcnfError(f"manifest not found: {path}", fix="run the prepare stage: dvc repro")
-        raw = json.loads(Path(path).read_text())
-        return Manifest(raw["root"], [Record(**r) for r in raw["records"]])
+        raw = read_json(path, what="manifest")
+        try:
+            return Manifest(str(raw["root"]), [Record(**r) for r in raw["records"]])
+        except (TypeError, KeyError) as err:
+            raise CcnfError(f"manifest {path} has unexpected content ({err!r})",
+                            where=str(path), fix=recovery_fix(path)) from None
 
 
 def _images(folder: Path) -> list[Path]:
@@ -113,10 +117,10 @@ def index_root(root: Path, classes: list[str], *, progress: bool = True) -> Mani
     for cls, split, defect, image in track(
         jobs, description="indexing images", disable=not progress, transient=True
     ):
-        verify_image(image)
+        size = verify_image(image)
         mask = None if defect == "good" else _mask_for(root, cls, defect, image)
         if mask is not None:
-            verify_image(mask)
+            check_mask_size(image, mask, size, verify_image(mask))
         records.append(
             Record(
                 cls=cls,
