@@ -192,7 +192,7 @@ def read_feature_cache(path: Path) -> dict[str, Any]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
+        meta = json.loads((fh.metadata() or {}).get("ccnf", "{}"))
         if meta.get("format") != "ccnf-artifact" or meta.get("kind") != "features":
             fail(f"{path} is not a ccnf feature cache", "re-run the study's extract stage")
         tree = json.loads(meta["tree"])

@@ -331,7 +331,7 @@ def aggregate(
 
     last = task_names[-1]
     raw_path = eval_dir / last / "image_scores.npz"
-    raw = load_npz(raw_path, what="image scores")
+    raw = load_npz(raw_path, kind="image_scores", what="image scores")
     _require(raw, [f"{c}/{s}" for c in params.classes for s in ("labels", *scores)], raw_path)
     for score in scores:
         curves = {}
@@ -344,7 +344,7 @@ def aggregate(
             f"after {last}"
         )
     gal_path = eval_dir / last / "gallery.npz"
-    gal = load_npz(gal_path, what="anomaly-map gallery")
+    gal = load_npz(gal_path, kind="gallery", what="anomaly-map gallery")
     names = [key.removesuffix("name") for key in gal if key.endswith("/name")]
     _require(gal, [n + part for n in names for part in ("mask", "nf")], gal_path)
     root = Path(params.data.root)

@@ -7,12 +7,14 @@ bytes and a JSON header and nothing that executes on load:
 
 * every tensor of the container goes into the file under a generated name (``t0``, ``t1``,
   ...), in the order a depth-first walk meets it;
-* the container itself, with each tensor replaced by ``{"__tensor__": name}``, is JSON in the
-  header's ``__metadata__`` (key ``tree``), next to the format name and version, the artefact's
-  kind (``checkpoint``, ``features``) and that kind's version;
+* the container itself, with each tensor replaced by ``{"__tensor__": name}``, is JSON
+  (``tree``) in the header's metadata (one entry, ``ccnf``, a JSON object), next to the format
+  name and version, the artefact's kind (``checkpoint``, ``features``) and that kind's version;
 * ``sha256`` in the header covers all of these and every tensor's name, dtype, shape and bytes,
   so a flipped bit anywhere either breaks the file's structure or fails the checksum: a load
-  returns exactly what was saved, or raises one :class:`CcnfError` naming the file and the fix.
+  returns exactly what was saved, or raises one :class:`CcnfError` naming the file and the fix;
+* the bytes depend only on the content (DVC hashes them: the same features or weights must
+  give the same file, or every downstream stage would re-run).
 
 Nothing is ever unpickled: an old-format file (a torch pickle) or a foreign file is refused
 with a clear error before any of its content is interpreted. Writes are atomic
@@ -30,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import struct
 import zipfile
 import zlib
 from pathlib import Path
@@ -47,8 +50,14 @@ FORMAT = "ccnf-artifact"
 FORMAT_VERSION = 1
 # current version of each kind's layout: bump one when its *meaning* changes (not when a key
 # is added: the containers are generic), so an older file is refused instead of misread
-KIND_VERSIONS: dict[str, int] = {"checkpoint": 1, "features": 1}
+KIND_VERSIONS: dict[str, int] = {
+    "checkpoint": 1,  # models/*/model.pt (safetensors)
+    "features": 1,  # features/<class>/<split>.pt (safetensors)
+    "image_scores": 1,  # eval/<task>/image_scores.npz
+    "gallery": 1,  # eval/<task>/gallery.npz
+}
 
+_META_KEY = "ccnf"  # the one safetensors metadata entry: our fields, as one JSON object
 _TENSOR, _TUPLE, _DICT = "__tensor__", "__tuple__", "__dict__"
 _RESERVED = frozenset({_TENSOR, _TUPLE, _DICT})
 _SCALARS = (str, int, float, bool, type(None))
@@ -129,7 +138,7 @@ def _digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
         t = tensors[name]
         h.update(f"{name}:{t.dtype}:{list(t.shape)}\0".encode())
         # bytes through a uint8 view: works for every dtype (bfloat16 has no numpy twin)
-        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -150,7 +159,9 @@ def dumps(obj: Any, *, kind: str) -> bytes:
         "tree": json.dumps(tree, allow_nan=True, separators=(",", ":")),
     }
     meta["sha256"] = _digest(meta, tensors)
-    return _st_save(tensors, metadata=meta)
+    # one metadata entry, one JSON string: safetensors writes its metadata map in a random
+    # order per process, and the bytes (which DVC hashes) must not depend on that
+    return _st_save(tensors, metadata={_META_KEY: json.dumps(meta, separators=(",", ":"))})
 
 
 def save_artifact(path: str | Path, obj: Any, *, kind: str) -> Path:
@@ -176,6 +187,18 @@ def _header(data: bytes) -> dict[str, Any] | None:
     except (UnicodeDecodeError, ValueError):
         return None
     return header if isinstance(header, dict) else None
+
+
+def _ccnf_meta(header: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Our fields from a safetensors header, or None when it has none (or they are mangled)."""
+    meta = header.get("__metadata__") if header is not None else None
+    if not isinstance(meta, dict) or not isinstance(meta.get(_META_KEY), str):
+        return None
+    try:
+        fields = json.loads(meta[_META_KEY])
+    except ValueError:
+        return None
+    return fields if isinstance(fields, dict) else None
 
 
 def _not_ours(data: bytes, header: dict[str, Any] | None) -> str:
@@ -206,8 +229,8 @@ def loads(
         return CcnfError(f"cannot read the {kind} file {where}: {what}", where=where, fix=fix)
 
     header = _header(data)
-    meta = header.get("__metadata__") if header is not None else None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    meta = _ccnf_meta(header)
+    if meta is None or meta.get("format") != FORMAT:
         raise fail(_not_ours(data, header))
     if meta.get("kind") != kind:
         raise fail(f"it holds a '{meta.get('kind')}' artefact, not a {kind}")
@@ -275,8 +298,8 @@ def recovery_fix(path: str | Path) -> str:
         if stage is not None:
             break
     if stage is None:
-        return f"restore or rebuild {path}: dvc checkout, or dvc repro --force"
-    return (f"restore the cached copy: dvc checkout {out}; or rebuild it: "
+        return f"restore or rebuild {path}: dvc checkout --force, or dvc repro --force"
+    return (f"restore the cached copy: dvc checkout --force {out}; or rebuild it: "
             f"dvc repro --force --single-item {stage} (then dvc repro)")
 
 
@@ -297,19 +320,81 @@ def read_json(path: str | Path, *, what: str, fix: str | None = None) -> Any:
                         where=str(path), fix=fix) from None
 
 
-def load_npz(path: str | Path, *, what: str, fix: str | None = None) -> dict[str, np.ndarray]:
-    """Every array of an ``.npz`` file, read eagerly (never with pickle).
+_NPZ_MANIFEST = "__ccnf__"
 
-    Reading each member checks its zip CRC-32, so a truncated or bit-flipped file is one
-    CcnfError naming it rather than a numpy/zipfile traceback later.
+
+def _array_digest(a: np.ndarray) -> str:
+    h = hashlib.sha256(f"{a.dtype.str}:{list(a.shape)}\0".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def save_npz(path: str | Path, arrays: dict[str, np.ndarray], *, kind: str) -> Path:
+    """Write ``arrays`` atomically as a compressed ``.npz`` that :func:`load_npz` can verify.
+
+    A plain numpy archive (``np.load`` reads it, no pickle: object arrays are refused) plus
+    one more entry, ``__ccnf__``: a 0-d string array holding JSON with the format, the
+    ``kind`` and its version, and every array's name, dtype, shape and sha256. Zip's CRC-32
+    covers each member's bytes, not the directory that lists them: a damaged directory can
+    drop a member without any zip error, and the manifest is what catches that.
+    """
+    if kind not in KIND_VERSIONS:
+        raise ValueError(f"unknown artefact kind {kind!r}; known: {sorted(KIND_VERSIONS)}")
+    if _NPZ_MANIFEST in arrays:
+        raise ValueError(f"'{_NPZ_MANIFEST}' is reserved in an artefact npz")
+    arrays = {name: np.asarray(a) for name, a in arrays.items()}
+    for name, a in arrays.items():
+        if a.dtype.hasobject:
+            raise TypeError(f"cannot store the object array {name!r} without pickle")
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
+        "kind_version": KIND_VERSIONS[kind],
+        "arrays": {name: _array_digest(a) for name, a in arrays.items()},
+    }
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
+        np.savez_compressed(fh, **arrays, **{_NPZ_MANIFEST: np.array(json.dumps(manifest))})
+    return Path(path)
+
+
+def load_npz(
+    path: str | Path, *, kind: str, what: str, fix: str | None = None
+) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` written by :func:`save_npz`, read eagerly, never with pickle.
+
+    Reading each member checks its zip CRC-32; the manifest then checks that no member is
+    missing or extra and that each is the array that was written. Any damage, another kind
+    of archive or one without a manifest is one CcnfError naming the file.
     """
     path = Path(path)
     fix = fix or recovery_fix(path)
+
+    def fail(why: str) -> CcnfError:
+        return CcnfError(f"{what} {path} {why}", where=str(path), fix=fix)
+
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
+            arrays = {name: npz[name] for name in npz.files}
     except FileNotFoundError:
         raise CcnfError(f"{what} not found: {path}", where=str(path), fix=fix) from None
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
-        raise CcnfError(f"{what} {path} is truncated or corrupt ({err})", where=str(path),
-                        fix=fix) from None
+    except (OSError, ValueError, EOFError, KeyError, IndexError, TypeError, OverflowError,
+            MemoryError, RuntimeError, struct.error, zipfile.BadZipFile, zlib.error) as err:
+        # a damaged zip directory or .npy header surfaces as any of these
+        raise fail(f"is truncated or corrupt ({err})") from None
+    try:
+        manifest = json.loads(str(arrays.pop(_NPZ_MANIFEST)[()]))
+        listed = manifest["arrays"]
+        header = (manifest["format"], manifest["format_version"], manifest["kind"])
+    except (KeyError, ValueError, TypeError, IndexError):
+        raise fail("has no readable ccnf manifest (damaged, or not written by ccnf)") from None
+    if header != (FORMAT, FORMAT_VERSION, kind):
+        raise fail(f"holds a '{header[2]}' archive, format {header[1]}; expected a '{kind}' "
+                   f"one, format {FORMAT_VERSION}")
+    if manifest.get("kind_version") != KIND_VERSIONS[kind]:
+        raise fail(f"has {kind} version {manifest.get('kind_version')}, this code reads "
+                   f"{KIND_VERSIONS[kind]}")
+    if not isinstance(listed, dict) or list(listed) != list(arrays):
+        raise fail("is corrupt: its arrays are not the ones its manifest lists")
+    bad = [name for name, a in arrays.items() if _array_digest(a) != listed[name]]
+    if bad:
+        raise fail(f"is corrupt: array {bad[0]} differs from what was written")
+    return arrays
