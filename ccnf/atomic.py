@@ -27,6 +27,22 @@ from ccnf.errors import CcnfError
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
+class NoRoomError(CcnfError):
+    """The disk, a quota or a file-size limit was full while an output was written."""
+
+    def __init__(self, target: Path, reason: str) -> None:
+        self.target, self.reason = target, reason
+        super().__init__(
+            f"no room to write {target}: {reason}; nothing was written",
+            where=str(target),
+            fix="free disk space (old DVC cache entries: dvc gc -w) or raise the quota / "
+            "file-size limit, then re-run: dvc repro",
+        )
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.target, self.reason)
+
+
 def _alive(pid: int) -> bool:
     """Whether process ``pid`` exists (one of another user counts as alive)."""
     if pid == os.getpid():
@@ -120,13 +136,10 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         _fsync_dir(target.parent)
     except BaseException as err:
         _remove(tmp)
+        if isinstance(err, NoRoomError):  # from a file inside this output: name the output
+            raise NoRoomError(target, err.reason) from None
         if isinstance(err, OSError) and err.errno in _FULL:
-            raise CcnfError(
-                f"no room to write {target}: {os.strerror(err.errno)}; nothing was written",
-                where=str(target),
-                fix="free disk space (old DVC cache entries: dvc gc -w) or raise the quota / "
-                "file-size limit, then re-run: dvc repro",
-            ) from None
+            raise NoRoomError(target, os.strerror(err.errno)) from None
         raise
 
 
