@@ -640,6 +640,9 @@ def run_sequential(
 
 POLL_S = 15.0  # seconds between two looks at the queue
 DEAD_POLLS = 2  # polls in a row without a live worker, with work pending: the workers died
+# a worker registers a moment after `dvc queue start` returns (it is spawned in the
+# background): until one has been seen, allow it this long before calling it dead
+STARTUP_GRACE_S = 60.0
 
 
 def run_queue(
@@ -654,7 +657,8 @@ def run_queue(
     poller took about a tenth of a core from the experiments.
 
     If every worker dies (killed, out of memory) the queue would wait for ever, its entries
-    "Running" or "Queued": after :data:`DEAD_POLLS` polls without a live worker the wait stops,
+    "Running" or "Queued": after :data:`DEAD_POLLS` polls without a live worker (once one has
+    been seen, or :data:`STARTUP_GRACE_S` after the start) the wait stops,
     those experiments are reported failed (why, per id) and their entries are cleared, so the
     same command run again finishes them. An experiment counts as done only when DVC reports
     success *and* holds an experiment of its name.
@@ -668,7 +672,7 @@ def run_queue(
     ids = {e.id for e in exps}
     started: dict[str, float] = {}
     finished: dict[str, RunOutcome] = {}
-    last, empty_polls, dead_polls = "", 0, 0
+    last, empty_polls, dead_polls, seen_worker = "", 0, 0, False
     while True:
         queue = queue_status(cwd)
         status = {n: s for n, s in queue.entries.items() if n in ids}
@@ -687,7 +691,10 @@ def run_queue(
             last = line
         empty_polls = empty_polls + 1 if not status else 0
         pending = {n: s for n, s in status.items() if s in ("Queued", "Running")}
-        dead_polls = dead_polls + 1 if pending and not workers_alive(cwd, queue) else 0
+        alive = workers_alive(cwd, queue)
+        seen_worker = seen_worker or alive
+        may_be_dead = seen_worker or now - t0 > STARTUP_GRACE_S
+        dead_polls = dead_polls + 1 if pending and not alive and may_be_dead else 0
         if len(finished) == len(ids) or empty_polls >= 3 or dead_polls >= DEAD_POLLS or (
             status and not pending
         ):
