@@ -244,28 +244,30 @@ def _flip_member_data(data: bytes) -> bytes:
     return bytes(damaged)
 
 
-def test_every_bit_flip_of_an_npz_is_detected_or_harmless(tmp_path: Path, faults) -> None:
+def test_bit_flips_in_every_byte_of_an_npz_are_detected_or_harmless(
+    tmp_path: Path, faults
+) -> None:
     path = tmp_path / "s.npz"
     arrays = {"a/labels": np.array([0, 1]), "a/nf": np.array([0.25, 0.5])}
     save_npz(path, arrays, kind="image_scores")
     data, silent = path.read_bytes(), []
-    for i in range(len(data)):
-        for bit in range(8):
-            damaged = bytearray(data)
-            damaged[i] ^= 1 << bit
-            path.write_bytes(bytes(damaged))
-            try:
-                back = load_npz(path, kind="image_scores", what="scores")
-            except CcnfError:
-                continue
-            # zip fields outside the data (timestamps, version numbers, attributes) may
-            # change; the arrays may not
-            if list(back) != list(arrays) or not all(
-                back[k].dtype == arrays[k].dtype and np.array_equal(back[k], arrays[k])
-                for k in arrays
-            ):
-                silent.append((i, bit))
-    faults.inject("bit flip", len(data) * 8)
+    flips = [(i, (i + k) % 8) for i in range(len(data)) for k in (0, 4)]  # 2 bits of each byte
+    for i, bit in flips:
+        damaged = bytearray(data)
+        damaged[i] ^= 1 << bit
+        path.write_bytes(bytes(damaged))
+        try:
+            back = load_npz(path, kind="image_scores", what="scores")
+        except CcnfError:
+            continue
+        # zip fields outside the data (timestamps, version numbers, attributes) may
+        # change; the arrays may not
+        if list(back) != list(arrays) or not all(
+            back[k].dtype == arrays[k].dtype and np.array_equal(back[k], arrays[k])
+            for k in arrays
+        ):
+            silent.append((i, bit))
+    faults.inject("bit flip", len(flips))
     assert faults.check(silent == [], f"npz silently changed by bit flips at {silent[:5]}")
 
 

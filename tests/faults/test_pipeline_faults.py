@@ -31,6 +31,7 @@ from PIL import Image
 
 from ccnf.config import load_params
 from ccnf.errors import CcnfError
+from ccnf.evaluate import evaluate_task
 from ccnf.features import FeatureMeta, load_split
 from ccnf.flows.ccnf import read_checkpoint
 from ccnf.store import load_artifact, load_npz, read_json, save_artifact
@@ -261,20 +262,20 @@ def test_non_finite_cached_features_stop_training_naming_class_and_file(
 def test_non_finite_cached_test_features_stop_evaluation(
     study: Path, tmp_path: Path, faults
 ) -> None:
+    params = load_params(study / "params.yaml")
     feats = _copy_features(study, tmp_path)
     target = feats / "b" / "test.pt"
     split = load_artifact(target, kind="features", fix="")
     split["features"][0][0, 3] = float("-inf")
     save_artifact(target, split, kind="features")
     faults.inject("non-finite feature")
-    proc = subprocess.run([sys.executable, "stages/evaluate.py", "--task", "t1", "--features",
-                           str(feats)], cwd=study, capture_output=True, text=True,
-                          env=_env(PYTHONPATH=str(study)))
-    flat = " ".join(proc.stderr.split())
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert "class 'b' (test)" in flat and "NaN/Inf" in flat
-    assert faults.check("Data and pipelines are up to date" in _dvc("status", cwd=study).stdout,
-                        "evaluate outputs untouched after refusing NaN features")
+    out = tmp_path / "metrics.json"
+    with pytest.raises(CcnfError) as info:
+        evaluate_task(params, "t1", feats, study / "models/t1", out, tmp_path / "eval")
+    msg = info.value.render()
+    assert "class 'b' (test)" in msg and "NaN/Inf" in msg and str(target) in msg
+    ok = not out.exists() and not (tmp_path / "eval").exists()
+    assert faults.check(ok, "no evaluation output from NaN features")
 
 
 def test_disk_full_while_a_stage_writes_leaves_the_old_output_and_one_error(
