@@ -198,7 +198,7 @@ def test_wrong_kind_foreign_file_and_old_version_are_named(tmp_path: Path,
     for name, data in (("empty", b""), ("random", os.urandom(300)), ("text", b"hello\n")):
         with pytest.raises(CcnfError, match=r"empty|truncated, corrupt"):
             loads(data, kind="features", where=name)
-    faults.inject("foreign file", 6)
+    faults.inject("foreign, wrong-kind or old file", 6)
 
 
 @pytest.mark.parametrize(
@@ -225,7 +225,7 @@ def test_evaluation_outputs_are_read_without_pickle_and_checked(
         np.savez_compressed(path, **arrays)
     else:
         save_npz(path, arrays, kind="gallery")
-    faults.inject(f"npz {damage}")
+    faults.inject("damaged npz", detail=damage)
     with pytest.raises(CcnfError) as info:
         load_npz(path, kind="image_scores", what="image scores")
     msg = info.value.render()

@@ -146,7 +146,7 @@ def test_every_mode_decodes_to_the_documented_values(name: str, tmp_path: Path,
     make, expected, tol = DECODED[name]
     path = make(tmp_path)
     got = load_image(path, 6)  # the native size: no resampling in the way of exact values
-    faults.inject(f"image mode {name.split(' ')[0]}")
+    faults.inject("image mode decoded", detail=name)
     assert got.shape == (6, 6, 3) and got.dtype == np.float32
     ok = bool(np.abs(got.astype(np.float64) - expected).max() <= tol)
     assert faults.check(ok, f"decoded values of {name}"), np.abs(got - expected).max()
@@ -170,7 +170,7 @@ def test_exif_orientation_is_applied(tmp_path: Path, orientation: int, turn: int
     path = _save(Image.fromarray(stored), tmp_path / "o.png", exif=exif)
     pixels, (w, h) = decode(path)
     shown = np.rot90(stored, turn)
-    faults.inject("image EXIF orientation")
+    faults.inject("image mode decoded", detail=f"EXIF {orientation}")
     assert (h, w) == shown.shape[:2]
     assert faults.check(np.array_equal(np.asarray(pixels), shown), f"EXIF {orientation}")
 
@@ -189,8 +189,8 @@ def test_1x1_and_extreme_aspect_ratios_decode(tmp_path: Path, faults) -> None:
         # a linear ramp averaged over each output pixel's footprint: the ramp at its centre
         centres = (np.arange(16) + 0.5) / 16
         assert np.allclose(along[1:-1], centres[1:-1], atol=2e-3), along
-        faults.inject("image extreme aspect ratio")
-    faults.inject("image 1x1")
+        faults.inject("odd image geometry", detail=name)
+    faults.inject("odd image geometry", detail="1x1")
 
 
 # ----------------------------------------------------------------------------- refused
@@ -267,7 +267,7 @@ def test_malformed_images_are_refused_with_one_error_naming_the_file(
 ) -> None:
     make, message = REFUSED[name]
     path = make(tmp_path)
-    faults.inject(f"malformed image: {name}")
+    faults.inject("malformed image", detail=name)
     for load in (verify_image, lambda p: load_image(p, 8), lambda p: load_mask(p, 8)):
         with pytest.raises(CcnfError) as info:
             load(path)

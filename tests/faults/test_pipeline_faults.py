@@ -166,7 +166,7 @@ def test_kill_9_mid_stage_leaves_no_partial_output_and_repro_recovers(
         time.sleep(0.02)
     log = proc.stdout.read() if proc.stdout else ""
     assert proc.returncode != 0 and "-9" in log, log  # killed by SIGKILL, as intended
-    faults.inject(f"kill -9 ({mode})")
+    faults.inject("kill -9 of a stage", detail=f"{stage}, {mode}")
     assert polls > 0, "the stage was never seen running"
     for out in outs:
         why = _intact(study / out)
@@ -211,7 +211,7 @@ def test_damaged_feature_file_stops_training_with_one_error(
         target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
     else:
         _flip(target, target.stat().st_size - 100)  # in the tensor bytes, past the header
-    faults.inject(damage)
+    faults.inject("bit flip" if damage == "bit flip" else "truncation")
     with pytest.raises(CcnfError) as info:
         train_task(params, "t0", feats, study / "models/init", tmp_path / "out")
     msg = info.value.render()
@@ -251,7 +251,7 @@ def test_non_finite_cached_features_stop_training_naming_class_and_file(
     split = load_artifact(target, kind="features", fix="")
     split["features"][1][2, 0, 1, 1] = value  # a valid, checksummed file holding a NaN/Inf
     save_artifact(target, split, kind="features")
-    faults.inject("non-finite feature")
+    faults.inject("non-finite features")
     with pytest.raises(CcnfError) as info:
         train_task(params, "t0", feats, study / "models/init", tmp_path / "out")
     msg = info.value.render()
@@ -268,7 +268,7 @@ def test_non_finite_cached_test_features_stop_evaluation(
     split = load_artifact(target, kind="features", fix="")
     split["features"][0][0, 3] = float("-inf")
     save_artifact(target, split, kind="features")
-    faults.inject("non-finite feature")
+    faults.inject("non-finite features")
     out = tmp_path / "metrics.json"
     with pytest.raises(CcnfError) as info:
         evaluate_task(params, "t1", feats, study / "models/t1", out, tmp_path / "eval")
@@ -311,3 +311,21 @@ def test_stage_outputs_hold_no_pickle(study: Path) -> None:
         assert head[:2] != b"PK" and head[:1] != b"\x80", f
         with pytest.raises(Exception):  # noqa: B017 - any refusal; torch must not read it
             torch.load(f, weights_only=True)
+
+
+def test_extract_refuses_to_cache_features_that_overflow_float16(faults) -> None:
+    """A backbone output beyond float16's range becomes inf in the cache: extract stops,
+    naming the images, instead of writing it."""
+    from ccnf.data.manifest import Record
+    from ccnf.features import _refuse_non_finite
+
+    records = [Record("a", "train", "good", f"a/train/good/{i:03d}.png", None, "0")
+               for i in range(3)]
+    feats = torch.ones(3, 2, 2, 2)
+    feats[1, 0, 1, 1] = 1e5  # float16 tops out at 65504
+    faults.inject("non-finite features")
+    _refuse_non_finite(torch.ones(3, 2, 2, 2).half(), records, "a", "train", 0, torch.float16)
+    with pytest.raises(CcnfError) as info:
+        _refuse_non_finite(feats.half(), records, "a", "train", 0, torch.float16)
+    msg = info.value.render()
+    assert "a/train/good/001.png" in msg and "000.png" not in msg and "float32" in msg
