@@ -183,6 +183,23 @@ def build_fastflow(classifier: nn.Module, args: argparse.Namespace) -> tuple[Any
 
 
 # -- checks and runs ---------------------------------------------------------------------------
+def read_feature_cache(path: Path) -> dict[str, Any]:
+    """{"names": [...], "features": [(N, C_l, H_l, W_l)]} of a study feature file.
+
+    The study stores it as safetensors with its JSON tree in the header (ccnf/store.py); this
+    reads just those two entries without importing ccnf and without unpickling anything.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = json.loads((fh.metadata() or {}).get("ccnf", "{}"))
+        if meta.get("format") != "ccnf-artifact" or meta.get("kind") != "features":
+            fail(f"{path} is not a ccnf feature cache", "re-run the study's extract stage")
+        tree = json.loads(meta["tree"])
+        feats = [fh.get_tensor(node["__tensor__"]) for node in tree["features"]]
+    return {"names": tree["names"], "features": feats}
+
+
 def feature_agreement(extractor: nn.Module, root: Path, features: Path, cls: str) -> float | None:
     """Mean cosine similarity (over levels and positions) between the anomalib extractor's
     features of the class's first training image and the study's cached ones; None if no cache.
@@ -193,7 +210,7 @@ def feature_agreement(extractor: nn.Module, root: Path, features: Path, cls: str
     from PIL import Image
     from torchvision.transforms.v2.functional import pil_to_tensor
 
-    split = torch.load(cache, map_location="cpu", weights_only=False)
+    split = read_feature_cache(cache)
     image = Image.open(root / split["names"][0]).convert("RGB")
     x = pil_to_tensor(image).float()[None] / 255.0
     x = pre_processor().transform(x)

@@ -31,7 +31,6 @@ Writes (all small, git-tracked):
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +51,12 @@ from ccnf.plots import (
     plot_task_curves,
 )
 from ccnf.report import stale_scores
+from ccnf.store import load_npz, read_json, recovery_fix
 
 FORGETTING_OF = {"image_auroc": "image", "pixel_auroc": "pixel", "aupro": "aupro"}
+
+
+_TASK_KEYS = ("task", "task_index", "class_select", "per_class", "per_task", "agnostic")
 
 
 def load_task_results(params: Params, metrics_dir: Path) -> list[dict[str, Any]]:
@@ -62,7 +65,18 @@ def load_task_results(params: Params, metrics_dir: Path) -> list[dict[str, Any]]
         path = metrics_dir / "tasks" / f"{task}.json"
         if not path.is_file():
             raise CcnfError(f"evaluation of task {task} missing: {path}", fix="dvc repro")
-        res = json.loads(path.read_text())
+        res = read_json(path, what=f"evaluation of task {task}")
+        missing = [k for k in _TASK_KEYS if not isinstance(res, dict) or k not in res]
+        if missing == ["agnostic"]:
+            pass  # an older evaluation: the message below says so
+        elif missing or res["task"] != task:
+            raise CcnfError(
+                f"{path} is not the evaluation of task {task} ("
+                + (f"missing {', '.join(missing)}" if missing else f"it is of {res['task']}")
+                + ")",
+                where=str(path),
+                fix=recovery_fix(path),
+            )
         if "agnostic" not in res:
             raise CcnfError(
                 f"{path} predates the task-agnostic evaluation (no 'agnostic' block)",
@@ -231,9 +245,14 @@ def _loss_rows(models_dir: Path, task_names: list[str]) -> list[dict[str, Any]]:
         path = models_dir / task / "train_log.tsv"
         if not path.is_file():
             raise CcnfError(f"training log missing: {path}", fix="dvc repro")
-        with path.open() as fh:
-            for row in csv.DictReader(fh, delimiter="\t"):
-                rows.append({k: float(v) for k, v in row.items() if v != ""})
+        try:
+            with path.open(encoding="utf-8") as fh:
+                for row in csv.DictReader(fh, delimiter="\t"):
+                    rows.append({k: float(v) for k, v in row.items() if v != ""})
+        except (ValueError, TypeError, UnicodeDecodeError, csv.Error) as err:
+            # a cut-off row has None cells (TypeError), a damaged one non-numbers
+            raise CcnfError(f"training log {path} is truncated or corrupt ({err})",
+                            where=str(path), fix=recovery_fix(path)) from None
     return rows
 
 
@@ -253,6 +272,18 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
     return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def _require(arrays: dict[str, np.ndarray], keys: list[str], path: Path) -> None:
+    """An evaluation output must hold every array the aggregate reads from it."""
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise CcnfError(
+            f"{path} lacks {len(missing)} expected array(s), e.g. {missing[0]}: it is from "
+            "another run or another kind of file",
+            where=str(path),
+            fix=recovery_fix(path),
+        )
 
 
 def aggregate(
@@ -323,7 +354,9 @@ def aggregate(
         plot_loss_curves(rows, plots_dir / "loss_curves.png", "training loss terms (all tasks)")
 
     last = task_names[-1]
-    raw = np.load(eval_dir / last / "image_scores.npz")
+    raw_path = eval_dir / last / "image_scores.npz"
+    raw = load_npz(raw_path, kind="image_scores", what="image scores")
+    _require(raw, [f"{c}/{s}" for c in params.classes for s in ("labels", *scores)], raw_path)
     for score in scores:
         curves = {}
         for cls in params.classes:
@@ -334,7 +367,10 @@ def aggregate(
             curves, plots_dir / f"roc_{score}.png", f"image ROC per class, {score} score, "
             f"after {last}"
         )
-    gal = np.load(eval_dir / last / "gallery.npz")
+    gal_path = eval_dir / last / "gallery.npz"
+    gal = load_npz(gal_path, kind="gallery", what="anomaly-map gallery")
+    names = [key.removesuffix("name") for key in gal if key.endswith("/name")]
+    _require(gal, [n + part for n in names for part in ("mask", "nf")], gal_path)
     root = Path(params.data.root)
     rows_g = []
     for cls in params.classes:

@@ -467,16 +467,61 @@ def existing_names(cwd: Path) -> set[str]:
     return {ln.strip() for ln in out.splitlines() if ln.strip()}
 
 
-def queued_names(cwd: Path) -> dict[str, str]:
-    """name -> status of the entries ``dvc queue status`` lists (queued, running, failed...)."""
-    out = dvc(["queue", "status"], cwd, check=False).stdout
+@dataclass(frozen=True)
+class QueueStatus:
+    """What ``dvc queue status`` says: name -> state, and how many workers it sees."""
+
+    entries: dict[str, str]
+    workers: int | None  # active + idle workers; None when DVC printed no worker line
+
+
+WORKER_RE = re.compile(r"Worker status:\s*(\d+)\s+active,\s*(\d+)\s+idle")
+
+
+def parse_queue_status(out: str) -> QueueStatus:
+    """Parse ``dvc queue status`` (DVC 3.x): task rows and the "Worker status" line."""
     names: dict[str, str] = {}
     for ln in out.splitlines():
         cells = ln.split()
         # "<task id> <name> <created: Mon DD HH:MM or HH:MM> <status>"
         if len(cells) >= 4 and re.fullmatch(r"[0-9a-f]{7,40}", cells[0]):
             names[cells[1]] = cells[-1]
-    return names
+    m = WORKER_RE.search(out)
+    return QueueStatus(names, None if m is None else int(m.group(1)) + int(m.group(2)))
+
+
+def queue_status(cwd: Path) -> QueueStatus:
+    return parse_queue_status(dvc(["queue", "status"], cwd, check=False).stdout)
+
+
+def queued_names(cwd: Path) -> dict[str, str]:
+    """name -> status of the entries ``dvc queue status`` lists (queued, running, failed...)."""
+    return queue_status(cwd).entries
+
+
+def live_workers(cwd: Path) -> int:
+    """Queue worker processes of this repository that are alive.
+
+    ``dvc queue start`` records each worker it spawns in
+    ``.dvc/tmp/exps/celery/<worker>.json`` (``{"pid": ...}``); a worker counts when that
+    process exists and is a ``dvc exp queue-worker``. This sees a worker from the moment it
+    is spawned, when ``dvc queue status`` may not list it yet (or, busy, may miss it).
+    """
+    import psutil  # a DVC dependency
+
+    count = 0
+    for info in (cwd / ".dvc" / "tmp" / "exps" / "celery").glob("*.json"):
+        try:
+            pid = int(json.loads(info.read_text()).get("pid"))
+            if "queue-worker" in " ".join(psutil.Process(pid).cmdline()):
+                count += 1
+        except (ValueError, TypeError, OSError, AttributeError, psutil.Error):
+            continue  # no pid, not running any more, or not ours
+    return count
+
+
+def workers_alive(cwd: Path, status: QueueStatus) -> bool:
+    return bool(status.workers) or live_workers(cwd) > 0
 
 
 def check_workspace(cwd: Path) -> None:
@@ -525,10 +570,37 @@ def remove_existing(ids: Sequence[str], cwd: Path, log: Callable[[str], None], *
         log(f"replaced earlier experiment(s): {', '.join(sorted(done))}")
     if not queue:
         return
-    pending = {n for n in queued_names(cwd) if n in set(ids)}
+    status = queue_status(cwd)
+    pending = {n: s for n, s in status.entries.items() if n in set(ids)}
+    # an entry left "Running" by a worker that died stays so for ever and cannot be removed:
+    # kill it first (only when no worker is alive, so a live run is never touched)
+    stuck = sorted(n for n, s in pending.items() if s == "Running")
+    if stuck and not workers_alive(cwd, status):
+        dvc(["queue", "kill", *stuck], cwd, check=False)
+        log(f"cleared queue entries whose worker had died: {', '.join(stuck)}")
     if pending:
         dvc(["queue", "remove", *sorted(pending)], cwd, check=False)
         log(f"removed earlier queue entries: {', '.join(sorted(pending))}")
+
+
+def finished_ids(catalog: Catalog, exps: Sequence[Experiment], cwd: Path) -> list[str]:
+    """Ids of ``exps`` that already have a finished experiment on HEAD with their params.
+
+    A re-run of the same command skips these, so that after a crash (a dead queue worker, a
+    killed run) it finishes the rest. Nothing is skipped while tracked code under ccnf/ or
+    stages/ differs from HEAD: those experiments would have run another code.
+    """
+    proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                           "ccnf", "stages"], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0 or proc.stdout.strip():
+        return []
+    wanted = {e.id for e in exps}
+    rows = match_records(catalog, load_records(cwd, commits=1))
+    return [
+        r.exp.id for r in rows
+        if r.exp.id in wanted and r.record is not None and r.record.kind == "experiment"
+        and r.record.name == r.exp.id and r.record.metrics and r.problem is None
+    ]
 
 
 @dataclass
@@ -579,9 +651,16 @@ def run_sequential(
     return outcomes
 
 
+POLL_S = 15.0  # seconds between two looks at the queue
+DEAD_POLLS = 2  # polls in a row without a live worker, with work pending: the workers died
+# a worker registers a moment after `dvc queue start` returns (it is spawned in the
+# background): until one has been seen, allow it this long before calling it dead
+STARTUP_GRACE_S = 60.0
+
+
 def run_queue(
     exps: Sequence[Experiment], cwd: Path, jobs: int, log: Callable[[str], None],
-    poll_s: float = 15.0,
+    poll_s: float | None = None,
 ) -> list[RunOutcome]:
     """Queue every experiment, start ``jobs`` workers, wait until the queue has drained.
 
@@ -589,7 +668,15 @@ def run_queue(
     it finished (so they are accurate to about one poll, plus ``dvc queue status``'s own time).
     A poll costs about 1 s of CPU (a DVC process), hence the 15 s between polls: at 5 s the
     poller took about a tenth of a core from the experiments.
+
+    If every worker dies (killed, out of memory) the queue would wait for ever, its entries
+    "Running" or "Queued": after :data:`DEAD_POLLS` polls without a live worker (once one has
+    been seen, or :data:`STARTUP_GRACE_S` after the start) the wait stops,
+    those experiments are reported failed (why, per id) and their entries are cleared, so the
+    same command run again finishes them. An experiment counts as done only when DVC reports
+    success *and* holds an experiment of its name.
     """
+    poll_s = POLL_S if poll_s is None else poll_s
     for exp in exps:
         dvc(exp.dvc_command(queue=True)[1:], cwd)
         log(f"queued {' '.join(exp.dvc_command(queue=True))}")
@@ -598,9 +685,10 @@ def run_queue(
     ids = {e.id for e in exps}
     started: dict[str, float] = {}
     finished: dict[str, RunOutcome] = {}
-    last, empty_polls = "", 0
+    last, empty_polls, dead_polls, seen_worker = "", 0, 0, False
     while True:
-        status = {n: s for n, s in queued_names(cwd).items() if n in ids}
+        queue = queue_status(cwd)
+        status = {n: s for n, s in queue.entries.items() if n in ids}
         now = time.perf_counter()
         for name, state in status.items():
             if state == "Running":
@@ -615,18 +703,41 @@ def run_queue(
             log(f"[{(now - t0) / 60:5.1f} min] {line}")
             last = line
         empty_polls = empty_polls + 1 if not status else 0
-        if len(finished) == len(ids) or empty_polls >= 3 or (
-            status and not any(s in ("Queued", "Running") for s in status.values())
+        pending = {n: s for n, s in status.items() if s in ("Queued", "Running")}
+        alive = workers_alive(cwd, queue)
+        seen_worker = seen_worker or alive
+        may_be_dead = seen_worker or now - t0 > STARTUP_GRACE_S
+        dead_polls = dead_polls + 1 if pending and not alive and may_be_dead else 0
+        if len(finished) == len(ids) or empty_polls >= 3 or dead_polls >= DEAD_POLLS or (
+            status and not pending
         ):
             break
         time.sleep(poll_s)
+    if dead_polls >= DEAD_POLLS:
+        log(f"[red]no queue worker is alive any more[/]; unfinished: {', '.join(sorted(pending))}")
+        for name, state in pending.items():
+            why = ("its queue worker died while it ran (killed or crashed)" if state == "Running"
+                   else "never started: no queue worker was left to run it")
+            finished[name] = RunOutcome(name, time.perf_counter() - started.get(name, t0),
+                                        ok=False, tail=why)
+        stuck = sorted(n for n, s in pending.items() if s == "Running")
+        if stuck:
+            dvc(["queue", "kill", *stuck], cwd, check=False)
+        dvc(["queue", "remove", *sorted(pending)], cwd, check=False)
     for name in ids - set(finished):
         finished[name] = RunOutcome(name, time.perf_counter() - t0, ok=False,
                                     tail="not in `dvc queue status` any more")
+    held = existing_names(cwd)
     for name, outcome in finished.items():
+        if outcome.tail:  # the reason it failed is known; DVC's log of it is empty or stale
+            continue
         logs = dvc(["queue", "logs", name], cwd, check=False).stdout
         outcome.stages_run = STAGE_RE.findall(logs)
         outcome.tail = logs[-4000:]
+        if outcome.ok and name not in held:
+            outcome.ok = False
+            outcome.tail = ("DVC reports success but holds no experiment of this name\n"
+                            + outcome.tail)
     return [finished[e.id] for e in exps]
 
 

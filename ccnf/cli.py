@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -196,6 +195,7 @@ def info(
 ) -> None:
     """Print the current run's summary, R matrix and per-class table (any model kind)."""
     from ccnf.report import SUMMARY_COLUMNS, load_metrics, stale_scores
+    from ccnf.store import read_json
 
     headline = _headline(params)
     summary, per_class = load_metrics(metrics)
@@ -218,7 +218,7 @@ def info(
             "image_ap", "image_ap_chance", "image_f1_kstd", "image_f1_pct", "image_f1_all",
             "image_normal_flagged_kstd")))
     console.print(th)
-    mats = json.loads((metrics / "matrices.json").read_text())
+    mats = read_json(metrics / "matrices.json", what="metrics file")
     r = mats[headline]["image_auroc"]
     rt = Table(title=f"R[t][j], {headline} image AUROC (rows: after task t; cols: task j)")
     rt.add_column("after")
@@ -413,13 +413,21 @@ def catalog_run(
         "auto", help="temp: `dvc exp run --temp` one at a time; queue: `dvc exp run --queue` "
         "then `dvc queue start -j N`; auto: temp for 1 job, queue for more"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the DVC commands only"),
+    force: bool = typer.Option(
+        False, "--force", help="re-run experiments that already finished on this commit "
+        "(default: keep them, so re-running a command after a crash finishes the rest)"),
     timing: Path = typer.Option(
         None, help="write the wall time here (default with --all: "
         "docs/report/catalog_timing.json)"),
     catalog: Path = CATALOG,
     params: Path = PARAMS,
 ) -> None:
-    """Run experiments through DVC (an earlier experiment of the same id is replaced)."""
+    """Run experiments through DVC; those already finished on this commit are kept.
+
+    An experiment that finished on HEAD with the catalog's params is skipped (so the same
+    command, run again after a crash or a dead queue worker, finishes the rest); any other
+    earlier experiment of the same id is replaced. --force replaces finished ones too.
+    """
     import datetime
     import os
     import subprocess
@@ -428,6 +436,7 @@ def catalog_run(
     from ccnf.atomic import write_json
     from ccnf.catalog import (
         check_workspace,
+        finished_ids,
         load_catalog,
         remove_existing,
         run_queue,
@@ -452,6 +461,14 @@ def catalog_run(
         return
     cwd = Path.cwd()
     check_workspace(cwd)
+    done = [] if force else finished_ids(cat, exps, cwd)
+    if done:
+        console.print(f"already finished on this commit, kept: {', '.join(done)} "
+                      "(--force re-runs them)")
+        exps = [e for e in exps if e.id not in done]
+        if not exps:
+            console.print("nothing left to run")
+            return
     remove_existing([e.id for e in exps], cwd, console.print, queue=mode == "queue")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
@@ -473,6 +490,7 @@ def catalog_run(
                                 text=True).stdout.strip()
         write_json(target, {
             "ids": [e.id for e in exps],
+            "kept_finished": done,  # finished before this run, not re-run (see --force)
             "all": all_,
             "mode": mode,
             "jobs": jobs,
@@ -493,7 +511,8 @@ def catalog_run(
         raise CcnfError(
             f"{len(failed)} experiment(s) failed: {', '.join(o.id for o in failed)}\n"
             + "\n".join(f"--- {o.id}:\n{o.tail[-1500:]}" for o in failed),
-            fix="fix the cause, then re-run those ids (the failed entries are replaced)",
+            fix="fix the cause, then run the same command again: finished experiments are "
+            "kept and only these run",
         )
 
 

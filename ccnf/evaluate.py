@@ -82,6 +82,7 @@ from ccnf.scoring import (
     thresholds,
 )
 from ccnf.seeding import seed_everything
+from ccnf.store import save_npz
 
 
 def _round(v: float) -> float:
@@ -449,7 +450,7 @@ def evaluate_task(
         }
     with atomic_path(eval_dir) as tmp:
         tmp.mkdir(parents=True)
-        np.savez_compressed(tmp / "image_scores.npz", **raw)
-        np.savez_compressed(tmp / "gallery.npz", **gallery)
+        save_npz(tmp / "image_scores.npz", raw, kind="image_scores")
+        save_npz(tmp / "gallery.npz", gallery, kind="gallery")
     write_json(out_json, result)
     return result | {"timing_s": {k_: round(v, 3) for k_, v in timing.items()}}

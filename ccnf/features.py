@@ -6,12 +6,14 @@ Layout (one directory, written atomically)::
     features/<class>/train.pt      FeatureSplit of the class's train/good images
     features/<class>/test.pt       FeatureSplit of its test images, with labels and masks
 
-A few large files per class keep DVC fast (no file per image).
+A few large files per class keep DVC fast (no file per image). The ``.pt`` files are
+pickle-free ``features`` artefacts of :mod:`ccnf.store` (safetensors + JSON, versioned and
+checksummed): a damaged or foreign file is one clear error, and non-finite features are
+refused both when they would be cached and when they are read.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import deque
@@ -29,10 +31,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ccnf.atomic import atomic_path, write_json
 from ccnf.backbone import Backbone
 from ccnf.config import Params
-from ccnf.data.images import load_image, load_mask
+from ccnf.data.images import load_image, load_image_and_mask
 from ccnf.data.manifest import Manifest, Record
 from ccnf.device import resolve_device
 from ccnf.errors import CcnfError
+from ccnf.store import load_artifact, read_json, recovery_fix, save_artifact
 
 
 @dataclass
@@ -81,17 +84,69 @@ class FeatureMeta:
         path = Path(features_dir) / "meta.json"
         if not path.is_file():
             raise CcnfError(f"feature cache not found: {path}", fix="run: dvc repro extract")
-        return FeatureMeta(**json.loads(path.read_text()))
+        raw = read_json(path, what="feature cache index")
+        try:
+            return FeatureMeta(**raw)
+        except TypeError as err:
+            raise CcnfError(f"feature cache index {path} has unexpected content ({err})",
+                            where=str(path), fix=recovery_fix(path)) from None
+
+
+_SPLIT_KEYS = {"features", "names", "labels", "defects", "masks"}
+
+
+def _check_split(raw: object, path: Path, cls: str, split: str) -> FeatureSplit:
+    """The FeatureSplit stored in ``raw``, after checking its layout and that it is finite."""
+    fix = recovery_fix(path)
+    ok = (
+        isinstance(raw, dict)
+        and set(raw) == _SPLIT_KEYS
+        and isinstance(raw["features"], list)
+        and all(isinstance(f, torch.Tensor) and f.ndim == 4 for f in raw["features"])
+        and isinstance(raw["labels"], torch.Tensor)
+        and isinstance(raw["names"], list)
+        and isinstance(raw["defects"], list)
+        and (raw["masks"] is None or isinstance(raw["masks"], torch.Tensor))
+    )
+    n = len(raw["names"]) if ok else -1
+    if ok:
+        ok = all(f.shape[0] == n for f in raw["features"]) and raw["labels"].shape == (n,)
+        ok = ok and len(raw["defects"]) == n
+        ok = ok and (raw["masks"] is None or raw["masks"].shape[0] == n)
+    if not ok:
+        raise CcnfError(f"cached features of class '{cls}' ({split}) have an unexpected "
+                        f"layout: {path}", where=str(path), fix=fix)
+    fs = FeatureSplit(**raw)
+    for level, f in enumerate(fs.features):
+        finite = torch.isfinite(f)
+        if not bool(finite.all()):
+            bad = (~finite).flatten(1).any(1).nonzero().flatten().tolist()
+            raise CcnfError(
+                f"cached features of class '{cls}' ({split}) hold NaN/Inf: level {level}, "
+                f"{int((~finite).sum())} values in {len(bad)} image(s), first "
+                f"{fs.names[bad[0]]}",
+                where=str(path),
+                fix="the backbone output overflowed backbone.feature_dtype or the file was "
+                "altered: re-extract (dvc repro --force --single-item extract); with float16 "
+                "set backbone.feature_dtype: float32",
+            )
+    return fs
 
 
 def load_split(features_dir: Path, cls: str, split: str) -> FeatureSplit:
+    """The cached features of one class and split; any damage is one CcnfError naming the file.
+
+    Checks: the artefact is intact (see :mod:`ccnf.store`), has the FeatureSplit layout, and
+    every feature is finite (training on NaN/Inf would fail late and far from the cause).
+    """
     path = Path(features_dir) / cls / f"{split}.pt"
     if not path.is_file():
         raise CcnfError(
             f"no cached features for class '{cls}' ({split}): {path}",
             fix="the class must be in the split of data.source; re-run: dvc repro extract",
         )
-    return FeatureSplit(**torch.load(path, map_location="cpu", weights_only=False))
+    raw = load_artifact(path, kind="features", fix=recovery_fix(path))
+    return _check_split(raw, path, cls, split)
 
 
 def neighbourhood(features: list[torch.Tensor], k: int) -> list[torch.Tensor]:
@@ -134,12 +189,13 @@ def _load_record(
 
     ``mask_threshold``: the manifest's mask convention (a pixel above it is a defect).
     """
-    image = np.ascontiguousarray(load_image(root / record.image, size).transpose(2, 0, 1))
-    if not with_mask:
-        return image, None
-    if record.mask is None:
-        return image, np.zeros((msize, msize), dtype=bool)
-    return image, load_mask(root / record.mask, msize, mask_threshold)
+    if with_mask and record.mask is not None:
+        pixels, mask = load_image_and_mask(root / record.image, root / record.mask, size, msize,
+                                           mask_threshold)
+    else:
+        pixels = load_image(root / record.image, size)
+        mask = np.zeros((msize, msize), dtype=bool) if with_mask else None
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1)), mask
 
 
 def _prefetched(
@@ -168,6 +224,24 @@ def _prefetched(
                 return
             job, records, futures = queue.popleft()
             yield job, records, [f.result() for f in futures]
+
+
+def _refuse_non_finite(
+    feats: torch.Tensor, records: list[Record], cls: str, split: str, level: int,
+    dtype: torch.dtype,
+) -> None:
+    """feats (B, C, H, W) of ``records`` as cached: NaN/Inf are never written to the cache."""
+    finite = torch.isfinite(feats).flatten(1).all(1)
+    if bool(finite.all()):
+        return
+    bad = [records[i].image for i in (~finite).nonzero().flatten().tolist()]
+    raise CcnfError(
+        f"the backbone gives NaN/Inf features (level {level}, as {dtype}) for {len(bad)} "
+        f"image(s) of class '{cls}' ({split}): {', '.join(bad[:5])}",
+        where=bad[0],
+        fix="check those images; if the values overflow float16, set "
+        "backbone.feature_dtype: float32",
+    )
 
 
 def _decode_workers(device: torch.device) -> int:
@@ -242,7 +316,9 @@ def extract_features(
                 torch.cuda.synchronize(device)
             forward_s += time.perf_counter() - t0
             for lvl, f in enumerate(feats):
-                levels[lvl].append(f.to(dtype).cpu())
+                cached = f.to(dtype).cpu()
+                _refuse_non_finite(cached, records, cls, split, lvl, dtype)
+                levels[lvl].append(cached)
             masks.extend(m for _, m in decoded if m is not None)
             progress.advance(task_id, len(records))
             remaining[job] -= len(records)
@@ -257,7 +333,7 @@ def extract_features(
             )
             levels, masks = [], []
             (tmp / cls).mkdir(parents=True, exist_ok=True)
-            torch.save(fs.__dict__, tmp / cls / f"{split}.pt")
+            save_artifact(tmp / cls / f"{split}.pt", fs.__dict__, kind="features")
             counts.setdefault(cls, {})[split] = len(fs)
             done = progress.tasks[0].completed
             progress.update(task_id, rate=f"{done / (time.perf_counter() - start):.1f} img/s")

@@ -8,7 +8,6 @@ committed one within a tolerance.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from ccnf.atomic import write_text
 from ccnf.errors import CcnfError
 from ccnf.names import SCORES, STALE_FLAGGED
+from ccnf.store import read_json
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 SUMMARY_COLUMNS = (
@@ -48,7 +48,7 @@ def load_metrics(metrics_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     for p in paths:
         if not p.is_file():
             raise CcnfError(f"metrics not found: {p}", fix="run the study first: dvc repro")
-    summary, per_class = (json.loads(p.read_text()) for p in paths)
+    summary, per_class = (read_json(p, what="metrics file") for p in paths)
     if "agnostic" not in summary or "class_select" not in summary:
         raise CcnfError(
             f"{paths[0]} predates the task-agnostic evaluation (no 'agnostic' block)",

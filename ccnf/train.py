@@ -38,6 +38,7 @@ from ccnf.optim import AdamW
 from ccnf.schedule import StepBudget, lr_factor
 from ccnf.scoring import calibration_patches
 from ccnf.seeding import seed_everything
+from ccnf.store import save_artifact
 
 LOG_COLUMNS = ("step", "task", "epoch", "loss", *TERMS)
 
@@ -205,7 +206,7 @@ def _write_checkpoint(
 ) -> None:
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        torch.save(model.checkpoint(**extra), tmp / "model.pt")
+        save_artifact(tmp / "model.pt", model.checkpoint(**extra), kind="checkpoint")
         _write_log(tmp / "train_log.tsv", rows)
 
 
@@ -458,9 +459,10 @@ def train_bank_task(
     seconds = time.perf_counter() - start
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        torch.save(
-            bank.checkpoint(task=t, calibration=calibration, n_parameters=bank.n_parameters()),
+        save_artifact(
             tmp / "model.pt",
+            bank.checkpoint(task=t, calibration=calibration, n_parameters=bank.n_parameters()),
+            kind="checkpoint",
         )
         _write_log(tmp / "train_log.tsv", rows)
     return {
@@ -483,4 +485,4 @@ def init_model(params: Params, features_dir: Path, out_dir: Path) -> None:
         ckpt = model.checkpoint(classes=[], task=-1, calibration={})
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        torch.save(ckpt, tmp / "model.pt")
+        save_artifact(tmp / "model.pt", ckpt, kind="checkpoint")

@@ -317,8 +317,11 @@ def test_catalog_run_equals_dvc_exp_run_with_its_overrides(mini_repo: Path,
     assert rows["E11"].record is not None and rows["E11"].record.kind == "workspace"
     assert rows["E0"].record is None
 
-    # a second run replaces the first; the table comes from DVC's records
+    # the same command again keeps the finished experiment (a re-run after a crash finishes
+    # the rest); --force replaces it; the table comes from DVC's records
     res = runner.invoke(app, ["catalog", "run", "E4"])
+    assert res.exit_code == 0 and "kept: E4" in res.output and "nothing left" in res.output
+    res = runner.invoke(app, ["catalog", "run", "E4", "--force"])
     assert res.exit_code == 0 and "replaced earlier experiment(s): E4" in res.output
     assert _dvc("exp", "list", "--name-only", cwd=mini_repo).split().count("E4") == 1
     res = runner.invoke(app, ["catalog", "table"])

@@ -21,6 +21,7 @@ from ccnf.config import Params, parse_params
 from ccnf.errors import CcnfError
 from ccnf.evaluate import evaluate_task
 from ccnf.flows import CCNF
+from ccnf.flows.ccnf import read_checkpoint
 from ccnf.metrics import precision_recall_f1_at
 from ccnf.names import ALL_METRICS, SCORES
 from ccnf.scoring import (
@@ -34,6 +35,7 @@ from ccnf.scoring import (
     stack_stats,
     thresholds,
 )
+from ccnf.store import load_artifact, save_artifact
 
 SPLIT = [["a", "b"], ["c", "d"]]
 CHANNELS, GRIDS = [5, 6], [[4, 4], [2, 2]]
@@ -80,10 +82,11 @@ def build_study(
             path = root / "features" / cls / f"{split}.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
             names = [f"{cls}/{split}/{i:03d}.png" for i in range(len(lab))]
-            torch.save(
+            save_artifact(
+                path,
                 {"features": [f.half() for f in feats], "names": names, "labels": lab,
                  "defects": ["good" if v == 0 else "hole" for v in lab.tolist()], "masks": m},
-                path,
+                kind="features",
             )
     torch.manual_seed(0)
     model = CCNF(CHANNELS, GRIDS, params.flow, n_classes=0)
@@ -91,14 +94,15 @@ def build_study(
     for t, task in enumerate(params.task_names):
         model.add_classes(len(task_split[t]))
         for cls in task_split[t]:
-            train = torch.load(root / "features" / cls / "train.pt", weights_only=False)
+            train = load_artifact(root / "features" / cls / "train.pt", kind="features", fix="")
             cid = params.classes.index(cls)
             calibration[cls] = calibration_patches(model, train["features"], cid, 4)
         out = root / "models" / task
         out.mkdir(parents=True, exist_ok=True)
         seen = [c for j in range(t + 1) for c in task_split[j]]
-        torch.save(model.checkpoint(classes=seen, task=t, calibration=dict(calibration)),
-                   out / "model.pt")
+        save_artifact(out / "model.pt",
+                      model.checkpoint(classes=seen, task=t, calibration=dict(calibration)),
+                      kind="checkpoint")
     return params
 
 
@@ -189,9 +193,9 @@ def test_selection_accuracy_and_agnostic_scores_against_direct_computation(
         for score in SCORES:
             assert agn["per_class"][cls][score] == res["per_class"][cls][score]
     # class c: images 0 and 5 scored under class a, with a's calibration and a's thresholds
-    ckpt = torch.load(root / "models/t1/model.pt", weights_only=False)
+    ckpt = read_checkpoint(root / "models/t1")
     model = CCNF.from_checkpoint(ckpt, params.flow)
-    feats = torch.load(root / "features/c/test.pt", weights_only=False)
+    feats = load_artifact(root / "features/c/test.pt", kind="features", fix="")
     ids = torch.tensor([0, 2, 2, 2, 2, 0])
     names = ["a", "c", "c", "c", "c", "a"]
     per_image = stack_stats({c: _stats(ckpt, c, params) for c in "ac"}, names)
@@ -225,7 +229,7 @@ def test_threshold_metrics_against_direct_computation(study) -> None:
     for k, pct in ((3.0, 99.0), (0.0, 50.0)):  # the second makes some predictions positive
         p = with_select(params, "oracle", threshold_k=k, threshold_percentile=pct)
         res = run(root, p, name=f"thr{k}")
-        ckpt = torch.load(root / "models/t1/model.pt", weights_only=False)
+        ckpt = read_checkpoint(root / "models/t1")
         raw = np.load(root / f"thr{k}/eval/t1/image_scores.npz")
         for cls, entry in res["per_class"].items():
             thr = thresholds(_stats(ckpt, cls, p), p.score.alpha, False, k, pct)
@@ -257,7 +261,7 @@ def test_calibrated_scores_leave_oracle_ranking_metrics_unchanged(study) -> None
     plain = run(root, with_select(params, "oracle"), name="plain")
     cal = run(root, with_select(params, "oracle", calibrated=True), name="cal")
     raw = np.load(root / "cal/eval/t1/image_scores.npz")
-    ckpt = torch.load(root / "models/t1/model.pt", weights_only=False)
+    ckpt = read_checkpoint(root / "models/t1")
     stats = _stats(ckpt, "a", params)["nf_image"]
     plain_raw = np.load(root / "plain/eval/t1/image_scores.npz")
     np.testing.assert_allclose(raw["a/nf"], (plain_raw["a/nf"] - stats[0]) / stats[1])
@@ -270,10 +274,10 @@ def test_calibrated_scores_leave_oracle_ranking_metrics_unchanged(study) -> None
 def test_checkpoint_without_calibration_patches_asks_for_repro(tmp_path: Path) -> None:
     params = build_study(tmp_path)
     path = tmp_path / "models/t1/model.pt"
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = read_checkpoint(path.parent)
     for cls in ckpt["calibration"]:  # a record of statistics, as older checkpoints held
         ckpt["calibration"][cls] = {"nf_image": [0.0, 1.0]}
-    torch.save(ckpt, path)
+    save_artifact(path, ckpt, kind="checkpoint")
     with pytest.raises(CcnfError, match="dvc repro") as info:
         run(tmp_path, params)
     assert "predates this version" in str(info.value)

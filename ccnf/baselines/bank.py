@@ -9,7 +9,6 @@ model spec plus one state dict per class.
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from ccnf.baselines.flow_bank import FlowBankModel
 from ccnf.baselines.gaussian import GaussianModel
 from ccnf.config import Params, TrainConfig
 from ccnf.errors import CcnfError
+from ccnf.store import dumps
 
 MODELS: dict[str, type[PerClassModel]] = {
     GaussianModel.kind: GaussianModel,
@@ -80,10 +80,8 @@ def class_seed(seed: int, class_index: int) -> int:
 
 
 def nbytes(obj: Any) -> int:
-    """Size in bytes of ``torch.save(obj)``: the checkpoint cost of a model or bank."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getbuffer().nbytes
+    """Size in bytes of ``obj`` stored as a checkpoint: the checkpoint cost of a model or bank."""
+    return len(dumps(obj, kind="checkpoint"))
 
 
 class ClassBank:

@@ -12,7 +12,6 @@ MVTec-layout masks (0 = good, 255 = defect), 0 for VisA's (defect pixels non-zer
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,8 +19,9 @@ from PIL import Image
 from rich.progress import track
 
 from ccnf.atomic import write_json
-from ccnf.data.images import verify_image
+from ccnf.data.images import check_mask_size, verify_image
 from ccnf.errors import CcnfError
+from ccnf.store import read_json, recovery_fix
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # MVTec AD convention: masks are 0 (good) / 255 (defect); above the middle is a defect, which
@@ -67,12 +67,16 @@ class Manifest:
     def load(path: Path) -> Manifest:
         if not Path(path).is_file():
             raise CcnfError(f"manifest not found: {path}", fix="run the prepare stage: dvc repro")
-        raw = json.loads(Path(path).read_text())
-        return Manifest(
-            raw["root"],
-            [Record(**r) for r in raw["records"]],
-            raw.get("mask_threshold", MVTEC_MASK_THRESHOLD),
-        )
+        raw = read_json(path, what="manifest")
+        try:
+            return Manifest(
+                str(raw["root"]),
+                [Record(**r) for r in raw["records"]],
+                int(raw.get("mask_threshold", MVTEC_MASK_THRESHOLD)),
+            )
+        except (TypeError, KeyError, ValueError) as err:
+            raise CcnfError(f"manifest {path} has unexpected content ({err!r})",
+                            where=str(path), fix=recovery_fix(path)) from None
 
 
 def _images(folder: Path) -> list[Path]:
@@ -112,11 +116,13 @@ def make_record(
     """One manifest entry; the image (and mask) is decoded once to catch corrupt files.
 
     A mask whose pixels are all at or below ``mask_threshold`` but not all zero is an error: the
-    dataset codes its masks differently (e.g. 0/1), and every defect would silently vanish.
+    dataset codes its masks differently (e.g. 0/1), and every defect would silently vanish. A
+    mask of another size than its image is an error too (it would be stretched onto
+    misaligned pixels).
     """
-    verify_image(image)
+    size = verify_image(image)
     if mask is not None:
-        verify_image(mask)
+        check_mask_size(image, mask, size, verify_image(mask))
         peak = _mask_peak(mask)
         if 0 < peak <= mask_threshold:
             raise CcnfError(

@@ -36,6 +36,7 @@ from ccnf.errors import CcnfError
 from ccnf.flows.flow import ConditionalFlow
 from ccnf.flows.positional import positional_encoding_2d
 from ccnf.flows.spectral import SNLinear
+from ccnf.store import load_artifact, recovery_fix
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -315,10 +316,15 @@ class CCNF(nn.Module):
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
+    """``path``/model.pt: any model kind's checkpoint dict (pickle-free, see ccnf.store)."""
     file = Path(path) / "model.pt"
     if not file.is_file():
         raise CcnfError(f"checkpoint not found: {file}", fix="run the stage that writes it")
-    return torch.load(file, map_location="cpu", weights_only=False)
+    ckpt = load_artifact(file, kind="checkpoint", fix=recovery_fix(file))
+    if not isinstance(ckpt, dict):
+        raise CcnfError(f"checkpoint {file} does not hold a dict", where=str(file),
+                        fix=recovery_fix(file))
+    return ckpt
 
 
 def _head_shapes(head: nn.Module) -> list[list[int]]:

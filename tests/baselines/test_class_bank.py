@@ -19,6 +19,7 @@ from ccnf.baselines import (
 from ccnf.config import ScoreConfig, TrainConfig, parse_params
 from ccnf.errors import CcnfError
 from ccnf.scoring import assemble
+from ccnf.store import load_artifact, save_artifact
 
 CHANNELS = [4, 6]
 GRIDS = [[4, 4], [2, 2]]
@@ -55,18 +56,19 @@ def test_earlier_classes_are_bit_identical_after_later_tasks(kind: str, tmp_path
     bank.add_class("a", _feats(8, 1), TRAIN, class_seed(0, 0))
     state_a = _snapshot(bank, "a")
     scores_a = bank.patch_scores("a", probe)
-    torch.save(bank.checkpoint(task=0), tmp_path / "t0.pt")
+    save_artifact(tmp_path / "t0.pt", bank.checkpoint(task=0), kind="checkpoint")
     # task 1: resume, learn b and c, score everything (as evaluation does), checkpoint again
     bank = ClassBank.from_checkpoint(
-        torch.load(tmp_path / "t0.pt", weights_only=False), expected_kind=kind, expected_spec=spec
+        load_artifact(tmp_path / "t0.pt", kind="checkpoint", fix=""), expected_kind=kind,
+        expected_spec=spec,
     )
     for i, name in enumerate(["b", "c"], start=1):
         bank.add_class(name, _feats(8, 1 + i, offset=float(i)), TRAIN, class_seed(0, i))
     bank.selection_scores(probe)
     bank["a"].train()  # a careless caller: scoring must still not move anything
     bank.patch_scores("a", probe)
-    torch.save(bank.checkpoint(task=1), tmp_path / "t1.pt")
-    final = ClassBank.from_checkpoint(torch.load(tmp_path / "t1.pt", weights_only=False))
+    save_artifact(tmp_path / "t1.pt", bank.checkpoint(task=1), kind="checkpoint")
+    final = ClassBank.from_checkpoint(load_artifact(tmp_path / "t1.pt", kind="checkpoint", fix=""))
     assert final.classes == ["a", "b", "c"]
     for k, v in final["a"].state_dict().items():
         assert torch.equal(v, state_a[k]), f"{kind}: class a's {k} changed"
