@@ -171,6 +171,14 @@ class FlowConfig(_Section):
             "change of variables"
         ),
     )
+    class_actnorm: bool = Field(
+        False,
+        description=(
+            "a learned per-class elementwise affine (log-scale, shift per dimension) in front "
+            "of every coupling, initialized to the identity: class-conditional ActNorm (2 D_l "
+            "values per coupling and class; a class's values learn from its own data only)"
+        ),
+    )
     prototypes: Literal["fixed", "shared"] = Field(
         "shared",
         description=(

@@ -77,8 +77,11 @@ def tiny_params(root: Path, classes: list[list[str]]) -> dict[str, Any]:
         for i in range(len(classes))
     }
     p["backbone"]["batch_size"] = 8
-    p["flow"].update(n_couplings=2, hidden_dim=16, embedding_dim=8, pos_dim=8, warmup_steps=4)
-    p["train"].update(epochs=1, images_per_step=4, patches_per_image=16)
+    # small and fast: the tests exercise the code paths, not the competence budget
+    p["flow"].update(n_couplings=2, hidden_dim=16, hidden_ratio=None, embedding_dim=8, pos_dim=8,
+                     warmup_steps=4)
+    p["train"].update(epochs=1, images_per_step=4, patches_per_image=16, min_steps_per_class=2,
+                      lr_warmup_steps=0)
     p["loss"]["entropy_samples"] = 16
     p["eval"]["batch_images"] = 4
     return p

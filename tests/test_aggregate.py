@@ -17,7 +17,10 @@ from ccnf.evaluate import evaluate_task
 from ccnf.names import ALL_METRICS, SCORES
 from ccnf.report import check_readme, load_metrics, results_block, update_readme
 
-SUMMARY_KEYS = set(ALL_METRICS) | {"image_forgetting", "pixel_forgetting", "aupro_forgetting"}
+SUMMARY_KEYS = set(ALL_METRICS) | {
+    f"{m}_{kind}" for m in ("image", "pixel", "aupro") for kind in ("forgetting", "diagonal")
+}
+WORST = {"image_auroc_worst_class", "pixel_auroc_worst_class"}
 
 
 def _fake_results(acc: list[list[float]], by_method: dict[str, list[list[float]]]) -> list[dict]:
@@ -83,7 +86,7 @@ def test_summary_has_aware_agnostic_and_selection_blocks(aggregated: Path) -> No
     summary = json.loads((aggregated / "metrics/summary.json").read_text())
     assert set(summary) == {*SCORES, "agnostic", "class_select"}
     for score in SCORES:
-        assert set(summary[score]) == SUMMARY_KEYS
+        assert set(summary[score]) == SUMMARY_KEYS | WORST
         assert set(summary["agnostic"][score]) == SUMMARY_KEYS
     sel = summary["class_select"]
     assert set(sel) == {
@@ -150,7 +153,10 @@ def test_readme_block_round_trip_and_check(aggregated: Path, tmp_path: Path) -> 
 def test_oracle_study_reports_the_aware_block_as_agnostic(tmp_path: Path) -> None:
     root = _study(tmp_path, "oracle")
     summary = json.loads((root / "metrics/summary.json").read_text())
-    assert summary["agnostic"] == {s: summary[s] for s in SCORES}
+    # the worst-class entries are task-aware only
+    assert summary["agnostic"] == {
+        s: {k: v for k, v in summary[s].items() if k not in WORST} for s in SCORES
+    }
     assert summary["class_select"] == {"method": "oracle", "accuracy": 1.0, "forgetting": 0.0}
     per_class = json.loads((root / "metrics/per_class.json").read_text())
     assert per_class["c"]["agnostic"]["nf"] == per_class["c"]["nf"]
@@ -181,3 +187,49 @@ def test_a_model_without_training_steps_aggregates(tmp_path: Path) -> None:
         (root / "models" / task / "train_log.tsv").write_text("step\ttask\tepoch\tloss\n")
     summary = aggregate(params, root / "metrics", root / "models", root / "eval", root / "plots")
     assert "nf" in summary and not (root / "plots/loss_curves.png").exists()
+
+
+def test_diagonal_worst_class_and_stale_calibration(aggregated: Path) -> None:
+    """image_diagonal = mean of R[j][j]; *_worst_class = the lowest final per-class value;
+    per_class.json names the scores whose threshold flags most normal test images."""
+    summary = json.loads((aggregated / "metrics/summary.json").read_text())
+    mats = json.loads((aggregated / "metrics/matrices.json").read_text())
+    per_class = json.loads((aggregated / "metrics/per_class.json").read_text())
+    for score in SCORES:
+        r = mats[score]["image_auroc"]
+        assert summary[score]["image_diagonal"] == pytest.approx(
+            np.mean([r[j][j] for j in range(len(r))]), abs=1e-6)
+        assert summary[score]["pixel_auroc_worst_class"] == pytest.approx(
+            min(m[score]["pixel_auroc"] for m in per_class.values()), abs=1e-6)
+    for m in per_class.values():
+        want = [s for s in SCORES if m[s]["image_normal_flagged_kstd"] > 0.5]
+        assert m["stale_calibration"] == want
+
+
+def test_ccnf_info_prints_chance_levels_for_ccnf_and_a_bank(aggregated: Path, tmp_path) -> None:
+    """ccnf info reads whatever scores the metrics hold: all four for CCNF, nf and latent for a
+    per-class bank (no proto score: it once crashed on that)."""
+    from typer.testing import CliRunner
+
+    from ccnf.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["info", "--metrics", str(aggregated / "metrics"), "--params",
+                              str(tmp_path / "none.yaml")])
+    assert res.exit_code == 0, res.output
+    assert "chance levels" in res.output and "hybrid" in res.output
+    bank = tmp_path / "metrics"
+    bank.mkdir()
+    keep = ("nf", "latent")
+    for name in ("summary.json", "per_class.json", "matrices.json"):
+        data = json.loads((aggregated / "metrics" / name).read_text())
+        if name == "per_class.json":
+            data = {c: {k: v for k, v in m.items() if k not in ("proto", "hybrid")}
+                    for c, m in data.items()}
+        else:
+            data = {k: v for k, v in data.items() if k not in ("proto", "hybrid")}
+        (bank / name).write_text(json.dumps(data))
+    res = runner.invoke(app, ["info", "--metrics", str(bank), "--params",
+                              str(tmp_path / "none.yaml")])
+    assert res.exit_code == 0, res.output
+    assert all(s in res.output for s in keep) and "hybrid" not in res.output

@@ -205,3 +205,36 @@ def test_records_of_an_older_baseline_are_found_newest_first(sample) -> None:
     assert rows["E0"].problem is None
     block = table_block(list(rows.values()), cat.reference)
     assert f"experiments derived from commit {commit['rev'][:7]}" in block
+
+
+def test_targets_table_compares_the_roles_records() -> None:
+    """Each competence target: both sides read from the named experiments' records, the gap,
+    and whether it is met (>= with its margin); a missing record is '—', never 'yes'."""
+    from ccnf.catalog import Experiment, ExpRecord, Row
+    from ccnf.study_report import TARGETS, targets_table
+
+    def row(exp_id: str, latent: dict) -> Row:
+        return Row(Experiment(exp_id, "x", ()), ExpRecord(exp_id, "r", {}, {"latent": latent}))
+
+    rows = [
+        row("G", {"image_auroc": 0.95, "pixel_auroc": 0.97}),
+        row("B", {"image_auroc": 0.96, "pixel_auroc": 0.965}),
+        row("J", {"image_auroc": 0.951, "pixel_auroc": 0.96}),
+        row("S", {"image_diagonal": 0.93, "pixel_diagonal": 0.95,
+                  "pixel_auroc_worst_class": 0.49}),
+    ]
+    roles = {"gaussian": "G", "flow_bank": "B", "joint": "J", "sequential": "S"}
+    lines = targets_table(rows, roles, "latent").splitlines()[2:]
+    assert len(lines) == len(TARGETS)
+    # bank >= Gaussian: image yes (0.96 >= 0.95), pixel no (0.965 < 0.97)
+    image, pixel = (ln for ln in lines if ln.startswith("| flow bank"))
+    assert image.endswith("| 0.9600 | 0.9500 | 0.0100 | yes |")
+    assert pixel.endswith("| 0.9650 | 0.9700 | -0.0050 | no |")
+    joint_image = next(ln for ln in lines if ln.startswith("| CCNF joint") and "image" in ln)
+    assert joint_image.endswith("| 0.9510 | 0.9600 | -0.0090 | yes |")  # within - 0.01
+    diag_pixel = next(ln for ln in lines if "right after" in ln and "pixel" in ln)
+    assert diag_pixel.endswith("| 0.9500 | 0.9700 | -0.0200 | yes |")  # exactly the margin
+    worst = next(ln for ln in lines if ln.startswith("| no class below"))
+    assert worst.endswith("| 0.4900 | 0.5000 | -0.0100 | no |")
+    missing = targets_table(rows[:2], roles, "latent")
+    assert "| — | — |" in missing and "| — |\n" in missing + "\n"

@@ -11,6 +11,9 @@ Per level l (patch features x in R^{D_l}):
                  = -0.5 ||z - mu||^2 - 0.5 D_l log(2 pi) + logdet,
 with mu = 0 (``flow.prior: standard``) or mu = mu_{y,l} (``class_mixture``, E7/E10).
 With ``flow.conditioning: film`` e_y leaves c and modulates the subnets' hidden units instead.
+With ``flow.class_actnorm`` each class also has its own learned elementwise affine (log-scale,
+shift) in front of every coupling: a class-conditional ActNorm, per-class capacity at the cost of
+2 D_l values per coupling and class.
 A prototype head mu_{y,l} = P_l e_y (P_l: linear, no bias, init 0.1 * I_{D_l x E}) maps the
 class embedding into each level's latent space; the centre loss (E11/E10) trains it and the
 ``proto`` score reads it. With ``flow.prototypes: fixed`` a class's mu_{y,l} is copied into a
@@ -121,6 +124,12 @@ class CCNF(nn.Module):
             self.register_buffer(f"class_std_{lvl}", torch.ones(n_classes, self.channels[lvl]))
             # flow.prototypes: fixed: mu_{y,l} copied here when class y's task ends
             self.register_buffer(f"proto_fixed_{lvl}", torch.zeros(n_classes, self.channels[lvl]))
+            # flow.class_actnorm: per class and coupling, (log-scale, shift) per dimension;
+            # zero = identity, and a class's rows get gradients only from its own data
+            if cfg.class_actnorm:
+                k = cfg.couplings_at(lvl, n_levels)
+                setattr(self, f"actnorm_{lvl}",
+                        nn.Parameter(torch.zeros(n_classes, k, 2, self.channels[lvl])))
         self.register_buffer("proto_frozen", torch.zeros(n_classes, dtype=torch.bool))
         self.register_buffer("global_step", torch.tensor(0, dtype=torch.long))
         # loss-specific heads (E4 L_proto, E5 L_mi_feat), created by the loss that needs them
@@ -145,6 +154,10 @@ class CCNF(nn.Module):
                 old = getattr(self, f"{name}_{lvl}")
                 setattr(self, f"{name}_{lvl}",
                         torch.cat([old, old.new_full((n, old.shape[1]), fill)]))
+            if self.cfg.class_actnorm:
+                old = getattr(self, f"actnorm_{lvl}").detach()
+                setattr(self, f"actnorm_{lvl}", nn.Parameter(
+                    torch.cat([old, old.new_zeros((n, *old.shape[1:]))])))
         self.proto_frozen = torch.cat([self.proto_frozen, self.proto_frozen.new_zeros(n)])
 
     # -- stabilizer switches -----------------------------------------------------------------
@@ -270,7 +283,11 @@ class CCNF(nn.Module):
             x = (x - means[y]) / std
         cond = self.condition(level, y, pos_index, sigma)
         film = self.embedding[y] if self.uses_film else None
-        z, logdet, scale_sq = self.flows[level](x, cond, self.warm(), film)
+        actnorm = None
+        if self.cfg.class_actnorm:
+            per_class = getattr(self, f"actnorm_{level}")[y]  # (N, K, 2, D)
+            actnorm = (per_class[:, :, 0], per_class[:, :, 1])
+        z, logdet, scale_sq = self.flows[level](x, cond, self.warm(), film, actnorm)
         if self.cfg.feature_norm:
             logdet = logdet - std.log().sum()
         elif self.cfg.class_norm:

@@ -11,9 +11,12 @@ from ccnf.flows.coupling import ConditionalAffineCoupling
 class ConditionalFlow(nn.Module):
     """z = f(x; c) = (P_K o C_K o ... o P_1 o C_1)(x), C_k affine couplings, P_k permutations.
 
-    forward(x (N, D), cond (N, K), warm, film (N, F) or None) -> (z (N, D), logdet (N,),
-    scale_sq (N,)) where scale_sq is the mean of s^2 over all couplings' log-scales (for
-    L_scale_penalty); ``film`` modulates every coupling's subnet when ``film_dim`` > 0.
+    forward(x (N, D), cond (N, K), warm, film (N, F) or None, actnorm or None) -> (z (N, D),
+    logdet (N,), scale_sq (N,)) where scale_sq is the mean of s^2 over all couplings'
+    log-scales (for L_scale_penalty); ``film`` modulates every coupling's subnet when
+    ``film_dim`` > 0. ``actnorm`` = (log_scale, shift), each (N, n_couplings, D): a per-sample
+    elementwise affine x <- x * exp(log_scale_k) + shift_k before coupling k (log-det
+    sum(log_scale_k)); CCNF feeds it per class (``flow.class_actnorm``).
     """
 
     def __init__(
@@ -60,10 +63,15 @@ class ConditionalFlow(nn.Module):
         cond: torch.Tensor,
         warm: float = 1.0,
         film: torch.Tensor | None = None,
+        actnorm: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logdet = x.new_zeros(x.shape[0])
         scale_sq = x.new_zeros(x.shape[0])
-        for coupling, perm in zip(self.couplings, self.perms, strict=True):
+        for k, (coupling, perm) in enumerate(zip(self.couplings, self.perms, strict=True)):
+            if actnorm is not None:
+                log_scale = actnorm[0][:, k]
+                x = x * log_scale.exp() + actnorm[1][:, k]
+                logdet = logdet + log_scale.sum(dim=-1)
             x, ld, s = coupling(x, cond, warm, film)
             # index_select, not x[:, perm]: same values (and gradients: perm is a bijection, so
             # every gradient entry is a single copied value), ~4x cheaper than advanced indexing
@@ -78,9 +86,10 @@ class ConditionalFlow(nn.Module):
         cond: torch.Tensor,
         warm: float = 1.0,
         film: torch.Tensor | None = None,
+        actnorm: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        for coupling, inv in zip(
-            reversed(self.couplings), reversed(self.inv_perms), strict=True
-        ):
-            z = coupling.inverse(z.index_select(1, inv), cond, warm, film)
+        for k in reversed(range(len(self.couplings))):
+            z = self.couplings[k].inverse(z.index_select(1, self.inv_perms[k]), cond, warm, film)
+            if actnorm is not None:
+                z = (z - actnorm[1][:, k]) * (-actnorm[0][:, k]).exp()
         return z

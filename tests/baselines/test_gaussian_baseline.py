@@ -43,7 +43,7 @@ def _numpy_mahalanobis(train: np.ndarray, test: np.ndarray, eps: float) -> np.nd
 
 def _numpy_logdet(train: np.ndarray, eps: float) -> np.ndarray:
     """log det Sigma_p per position (H, W), numpy."""
-    n, c, h, w = train.shape
+    _, c, h, w = train.shape
     out = np.zeros((h, w))
     for i in range(h):
         for j in range(w):
