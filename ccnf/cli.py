@@ -382,6 +382,15 @@ def _catalog_rows(catalog_path: Path, params: Path, commits: int = 10) -> tuple:
     return cat, match_records(cat, load_records(Path.cwd(), commits))
 
 
+def _report_spec(cat: object, params: Path) -> object:
+    """How REPORT.md's synthetic block reads the records: the catalog's target roles, the
+    params' headline score and anomalib's figures on the same data."""
+    from ccnf.study_report import ReportSpec, read_peers
+
+    return ReportSpec(roles=cat.targets, headline=_headline(params),  # type: ignore[attr-defined]
+                      peers=read_peers())
+
+
 @catalog_app.command("list")
 @report_user_errors
 def catalog_list(catalog: Path = CATALOG, params: Path = PARAMS) -> None:
@@ -408,6 +417,8 @@ def catalog_run(
     ids: list[str] = typer.Argument(None, help="experiment ids (ccnf catalog list)"),
     all_: bool = typer.Option(False, "--all", help="every experiment of the catalog"),
     ci: bool = typer.Option(False, "--ci", help="add the catalog's ci_subset"),
+    subset: str = typer.Option(
+        None, "--subset", help="add a named set of catalog.yaml's subsets (e.g. industrial12)"),
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="parallel DVC queue workers"),
     mode: str = typer.Option(
         "auto", help="temp: `dvc exp run --temp` one at a time; queue: `dvc exp run --queue` "
@@ -445,7 +456,13 @@ def catalog_run(
     from ccnf.study_report import TIMING_FILE
 
     cat = load_catalog(catalog, params)
-    exps = cat.select(ids or [], all_=all_, ci=ci)
+    named: list[str] = []
+    if subset is not None:
+        if subset not in cat.subsets:
+            raise CcnfError(f"catalog.yaml has no subset '{subset}'",
+                            fix=f"use one of: {', '.join(cat.subsets) or '(none defined)'}")
+        named = list(cat.subsets[subset])
+    exps = cat.select([*(ids or []), *named], all_=all_, ci=ci)
     if mode not in ("auto", "temp", "queue"):
         raise CcnfError(f"unknown --mode '{mode}'", fix="use auto, temp or queue")
     if mode == "auto":
@@ -526,10 +543,9 @@ def catalog_table(
 ) -> None:
     """The comparison tables (markdown) from DVC's experiment records (dvc exp show --json)."""
     from ccnf.atomic import write_text
-    from ccnf.study_report import table_block
 
     cat, rows = _catalog_rows(catalog, params, commits)
-    text = table_block(rows, cat.reference) + "\n"
+    text = _report_spec(cat, params).table(rows, cat.reference) + "\n"
     if out is None:
         typer.echo(text, nl=False)
     else:
@@ -550,7 +566,8 @@ def catalog_report(
     from ccnf.study_report import write_report
 
     cat, rows = _catalog_rows(catalog, params, commits)
-    written = write_report(rows, cat.reference, report, make_plots=plots)
+    written = write_report(rows, cat.reference, report, make_plots=plots,
+                           spec=_report_spec(cat, params))
     done = sum(r.record is not None for r in rows)
     console.print(f"{report}: {done}/{len(rows)} experiments with results; "
                   f"{len(written)} plot(s) written")
@@ -576,7 +593,8 @@ def catalog_check(
         wanted = [e.id for e in cat.select(ids or [], ci=ci)]
         if ci and cat.reference not in wanted:
             wanted.append(cat.reference)
-    problems = check_report(rows, cat.reference, report, tolerance, wanted)
+    problems = check_report(rows, cat.reference, report, tolerance, wanted,
+                            spec=_report_spec(cat, params))
     if problems:
         raise CcnfError(
             f"REPORT.md differs from the experiment records (tolerance {tolerance}), "

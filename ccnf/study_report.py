@@ -368,34 +368,42 @@ def set_block(text: str, name: str, body: str, path: Path) -> str:
     return f"{head}{begin}\n{body}\n{end}{tail}"
 
 
-TEMPLATE = """# ccnf: the variant catalog on the default data
-
-Every experiment of `catalog.yaml` (ids E0 ... P6, each a set of `dvc exp run -S` overrides of
-`params.yaml`), run through DVC on the embedded synthetic dataset; the features are extracted
-once and shared by all of them. The tables below are rendered from DVC's own experiment records.
+TEMPLATE = """# ccnf: the variant catalog
 
     bash scripts/catalog.sh                 # set up, run the whole catalog, rewrite this file
     ccnf catalog run E0 E6                  # some experiments (= dvc exp run -n ID -S ...)
-    ccnf catalog table                      # the tables below, from dvc exp show --json
+    ccnf catalog table                      # comparison table from DVC's experiment records
     ccnf catalog check --tolerance 0.002    # compare them with this file (CI: --ci)
-    dvc exp show --md --drop '.*' \\
-        --keep '^Experiment$|^(nf|proto|hybrid)\\.(image|pixel)_(auroc|forgetting)$'
-    dvc metrics diff E0 E11 --all           # any two catalog experiments, every score
 
-## Results
+## Synthetic data: the whole catalog
 
 <!-- catalog-table:begin -->
 <!-- catalog-table:end -->
 
-## Plots
+### Plots
 
 <!-- catalog-plots:begin -->
 <!-- catalog-plots:end -->
 
-## Time
+### Time
 
 <!-- catalog-timing:begin -->
 <!-- catalog-timing:end -->
+
+## Real images: industrial12
+
+<!-- industrial12-table:begin -->
+<!-- industrial12-table:end -->
+
+### Plots
+
+<!-- industrial12-plots:begin -->
+<!-- industrial12-plots:end -->
+
+### Time
+
+<!-- industrial12-timing:begin -->
+<!-- industrial12-timing:end -->
 
 ## Reading
 

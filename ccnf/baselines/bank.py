@@ -52,7 +52,7 @@ def model_spec(params: Params, channels: list[int], grids: list[list[int]]) -> d
     if kind == "fastflow":
         return {
             **base,
-            "n_steps": f.n_couplings,
+            "n_steps": [f.couplings_at(lvl, len(channels)) for lvl in range(len(channels))],
             "hidden_ratio": m.fastflow_hidden_ratio,
             "kernel": m.fastflow_kernel,
             "clamp_alpha": f.clamp_alpha,

@@ -125,13 +125,15 @@ class FastFlowModel(PerClassModel):
         channels: list[int],
         grids: list[list[int]],
         *,
-        n_steps: int,
+        n_steps: int | list[int],
         hidden_ratio: float,
         kernel: int,
         clamp_alpha: float,
         warmup_steps: int,
     ) -> None:
+        """n_steps: flow steps per level (one number for all levels, or a list)."""
         super().__init__(channels, grids)
+        steps = list(n_steps) if isinstance(n_steps, list) else [n_steps] * len(self.channels)
         self._spec = {
             "n_steps": n_steps,
             "hidden_ratio": hidden_ratio,
@@ -143,12 +145,12 @@ class FastFlowModel(PerClassModel):
         self.flows = nn.ModuleList(
             FastFlow2d(
                 c,
-                n_steps=n_steps,
+                n_steps=k,
                 hidden=max(1, round(hidden_ratio * c)),
                 kernel=kernel,
                 clamp_alpha=clamp_alpha,
             )
-            for c in self.channels
+            for c, k in zip(self.channels, steps, strict=True)
         )
         self.register_buffer("global_step", torch.tensor(0, dtype=torch.long))
 

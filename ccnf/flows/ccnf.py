@@ -282,12 +282,15 @@ class CCNF(nn.Module):
             std = stds[y]
             x = (x - means[y]) / std
         cond = self.condition(level, y, pos_index, sigma)
-        film = self.embedding[y] if self.uses_film else None
+        # FiLM from the embedding table, indexed after the linear map: once per class, not per
+        # vector (a batch holds a few classes and thousands of vectors)
+        film = self.embedding if self.uses_film else None
+        film_index = y if self.uses_film else None
         actnorm = None
         if self.cfg.class_actnorm:
             per_class = getattr(self, f"actnorm_{level}")[y]  # (N, K, 2, D)
             actnorm = (per_class[:, :, 0], per_class[:, :, 1])
-        z, logdet, scale_sq = self.flows[level](x, cond, self.warm(), film, actnorm)
+        z, logdet, scale_sq = self.flows[level](x, cond, self.warm(), film, actnorm, film_index)
         if self.cfg.feature_norm:
             logdet = logdet - std.log().sum()
         elif self.cfg.class_norm:

@@ -24,9 +24,12 @@ from ccnf.flows.spectral import SNLinear
 class ConditionalAffineCoupling(nn.Module):
     """One affine coupling block.
 
-    forward(x (N, D), cond (N, K), warm in [0, 1], film (N, F) or None)
+    forward(x (N, D), cond (N, K), warm in [0, 1], film, film_index)
         -> (y (N, D), logdet (N,), s (N, D - D//2)).
-    ``film_dim`` F > 0 enables FiLM modulation by ``film``; 0 disables it.
+    ``film_dim`` F > 0 enables FiLM modulation by ``film``: (N, F), one row per vector, or a
+    table (C, F) with ``film_index`` (N,) picking each vector's row (gamma and beta are then
+    computed once per row of the table, not once per vector: the same values, C instead of N
+    products); 0 disables it.
     """
 
     def __init__(
@@ -55,13 +58,21 @@ class ConditionalAffineCoupling(nn.Module):
             nn.init.zeros_(self.film.bias)
 
     def _scale_shift(
-        self, x_a: torch.Tensor, cond: torch.Tensor, warm: float, film: torch.Tensor | None
+        self,
+        x_a: torch.Tensor,
+        cond: torch.Tensor,
+        warm: float,
+        film: torch.Tensor | None,
+        film_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.hidden(torch.cat([x_a, cond], dim=-1))
         if self.film is not None:
             if film is None:
                 raise ValueError("this coupling uses FiLM: pass the film condition")
-            gamma, beta = self.film(film).chunk(2, dim=-1)
+            mod = self.film(film)
+            if film_index is not None:
+                mod = mod[film_index]
+            gamma, beta = mod.chunk(2, dim=-1)
             h = h * (1 + gamma) + beta
         s_raw, t = self.out(self.act(h)).chunk(2, dim=-1)
         s = self.clamp_alpha * torch.tanh(s_raw / self.clamp_alpha) * warm
@@ -73,9 +84,10 @@ class ConditionalAffineCoupling(nn.Module):
         cond: torch.Tensor,
         warm: float = 1.0,
         film: torch.Tensor | None = None,
+        film_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x_a, x_b = x[:, : self.dim_a], x[:, self.dim_a :]
-        s, t = self._scale_shift(x_a, cond, warm, film)
+        s, t = self._scale_shift(x_a, cond, warm, film, film_index)
         y_b = x_b * torch.exp(s) + t
         return torch.cat([x_a, y_b], dim=-1), s.sum(dim=-1), s
 
@@ -85,7 +97,8 @@ class ConditionalAffineCoupling(nn.Module):
         cond: torch.Tensor,
         warm: float = 1.0,
         film: torch.Tensor | None = None,
+        film_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         y_a, y_b = y[:, : self.dim_a], y[:, self.dim_a :]
-        s, t = self._scale_shift(y_a, cond, warm, film)
+        s, t = self._scale_shift(y_a, cond, warm, film, film_index)
         return torch.cat([y_a, (y_b - t) * torch.exp(-s)], dim=-1)

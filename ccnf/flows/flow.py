@@ -64,6 +64,7 @@ class ConditionalFlow(nn.Module):
         warm: float = 1.0,
         film: torch.Tensor | None = None,
         actnorm: tuple[torch.Tensor, torch.Tensor] | None = None,
+        film_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logdet = x.new_zeros(x.shape[0])
         scale_sq = x.new_zeros(x.shape[0])
@@ -72,7 +73,7 @@ class ConditionalFlow(nn.Module):
                 log_scale = actnorm[0][:, k]
                 x = x * log_scale.exp() + actnorm[1][:, k]
                 logdet = logdet + log_scale.sum(dim=-1)
-            x, ld, s = coupling(x, cond, warm, film)
+            x, ld, s = coupling(x, cond, warm, film, film_index)
             # index_select, not x[:, perm]: same values (and gradients: perm is a bijection, so
             # every gradient entry is a single copied value), ~4x cheaper than advanced indexing
             x = x.index_select(1, perm)
@@ -87,9 +88,11 @@ class ConditionalFlow(nn.Module):
         warm: float = 1.0,
         film: torch.Tensor | None = None,
         actnorm: tuple[torch.Tensor, torch.Tensor] | None = None,
+        film_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         for k in reversed(range(len(self.couplings))):
-            z = self.couplings[k].inverse(z.index_select(1, self.inv_perms[k]), cond, warm, film)
+            z = self.couplings[k].inverse(z.index_select(1, self.inv_perms[k]), cond, warm, film,
+                                          film_index)
             if actnorm is not None:
                 z = (z - actnorm[1][:, k]) * (-actnorm[0][:, k]).exp()
         return z
