@@ -53,7 +53,8 @@ def _load_error(tmp_path: Path, experiments: dict, **top) -> str:
 def test_repository_catalog_is_valid_and_complete() -> None:
     cat = load_catalog(CATALOG, PARAMS)
     for required in ("E0", "E1", "E2", "E3", "E4", "E5", "E6", "E7", "E9-cal", "E10", "E11",
-                     "E12-1", "P6", "P6-sn0", "U", "W32", "replay", "joint", "S-oracle"):
+                     "E12-1", "P6", "P6-sn0", "U", "W-half", "replay", "joint", "S-oracle",
+                     "B-gaussian", "B-flow_bank"):
         assert required in cat.experiments, required
     assert cat.reference == "E11" and cat.experiments["E11"].overrides == ()
     assert set(cat.ci_subset) <= set(cat.experiments) and 1 <= len(cat.ci_subset) <= 4
@@ -67,6 +68,27 @@ def test_repository_catalog_is_valid_and_complete() -> None:
         applied = json.dumps(apply_overrides(base, exp.overrides), sort_keys=True)
         assert applied not in seen, f"{exp.id} is the same run as {seen.get(applied)}"
         seen[applied] = exp.id
+
+
+def test_catalog_runs_every_confound_switch_in_both_positions() -> None:
+    """Issue 10: each confound is a switch, and the catalog measures both of its positions."""
+    cat = load_catalog(CATALOG, PARAMS)
+    base = yaml.safe_load(PARAMS.read_text())
+    switches = {("loss", "negatives"): {"task", "seen"},
+                ("flow", "prototypes"): {"fixed", "shared"},
+                ("flow", "spectral_norm_switch"): {"absorb", "jump"},
+                ("score", "level_fusion"): {"mean", "standardized"}}
+    found: dict[tuple[str, str], set[str]] = {key: set() for key in switches}
+    for exp in cat.experiments.values():
+        applied = apply_overrides(base, exp.overrides)
+        for section, key in switches:
+            found[(section, key)].add(str(applied[section][key]))
+    assert found == switches
+    # the SN switch only matters where spectral norm turns on after task 0: both positions there
+    late = [apply_overrides(base, e.overrides)["flow"] for e in cat.experiments.values()]
+    late = [f["spectral_norm_switch"] for f in late
+            if f["spectral_norm"] and not f["spectral_norm_first_task"]]
+    assert set(late) == {"absorb", "jump"}
 
 
 def test_unknown_key_names_the_experiment_and_suggests(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from conftest import REPO
 from ccnf.catalog import load_catalog, match_records, parse_exp_show
 from ccnf.errors import CcnfError
 from ccnf.study_report import (
+    METRIC_COLUMNS,
     check_report,
     compare_tables,
     get_block,
@@ -75,9 +76,11 @@ def test_table_renders_every_score_definition_from_the_records(sample) -> None:
     e0 = _summary(sample, "E0")
     for score in ("nf", "proto", "hybrid"):
         cells = _line(block, score, "E0")
-        assert cells == [f"{e0[score][k]:.4f}" for k in (
-            "image_auroc", "pixel_auroc", "aupro", "image_forgetting", "pixel_forgetting")]
-        assert _line(block, score, "E7") == ["—"] * 5  # not run
+        # every column is the record's figure, or missing where this record has none
+        assert cells == [f"{e0[score][k]:.4f}" if k in e0[score] else "—"
+                         for k, _ in METRIC_COLUMNS]
+        assert cells[:5] != ["—"] * 5
+        assert _line(block, score, "E7") == ["—"] * len(METRIC_COLUMNS)  # not run
     base = _summary(sample, "baseline")
     assert _line(block, "nf", "E11")[0] == f"{base['nf']['image_auroc']:.4f}"
     sel = _line(block, "class selection", "E0")

@@ -165,7 +165,9 @@ def test_kill_9_mid_stage_leaves_no_partial_output_and_repro_recovers(
                 assert faults.check(why is None, f"{stage} (running): {why}"), why
         time.sleep(0.02)
     log = proc.stdout.read() if proc.stdout else ""
-    assert proc.returncode != 0 and "-9" in log, log  # killed by SIGKILL, as intended
+    # killed by SIGKILL, as intended: DVC reports -9 when it runs the command itself, 137 when
+    # a shell in between reports the signal as its exit status (CI's environment)
+    assert proc.returncode != 0 and ("-9" in log or "exited with 137" in log), log
     faults.inject("kill -9 of a stage", detail=f"{stage}, {mode}")
     assert polls > 0, "the stage was never seen running"
     for out in outs:
