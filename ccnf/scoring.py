@@ -212,8 +212,8 @@ def assemble(
             if level_stats is None:
                 raise ValueError("standardized level fusion needs the calibration level stats")
             stats = level_stats[s]
-        maps[s] = levels_to_map(levels, mask_size, cfg.smoothing_sigma, stats).numpy()
-        maps[s] = maps[s].astype(np.float32)
+        maps[s] = levels_to_map(levels, mask_size, cfg.smoothing_sigma, stats).numpy().astype(
+            np.float32)
         images[s] = pool(maps[s], cfg)
     if patches.proto_image is not None:
         proto = patches.proto_image.numpy().astype(np.float64)
@@ -310,7 +310,7 @@ def calibration_record(
         )
     ps = PatchScores.from_record(patches)
     level_stats = level_statistics(ps)
-    m = patches[missing[0] if missing else "nf"][0].shape[0]
+    m = patches["nf"][0].shape[0]
     per_image = {s: np.tile(np.asarray(v, dtype=np.float64), (m, 1, 1))
                  for s, v in level_stats.items()}
     scores = assemble(ps, cfg, mask_size, per_image)

@@ -155,15 +155,20 @@ def check_counts(records: list[Record], classes: list[str], root: Path) -> None:
             )
 
 
-def index_root(root: Path, classes: list[str], *, progress: bool = True) -> Manifest:
-    """Index ``classes`` under ``root``; every image is decoded once to catch corrupt files."""
+def require_root(root: Path, fix: str, *, what: str = "data.root",
+                 where: str | None = "params.yaml: data.root") -> Path:
+    """``root`` as a Path if it is a directory, else one CcnfError naming ``what`` and ``fix``."""
     root = Path(root)
     if not root.is_dir():
-        raise CcnfError(
-            f"data.root does not exist or is not a directory: {root}",
-            where="params.yaml: data.root",
-            fix="point data.root at an MVTec-layout dataset (dvc exp run -S data.root=/path)",
-        )
+        raise CcnfError(f"{what} does not exist or is not a directory: {root}", where=where,
+                        fix=fix)
+    return root
+
+
+def index_root(root: Path, classes: list[str], *, progress: bool = True) -> Manifest:
+    """Index ``classes`` under ``root``; every image is decoded once to catch corrupt files."""
+    root = require_root(
+        root, "point data.root at an MVTec-layout dataset (dvc exp run -S data.root=/path)")
     missing = [c for c in classes if not (root / c / "train" / "good").is_dir()]
     if missing:
         present = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())

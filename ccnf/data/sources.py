@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ccnf.data.manifest import Manifest, index_root
+from ccnf.data.manifest import Manifest, index_root, require_root
 from ccnf.errors import CcnfError
 
 
@@ -35,12 +35,8 @@ def index_source(
 
 def discover_classes(root: Path) -> list[str]:
     """The class folders of an MVTec-layout root (those with ``train/good``), alphabetical."""
-    root = Path(root)
-    if not root.is_dir():
-        raise CcnfError(
-            f"dataset root does not exist or is not a directory: {root}",
-            fix="pass the folder that holds one sub-folder per class (--root PATH)",
-        )
+    root = require_root(root, "pass the folder that holds one sub-folder per class (--root PATH)",
+                        what="dataset root", where=None)
     found = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
     if not found:
         raise CcnfError(

@@ -31,6 +31,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ccnf.atomic import write_text
 from ccnf.config import INIT_CHECKPOINT, SYNTHETIC_ROOT, Params, parse_params
 from ccnf.data import split as split_mod
+from ccnf.data.manifest import require_root
 from ccnf.errors import CcnfError
 
 # the keys this command owns, in the order they are inserted when missing
@@ -142,14 +143,10 @@ def choose(
                 f"data source '{source}' needs the dataset's folder",
                 fix=f"ccnf data use {source} --root PATH ...",
             )
-        path = _resolve(root, base)
-        if not path.is_dir():
-            raise CcnfError(
-                f"dataset root does not exist or is not a directory: {path}",
-                where=f"--root {root}",
-                fix="pass the folder holding the classes (relative paths are relative to the "
-                "repository)",
-            )
+        require_root(
+            _resolve(root, base),
+            "pass the folder holding the classes (relative paths are relative to the repository)",
+            what="dataset root", where=f"--root {root}")
     if classes is None and not root_given and source == cur_source:
         classes = data.get("classes")  # e.g. --protocol alone: the same data, another split
     if classes is None and source == "folder":

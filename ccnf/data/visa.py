@@ -26,7 +26,7 @@ from pathlib import Path
 
 from rich.progress import track
 
-from ccnf.data.manifest import Manifest, check_counts, make_record
+from ccnf.data.manifest import Manifest, check_counts, make_record, require_root
 from ccnf.errors import CcnfError
 
 VISA_CSV = Path("split_csv") / "1cls.csv"
@@ -131,13 +131,8 @@ def index_visa(root: Path, classes: list[str], *, progress: bool = True) -> Mani
     Per class: train images, then test images, each sorted by (defect type, path), as
     :func:`ccnf.data.manifest.index_root` orders an MVTec-layout class.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise CcnfError(
-            f"data.root does not exist or is not a directory: {root}",
-            where="params.yaml: data.root",
-            fix="point data.root at the extracted VisA folder (ccnf data use visa --root PATH)",
-        )
+    root = require_root(
+        root, "point data.root at the extracted VisA folder (ccnf data use visa --root PATH)")
     rows = read_visa_csv(root)
     listed = sorted({r.cls for r in rows})
     missing = [c for c in classes if c not in listed]
