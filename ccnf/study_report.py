@@ -368,42 +368,25 @@ def set_block(text: str, name: str, body: str, path: Path) -> str:
     return f"{head}{begin}\n{body}\n{end}{tail}"
 
 
-TEMPLATE = """# ccnf: the variant catalog
+def _data_section(title: str, prefix: str) -> str:
+    """One data set's part of a new REPORT.md: its table, plots and timing blocks."""
+    parts = [f"## {title}"]
+    for heading, kind in ((None, "table"), ("### Plots", "plots"), ("### Time", "timing")):
+        parts += [heading] if heading else []
+        parts.append("\n".join(_markers(f"{prefix}-{kind}")))
+    return "\n\n".join(parts)
+
+
+TEMPLATE = f"""# ccnf: the variant catalog
 
     bash scripts/catalog.sh                 # set up, run the whole catalog, rewrite this file
     ccnf catalog run E0 E6                  # some experiments (= dvc exp run -n ID -S ...)
     ccnf catalog table                      # comparison table from DVC's experiment records
     ccnf catalog check --tolerance 0.002    # compare them with this file (CI: --ci)
 
-## Synthetic data: the whole catalog
+{_data_section("Synthetic data: the whole catalog", "catalog")}
 
-<!-- catalog-table:begin -->
-<!-- catalog-table:end -->
-
-### Plots
-
-<!-- catalog-plots:begin -->
-<!-- catalog-plots:end -->
-
-### Time
-
-<!-- catalog-timing:begin -->
-<!-- catalog-timing:end -->
-
-## Real images: industrial12
-
-<!-- industrial12-table:begin -->
-<!-- industrial12-table:end -->
-
-### Plots
-
-<!-- industrial12-plots:begin -->
-<!-- industrial12-plots:end -->
-
-### Time
-
-<!-- industrial12-timing:begin -->
-<!-- industrial12-timing:end -->
+{_data_section("Real images: industrial12", "industrial12")}
 
 ## Reading
 
