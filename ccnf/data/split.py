@@ -24,8 +24,8 @@ import re
 
 SOURCES: tuple[str, ...] = ("synthetic", "mvtec", "visa", "folder")
 
-# The embedded dataset's order (ccnf/data/synthetic.py, SYNTHETIC_SPLIT flattened): cut 5x3 it
-# puts every near-duplicate pair in two different tasks (tests check the two agree).
+# The embedded dataset's order (ccnf/data/synthetic/classes.py, SYNTHETIC_SPLIT flattened): cut
+# 5x3 it puts every near-duplicate pair in two different tasks (tests check the two agree).
 SYNTHETIC_ORDER: tuple[str, ...] = (
     "weave", "mesh", "washer",
     "granite", "caplet", "brushed",

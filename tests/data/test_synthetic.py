@@ -138,7 +138,7 @@ def test_synthetic_interrupted_generation_leaves_old_data(
     root.mkdir()
     (root / "old.txt").write_text("previous dataset")
     calls = {"n": 0}
-    real = synthetic._write_one
+    real = synthetic.writer._write_one
 
     def failing(*args: object) -> None:
         calls["n"] += 1
@@ -146,7 +146,7 @@ def test_synthetic_interrupted_generation_leaves_old_data(
             raise KeyboardInterrupt
         real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(synthetic, "_write_one", failing)
+    monkeypatch.setattr(synthetic.writer, "_write_one", failing)
     with pytest.raises(KeyboardInterrupt):
         generate(root, TINY, progress=False, workers=1)
     assert [p.name for p in root.iterdir()] == ["old.txt"]
