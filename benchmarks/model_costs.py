@@ -7,9 +7,10 @@ CCNF: the whole 5-task chain is trained in a temporary directory from the worksp
 cache (the train stage's own code), parameters and bytes are those of the final checkpoint, and
 inference is the task-aware scoring of one class's test images with the final model. A bank
 (gaussian, flow_bank, fastflow): each listed class is fitted and scored alone
-(:func:`ccnf.baselines.measure.measure`); a bank of the 15 classes holds 15 such models of the
-same shape, so its parameters and bytes are 15 x one class's (exact up to the container's few
-hundred bytes), and its training time is 15 x the mean fit time (an estimate, stated as such).
+(:func:`ccnf.bench.baselines.measure_baseline`); a bank of the 15 classes holds 15 such models
+of the same shape, so its parameters and bytes are 15 x one class's (exact up to the
+container's few hundred bytes), and its training time is 15 x the mean fit time (an estimate,
+stated as such).
 One torch thread (params ``threads``), CPU. Needs ``dvc repro`` (features/) first.
 """
 
@@ -28,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ccnf.atomic import write_json
-from ccnf.baselines.measure import measure
+from ccnf.bench.baselines import measure_baseline
 from ccnf.config import load_params
 from ccnf.features import load_inputs
 from ccnf.flows.ccnf import CCNF, read_checkpoint
@@ -73,7 +74,7 @@ def ccnf_costs(params_path: Path, features: Path, cls: str) -> dict[str, float |
 
 def bank_costs(kind: str, raw: dict, features: Path, classes: list[str],
                n_classes: int) -> dict[str, float | str]:
-    rows = [measure(kind, cls, raw, features) for cls in classes]
+    rows = [measure_baseline(kind, cls, raw, features) for cls in classes]
     fit = statistics.mean(float(r["fit_s"]) for r in rows)
     return {
         "kind": kind,

@@ -88,7 +88,7 @@ def repo(tmp_path: Path, monkeypatch) -> Path:
     _run("git", "add", "-A", cwd=work)
     _run("git", "commit", "-qm", "base", cwd=work)
     monkeypatch.chdir(work)
-    monkeypatch.setattr(catalog, "POLL_S", 0.5)  # the stand-in stage takes about a second
+    monkeypatch.setattr(catalog.runner, "POLL_S", 0.5)  # the stand-in stage takes about a second
     return work
 
 

@@ -1,12 +1,13 @@
 """Measure the bank baselines on one class of the real feature cache (no DVC, no side effects).
 
-    .venv/bin/python -m ccnf.baselines.measure --cls weave [--kinds gaussian,flow_bank,fastflow]
+    .venv/bin/python -m ccnf.bench.baselines --cls weave [--kinds gaussian,flow_bank,fastflow]
         [--set train.epochs=16 --set flow.feature_norm=true]
 
 Per kind: fit time on the class's fit split (the training images minus the calibration slice,
 exactly as the train stage splits them), scoring time per test image, image and pixel AUROC of
 the ``nf``-style map (patch scores -> upsample -> level mean -> blur -> pooling), stored
 parameters and checkpoint bytes of the class's model. Prints one JSON object per kind.
+benchmarks/model_costs.py builds the memory/time comparison of the baselines on it.
 """
 
 from __future__ import annotations
@@ -19,17 +20,21 @@ from pathlib import Path
 import torch
 import yaml
 
-from ccnf.baselines.bank import ClassBank, class_seed
+from ccnf.baselines.bank import ClassBank
 from ccnf.baselines.maps import bank_patch_scores
 from ccnf.catalog import apply_overrides
 from ccnf.config import Params, parse_params
 from ccnf.features import FeatureMeta, load_inputs
 from ccnf.metrics import auroc
 from ccnf.scoring import assemble, calibration_record, level_stats_of, stack_stats
+from ccnf.seeding import class_seed
 from ccnf.train import calibration_split
 
 
-def measure(kind: str, cls: str, raw: dict, features_dir: Path) -> dict[str, float | str]:
+def measure_baseline(kind: str, cls: str, raw: dict, features_dir: Path
+                     ) -> dict[str, float | str]:
+    """Fit one bank model of ``kind`` on class ``cls`` and score its test images: times, AUROCs
+    and sizes (``raw``: the params as read from params.yaml, overrides applied)."""
     # one class scored alone: no class selection happens, and a bank cannot select by prototype
     params: Params = parse_params({
         **raw,
@@ -85,7 +90,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     raw = apply_overrides(yaml.safe_load(args.params.read_text(encoding="utf-8")), args.set)
     for kind in args.kinds.split(","):
-        row = measure(kind, args.cls, raw, args.features)
+        row = measure_baseline(kind, args.cls, raw, args.features)
         print(json.dumps({**row, "overrides": args.set}), flush=True)
 
 

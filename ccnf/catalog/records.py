@@ -1,0 +1,158 @@
+"""DVC's own experiment records (``dvc exp show --json``) read back into one :class:`Row` per
+catalog experiment, for the comparison table (:mod:`ccnf.study_report` renders them), with
+a check that each record's params are the catalog's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ccnf.catalog.commands import dvc
+from ccnf.catalog.overrides import apply_overrides
+from ccnf.catalog.schema import PARAMS_FILE, Catalog, Experiment
+from ccnf.errors import CcnfError
+from ccnf.names import SCORES
+
+SUMMARY_FILE = "metrics/summary.json"
+SCORE_DEFS = SCORES
+
+
+@dataclass(frozen=True)
+class ExpRecord:
+    """One row of ``dvc exp show --json``: the workspace, a baseline commit or an experiment."""
+
+    name: str
+    rev: str
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    kind: str = "experiment"  # "workspace" | "baseline" | "experiment"
+    baseline: str = ""  # the commit an experiment derives from (a baseline: its own rev)
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.kind == "baseline"
+
+
+def parse_exp_show(data: list[dict[str, Any]]) -> list[ExpRecord]:
+    """Flatten ``dvc exp show --json`` (DVC 3.x) into records, newest baseline commit first.
+
+    Queued, running and failed experiments are skipped.
+    """
+    records: list[ExpRecord] = []
+
+    def record(entry: dict[str, Any], name: str | None, kind: str, baseline: str) -> None:
+        d = entry.get("data") or {}
+        params = ((d.get("params") or {}).get(PARAMS_FILE) or {}).get("data") or {}
+        metrics = ((d.get("metrics") or {}).get(SUMMARY_FILE) or {}).get("data") or {}
+        records.append(ExpRecord(name or str(entry.get("rev", "?")), str(entry.get("rev", "")),
+                                 params, metrics, kind, baseline))
+
+    for commit in data:
+        rev = str(commit.get("rev", ""))
+        if rev == "workspace":
+            record(commit, "workspace", "workspace", "")
+            continue
+        record(commit, commit.get("name"), "baseline", rev)
+        for exp in commit.get("experiments") or []:
+            executor = exp.get("executor") or {}
+            if executor and executor.get("state") not in (None, "success"):
+                continue
+            revs = exp.get("revs") or []
+            if revs:
+                record(revs[0], exp.get("name"), "experiment", rev)
+    return records
+
+
+def load_records(cwd: Path, commits: int = 1, rev: str | None = None) -> list[ExpRecord]:
+    """DVC's experiment records (``dvc exp show --json``) of the last ``commits`` commits.
+
+    DVC files experiments under the commit they derive from and shows HEAD's by default, so
+    committing anything after a catalog run (REPORT.md, say) would hide them; looking a few
+    commits back finds them again (:func:`match_records` prefers the newest).
+    """
+    args = ["exp", "show", "--json", "--no-pager", "-n", str(max(1, commits))]
+    if rev:
+        args += ["--rev", rev]
+    out = dvc(args, cwd).stdout
+    try:
+        data = json.loads(out)
+    except json.JSONDecodeError as err:
+        raise CcnfError(f"`dvc exp show --json` printed no JSON ({err})", where=str(cwd)) from None
+    return parse_exp_show(data)
+
+
+@dataclass(frozen=True)
+class Row:
+    """A catalog experiment and the record that holds its results (None: not run yet)."""
+
+    exp: Experiment
+    record: ExpRecord | None
+    problem: str | None = None  # e.g. the record's params differ from the catalog's
+
+
+def match_records(catalog: Catalog, records: Sequence[ExpRecord]) -> list[Row]:
+    """One row per catalog experiment, with DVC's record of it.
+
+    An experiment is found by name, on the newest baseline commit that has one of that name.
+    Without one, the reference (no overrides) is the default study itself: the workspace when
+    its params are the newest commit's (after ``dvc repro`` its metrics are the fresh ones),
+    else that commit's record. A record whose params differ from its own baseline's params.yaml
+    plus the catalog's overrides (a stale run, an edited catalog) is flagged.
+    """
+    baselines = [r for r in records if r.kind == "baseline"]
+    head = baselines[0] if baselines else None
+    base_params = {b.rev: b.params for b in baselines}
+    workspace = next((r for r in records if r.kind == "workspace"), None)
+    by_name: dict[str, ExpRecord] = {}
+    for r in records:  # newest baseline first: keep the first of each name
+        if r.kind == "experiment":
+            by_name.setdefault(r.name, r)
+    rows = []
+    for exp in catalog.experiments.values():
+        rec = by_name.get(exp.id)
+        if rec is None and exp.id == catalog.reference:
+            fresh = (workspace is not None and head is not None and workspace.metrics
+                     and workspace.params == head.params)
+            rec = workspace if fresh else head
+        problem = None
+        if rec is not None:
+            params = base_params.get(rec.baseline) or (head.params if head else None)
+            if params:
+                problem = params_mismatch(params, exp, rec.params)
+        rows.append(Row(exp, rec, problem))
+    return rows
+
+
+def record_baselines(rows: Sequence[Row]) -> list[str]:
+    """The baseline commits the rows' records derive from, newest first (short SHAs)."""
+    seen: list[str] = []
+    for r in rows:
+        if r.record is not None and r.record.baseline and r.record.baseline[:7] not in seen:
+            seen.append(r.record.baseline[:7])
+    return seen
+
+
+def params_mismatch(base: dict[str, Any], exp: Experiment, got: dict[str, Any]) -> str | None:
+    """Describe how ``got`` differs from ``base`` + the experiment's overrides (None: same)."""
+    expected = apply_overrides(base, exp.overrides)
+    diffs = _diff(expected, got, "")
+    if not diffs:
+        return None
+    return "params differ from the catalog: " + "; ".join(diffs[:4]) + (
+        f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else "")
+
+
+def _diff(a: Any, b: Any, prefix: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _diff(a.get(k, "<missing>"), b.get(k, "<missing>"),
+                         f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if a != b:
+        return [f"{prefix}: expected {a!r}, recorded {b!r}"]
+    return []
