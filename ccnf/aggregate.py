@@ -50,40 +50,22 @@ from ccnf.plots import (
     plot_roc_curves,
     plot_task_curves,
 )
+from ccnf.records import ClassScores, GalleryItem, TaskResult
 from ccnf.report import stale_scores
 from ccnf.store import load_npz, read_json, recovery_fix
 
 FORGETTING_OF = {"image_auroc": "image", "pixel_auroc": "pixel", "aupro": "aupro"}
 
 
-_TASK_KEYS = ("task", "task_index", "class_select", "per_class", "per_task", "agnostic")
-
-
-def load_task_results(params: Params, metrics_dir: Path) -> list[dict[str, Any]]:
+def load_task_results(params: Params, metrics_dir: Path) -> list[TaskResult]:
     results = []
     for task in params.task_names:
         path = metrics_dir / "tasks" / f"{task}.json"
         if not path.is_file():
             raise CcnfError(f"evaluation of task {task} missing: {path}", fix="dvc repro")
-        res = read_json(path, what=f"evaluation of task {task}")
-        missing = [k for k in _TASK_KEYS if not isinstance(res, dict) or k not in res]
-        if missing == ["agnostic"]:
-            pass  # an older evaluation: the message below says so
-        elif missing or res["task"] != task:
-            raise CcnfError(
-                f"{path} is not the evaluation of task {task} ("
-                + (f"missing {', '.join(missing)}" if missing else f"it is of {res['task']}")
-                + ")",
-                where=str(path),
-                fix=recovery_fix(path),
-            )
-        if "agnostic" not in res:
-            raise CcnfError(
-                f"{path} predates the task-agnostic evaluation (no 'agnostic' block)",
-                fix="re-run the evaluation: dvc repro",
-            )
-        results.append(res)
-    methods = {r["class_select"] for r in results}
+        raw = read_json(path, what=f"evaluation of task {task}")
+        results.append(TaskResult.from_json(raw, path, task))
+    methods = {r.class_select for r in results}
     if len(methods) > 1:
         raise CcnfError(
             f"the task evaluations used different score.class_select values: {sorted(methods)}",
@@ -93,18 +75,18 @@ def load_task_results(params: Params, metrics_dir: Path) -> list[dict[str, Any]]
     return results
 
 
-def _agnostic_per_task(res: dict[str, Any]) -> dict[str, Any] | None:
+def _agnostic_per_task(res: TaskResult) -> dict[str, Any] | None:
     """The agnostic block's per-task metrics (the task-aware ones under oracle selection);
     None for a task whose agnostic block was skipped (``eval.agnostic_every_task: false``)."""
-    agn = res["agnostic"]
+    agn = res.agnostic
     if agn.get("skipped"):
         return None
-    return res["per_task"] if agn["same_as_aware"] else agn["per_task"]
+    return res.per_task if agn["same_as_aware"] else agn["per_task"]
 
 
-def scores_of(results: list[dict[str, Any]]) -> list[str]:
+def scores_of(results: list[TaskResult]) -> list[str]:
     """The score definitions the evaluations report (all three for CCNF, nf for a baseline)."""
-    first = next(iter(results[-1]["per_task"].values()))
+    first = next(iter(results[-1].per_task.values()))
     return [s for s in SCORES if s in first]
 
 
@@ -127,18 +109,18 @@ def _score_matrices(per_task_of: list[dict[str, Any] | None], task_names: list[s
     return out
 
 
-def matrices(results: list[dict[str, Any]], task_names: list[str]) -> dict[str, dict]:
+def matrices(results: list[TaskResult], task_names: list[str]) -> dict[str, dict]:
     """Task-aware {score: {metric: R (T, T)}} with NaN above the diagonal."""
-    return _score_matrices([r["per_task"] for r in results], task_names)
+    return _score_matrices([r.per_task for r in results], task_names)
 
 
-def agnostic_matrices(results: list[dict[str, Any]], task_names: list[str]) -> dict[str, dict]:
+def agnostic_matrices(results: list[TaskResult], task_names: list[str]) -> dict[str, dict]:
     """Task-agnostic {score: {metric: R (T, T)}}."""
     return _score_matrices([_agnostic_per_task(r) for r in results], task_names)
 
 
 def selection_matrices(
-    results: list[dict[str, Any]], task_names: list[str]
+    results: list[TaskResult], task_names: list[str]
 ) -> dict[str, np.ndarray]:
     """Class-selection accuracy R (T, T): {"accuracy": configured method, method: R, ...}.
 
@@ -146,7 +128,7 @@ def selection_matrices(
     selection pass ran (any method other than oracle).
     """
     n = len(task_names)
-    final = results[-1]["agnostic"]
+    final = results[-1].agnostic
     ran = not final["same_as_aware"]
     methods = (
         list(next(iter(final["per_task"].values()))["selection_accuracy_by_method"])
@@ -156,13 +138,13 @@ def selection_matrices(
     keys = ["accuracy", *methods]
     out = {k: np.full((n, n), np.nan) for k in keys}
     for t, res in enumerate(results):
-        if res["agnostic"].get("skipped"):
+        if res.agnostic.get("skipped"):
             continue
         for j, tname in enumerate(task_names[: t + 1]):
             if not ran:
                 out["accuracy"][t, j] = 1.0
                 continue
-            entry = res["agnostic"]["per_task"][tname]
+            entry = res.agnostic["per_task"][tname]
             out["accuracy"][t, j] = entry["selection_accuracy"]
             for m in methods:
                 out[m][t, j] = entry["selection_accuracy_by_method"][m]
@@ -193,10 +175,10 @@ def summarize(mats: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, flo
     return summary
 
 
-def worst_classes(last: dict[str, Any]) -> dict[str, dict[str, float]]:
+def worst_classes(last: TaskResult) -> dict[str, dict[str, float]]:
     """{score: {"pixel_auroc_worst_class": min over classes, "image_auroc_worst_class": ...}}
     of the final model, task-aware (a forgotten class hides in an average; not here)."""
-    per_class = last["per_class"].values()
+    per_class = last.per_class.values()
     scores = [s for s in SCORES if s in next(iter(per_class))]
     return {
         s: {
@@ -221,11 +203,11 @@ def summarize_selection(method: str, sel: dict[str, np.ndarray]) -> dict[str, An
     return out
 
 
-def _final_per_class(last: dict[str, Any]) -> dict[str, Any]:
+def _final_per_class(last: TaskResult) -> dict[str, Any]:
     """Per-class metrics of the final model, each class with its agnostic entry nested."""
-    agn = last["agnostic"]
+    agn = last.agnostic
     out = {}
-    for cls, entry in last["per_class"].items():
+    for cls, entry in last.per_class.items():
         if agn["same_as_aware"]:
             nested = {"selection_accuracy": 1.0} | {s: entry[s] for s in SCORES if s in entry}
         else:
@@ -274,18 +256,6 @@ def _fmt(v: Any) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
-def _require(arrays: dict[str, np.ndarray], keys: list[str], path: Path) -> None:
-    """An evaluation output must hold every array the aggregate reads from it."""
-    missing = [k for k in keys if k not in arrays]
-    if missing:
-        raise CcnfError(
-            f"{path} lacks {len(missing)} expected array(s), e.g. {missing[0]}: it is from "
-            "another run or another kind of file",
-            where=str(path),
-            fix=recovery_fix(path),
-        )
-
-
 def aggregate(
     params: Params,
     metrics_dir: Path,
@@ -296,7 +266,7 @@ def aggregate(
     task_names = params.task_names
     headline = params.score.headline
     results = load_task_results(params, metrics_dir)
-    method = results[-1]["class_select"]
+    method = results[-1].class_select
     mats = matrices(results, task_names)
     agn_mats = agnostic_matrices(results, task_names)
     sel = selection_matrices(results, task_names)
@@ -356,40 +326,33 @@ def aggregate(
     last = task_names[-1]
     raw_path = eval_dir / last / "image_scores.npz"
     raw = load_npz(raw_path, kind="image_scores", what="image scores")
-    _require(raw, [f"{c}/{s}" for c in params.classes for s in ("labels", *scores)], raw_path)
+    per_class_scores = {cls: ClassScores.from_arrays(raw, cls, scores, raw_path)
+                        for cls in params.classes}
     for score in scores:
         curves = {}
-        for cls in params.classes:
-            labels, values = raw[f"{cls}/labels"], raw[f"{cls}/{score}"]
-            fpr, tpr, _ = roc_curve(labels, values)
-            curves[cls] = (fpr, tpr, results[-1]["per_class"][cls][score]["image_auroc"])
+        for cls, rec in per_class_scores.items():
+            fpr, tpr, _ = roc_curve(rec.labels, rec.scores[score])
+            curves[cls] = (fpr, tpr, results[-1].per_class[cls][score]["image_auroc"])
         plot_roc_curves(
             curves, plots_dir / f"roc_{score}.png", f"image ROC per class, {score} score, "
             f"after {last}"
         )
     gal_path = eval_dir / last / "gallery.npz"
     gal = load_npz(gal_path, kind="gallery", what="anomaly-map gallery")
-    names = [key.removesuffix("name") for key in gal if key.endswith("/name")]
-    _require(gal, [n + part for n in names for part in ("mask", "nf")], gal_path)
     root = Path(params.data.root)
     rows_g = []
-    for cls in params.classes:
-        k = 0
-        while f"{cls}/{k}/name" in gal:
-            name = str(gal[f"{cls}/{k}/name"])
-            mask = gal[f"{cls}/{k}/mask"]
-            image = load_image(root / name, mask.shape[0])
-            h_auroc = results[-1]["per_class"][cls][headline]["pixel_auroc"]
-            rows_g.append(
-                GalleryRow(
-                    image=image,
-                    mask=mask,
-                    anomaly_map=gal[f"{cls}/{k}/{headline}"],
-                    caption=f"{cls}: {Path(name).parent.name} ({headline} pixel AUROC "
-                    f"{h_auroc:.3f})",
-                )
+    for item in GalleryItem.read_all(gal, params.classes, [headline], gal_path):
+        image = load_image(root / item.name, item.mask.shape[0])
+        h_auroc = results[-1].per_class[item.cls][headline]["pixel_auroc"]
+        rows_g.append(
+            GalleryRow(
+                image=image,
+                mask=item.mask,
+                anomaly_map=item.maps[headline],
+                caption=f"{item.cls}: {Path(item.name).parent.name} ({headline} pixel AUROC "
+                f"{h_auroc:.3f})",
             )
-            k += 1
+        )
     if rows_g:
         plot_gallery(rows_g, plots_dir / "gallery.png", f"{headline} anomaly maps after {last}")
     return summary

@@ -1,6 +1,7 @@
 """The ``ccnf`` command line: what users run outside DVC.
 
     ccnf params                 validate params.yaml, show the data, split and task chain
+    ccnf deps [--check]         the code each dvc.yaml stage runs vs the deps it lists
     ccnf data use SOURCE ...    point the study at a dataset and a protocol (rewrites params)
     ccnf data protocols         the protocols that fit the current classes
     ccnf data synth OUT_DIR     generate the embedded synthetic dataset
@@ -64,8 +65,39 @@ def _show_plan(p: Params, title: str) -> None:
 @report_user_errors
 def params_cmd(params: Path = PARAMS) -> None:
     """Validate params.yaml and show what will run: data, split, task chain, stages."""
+    from ccnf.models import check_params
+
     p = load_params(params)
-    _show_plan(p, f"{params}: valid ({p.data.source} data)")
+    check_params(p)  # the model supports the strategy, class selection and headline
+    _show_plan(p, f"{params}: valid ({p.data.source} data, model {p.model.kind})")
+
+
+@app.command("deps")
+@report_user_errors
+def deps(
+    dvc_yaml: Path = typer.Option(Path("dvc.yaml"), "--dvc-yaml", help="pipeline file"),
+    check: bool = typer.Option(False, "--check", help="exit 1 when a stage misses a module"),
+) -> None:
+    """The code each stage of dvc.yaml runs (its script's imports, followed through the
+    package) next to the deps it lists: what to write under a stage's deps."""
+    from ccnf.depgraph import minimal_deps, module_files, stage_code, uncovered
+
+    root = dvc_yaml.resolve().parent
+    missing_any = False
+    for name, (script, listed) in stage_code(dvc_yaml).items():
+        files = module_files(root, [script])
+        missing = uncovered(files, listed)
+        missing_any |= bool(missing)
+        state = f"[red]misses {len(missing)}[/]" if missing else "[green]covered[/]"
+        console.print(f"[bold]{name}[/] ({script}, {len(files)} files): {state}")
+        for path in missing:
+            console.print(f"  not in deps: {path}")
+        if missing:
+            console.print("  code deps that cover it exactly:")
+            for dep in minimal_deps(root, files):
+                console.print(f"    - {dep}")
+    if check and missing_any:
+        raise typer.Exit(1)
 
 
 @data_app.command("use")
@@ -267,16 +299,14 @@ def score(
     import torch
 
     from ccnf.backbone import Backbone
-    from ccnf.baselines import ClassBank, bank_patch_scores
     from ccnf.data.images import load_image
     from ccnf.features import neighbourhood
-    from ccnf.flows.ccnf import CCNF, read_checkpoint
+    from ccnf.models import read_checkpoint, restore_model
     from ccnf.scoring import (
         assemble,
         calibration_record,
         image_scores,
         level_stats_of,
-        patch_scores,
         pixel_maps,
         stack_stats,
     )
@@ -289,15 +319,13 @@ def score(
             f"class '{cls}' is not known to {model_dir}",
             fix=f"use one of: {', '.join(ckpt['classes'])}",
         )
+    # no feature cache needed: the checkpoint's own spec rebuilds the model
+    model = restore_model(ckpt, p, None, torch.device("cpu"), where=str(model_dir / "model.pt"))
     pixels = load_image(image, p.data.image_size)
     with torch.no_grad():
         feats = Backbone(p.backbone)(torch.from_numpy(pixels).permute(2, 0, 1)[None])
     feats = neighbourhood([f.float() for f in feats], p.features.neighbourhood)
-    if "state_dicts" in ckpt:  # a per-class bank (model.kind != ccnf)
-        patches = bank_patch_scores(ClassBank.from_checkpoint(ckpt)[cls], feats, 1)
-    else:
-        model = CCNF.from_checkpoint(ckpt, p.flow)
-        patches = patch_scores(model, feats, torch.tensor([ckpt["classes"].index(cls)]), 1)
+    patches = model.patch_scores(feats, [cls], 1)
     stats = calibration_record(ckpt["calibration"][cls], p.score, p.data.mask_size, cls=cls)
     st = stack_stats({cls: stats}, [cls])
     raw = assemble(patches, p.score, p.data.mask_size, level_stats_of(st))
@@ -359,7 +387,7 @@ def report_check(
 
 
 # ----------------------------------------------------------------------------- catalog
-# The variant catalog (catalog.yaml): ccnf/catalog.py and ccnf/study_report.py hold the logic.
+# The variant catalog (catalog.yaml): ccnf/catalog/ and ccnf/study_report.py hold the logic.
 
 catalog_app = typer.Typer(
     help="The variant catalog (catalog.yaml): list, run through DVC, tabulate, check.",

@@ -38,8 +38,9 @@ automatic thresholds of :func:`ccnf.scoring.thresholds` (:data:`THRESHOLD_METRIC
 Selection accuracy of a class = fraction of its test images whose selected class is the true
 one; of a task = mean over its classes.
 
-Also writes ``eval/<task>/``: raw image scores (ROC curves; ``<cls>/agnostic/<score>`` and
-``<cls>/selected`` for the agnostic block) and a few anomaly maps (gallery).
+Also writes ``eval/<task>/``: raw image scores (ROC curves; :class:`ccnf.records.ClassScores`
+per class, the agnostic block's included) and a few anomaly maps (gallery,
+:class:`ccnf.records.GalleryItem`). The JSON is :class:`ccnf.records.TaskResult`.
 """
 
 from __future__ import annotations
@@ -56,27 +57,23 @@ from rich.console import Console
 from rich.progress import track
 
 from ccnf.atomic import atomic_path, write_json
-from ccnf.baselines import ClassBank, bank_patch_scores, model_spec
 from ccnf.config import Params
 from ccnf.device import resolve_device
 from ccnf.errors import CcnfError
 from ccnf.features import FeatureMeta, load_inputs
-from ccnf.flows.ccnf import CCNF, read_checkpoint
 from ccnf.metrics import aupro, auroc, average_precision, f1_max, precision_recall_f1_at
+from ccnf.models import read_checkpoint, restore_model
 from ccnf.names import (
     DECIMALS,
     SCORES,
-    SELECT_METHODS,
     THRESHOLD_KINDS,
 )
+from ccnf.records import ClassScores, GalleryItem, TaskResult
 from ccnf.scoring import (
-    PatchScores,
     assemble,
     calibration_record,
-    class_statistics,
     image_scores,
     level_stats_of,
-    patch_scores,
     pixel_maps,
     stack_stats,
     thresholds,
@@ -169,33 +166,14 @@ def _image_thresholds(
     }
 
 
-def _bank_patches(
-    bank: ClassBank, cls_of: list[str], features: list[torch.Tensor], batch_images: int
-) -> PatchScores:
-    """Patch scores of N images, image i under bank model cls_of[i] (grouped by class)."""
-    groups = {
-        name: torch.tensor([i for i, c in enumerate(cls_of) if c == name])
-        for name in dict.fromkeys(cls_of)
-    }
-    parts = {
-        name: bank_patch_scores(bank[name], [f[idx] for f in features], batch_images)
-        for name, idx in groups.items()
-    }
-    if len(parts) == 1:
-        return next(iter(parts.values()))
-    order = torch.argsort(torch.cat(list(groups.values())))
-    merged = PatchScores.cat(list(parts.values()))
-    return PatchScores({s: [lv[order] for lv in levels] for s, levels in merged.levels.items()})
-
-
 @dataclass
 class _ClassResult:
     """What evaluating one class yields (merged by :func:`evaluate_task` in job order)."""
 
     aware: dict[str, Any]
     agnostic: dict[str, Any] | None
-    raw: dict[str, np.ndarray]
-    gallery: dict[str, np.ndarray]
+    raw: ClassScores
+    gallery: list[GalleryItem]
     timing: dict[str, float]
 
 
@@ -213,19 +191,9 @@ class _ClassEvaluator:
         ckpt = read_checkpoint(model_dir)
         self.where = where = str(model_dir / "model.pt")
         sc = self.sc = params.score
-        self.is_bank = params.model.kind != "ccnf"
-        device = resolve_device(params.device)
-        if self.is_bank:
-            meta = FeatureMeta.load(features_dir)
-            self.bank = ClassBank.from_checkpoint(
-                ckpt, expected_kind=params.model.kind,
-                expected_spec=model_spec(params, meta.channels, meta.grids), device=device,
-            )
-            known = len(self.bank.classes)
-        else:
-            self.model = CCNF.from_checkpoint(ckpt, params.flow).to(device)
-            self.model.eval()
-            known = self.model.n_classes
+        self.model = restore_model(ckpt, params, FeatureMeta.load(features_dir),
+                                   resolve_device(params.device), where=where)
+        known = len(self.model.classes)
         self.calibration = {
             cls: calibration_record(rec, sc, params.data.mask_size, cls=cls, where=where)
             for cls, rec in ckpt["calibration"].items()
@@ -239,8 +207,6 @@ class _ClassEvaluator:
                 f"{len(self.seen)}",
                 fix="the task split changed since training: dvc repro",
             )
-        # global class ids of the seen classes are 0..len(seen)-1 (params.classes is task-ordered)
-        self.candidates = torch.arange(len(self.seen))
         k, pct = params.eval.threshold_k, params.eval.threshold_percentile
         self.thr = {
             c: thresholds(self.calibration[c], sc.alpha, sc.calibrated, k, pct, cls=c,
@@ -253,11 +219,7 @@ class _ClassEvaluator:
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Image scores and maps of images scored under classes ``names`` (one per image)."""
         sc, mask_size, batch = self.sc, self.params.data.mask_size, self.params.eval.batch_images
-        if self.is_bank:
-            patches = _bank_patches(self.bank, names, feats, batch)
-        else:
-            ids = torch.tensor([self.params.classes.index(c) for c in names])
-            patches = patch_scores(self.model, feats, ids, batch)
+        patches = self.model.patch_scores(feats, names, batch)
         st = stack_stats(self.calibration, names)
         scores = assemble(patches, sc, mask_size, level_stats_of(st))
         return (
@@ -270,7 +232,7 @@ class _ClassEvaluator:
         j, cls = job
         params, sc, fpr = self.params, self.sc, self.params.eval.aupro_fpr
         split = load_inputs(self.features_dir, cls, "test", params.features.neighbourhood)
-        cid = params.classes.index(cls)
+        cid = self.seen.index(cls)  # selections are indices into the seen classes
         labels = split.labels.numpy()
         assert split.masks is not None
         masks = split.masks.numpy()
@@ -281,22 +243,18 @@ class _ClassEvaluator:
         aware = {"task": j} | class_metrics(
             labels, masks, images, maps, fpr, _image_thresholds(self.thr, [cls])
         )
-        raw = {f"{cls}/labels": labels} | {f"{cls}/{name}": v for name, v in images.items()}
+        raw = ClassScores(labels, dict(images))
         agnostic = None
         if self.agnostic:
             start = time.perf_counter()
             if len(self.seen) == 1:
                 # one class seen: every method picks it, so there is no selection pass to run
                 # (the block equals the task-aware one, as a pass would have found)
-                methods = ["likelihood"] if self.is_bank else list(SELECT_METHODS)
-                by_method = {m: np.zeros(len(split), dtype=np.int64) for m in methods}
-            elif self.is_bank:
-                stat = -self.bank.selection_scores(split.features, self.seen).double().numpy()
-                by_method = {"likelihood": np.argmax(stat, axis=1)}
+                by_method = {m: np.zeros(len(split), dtype=np.int64)
+                             for m in self.model.select_methods}
             else:
-                stats = class_statistics(self.model, split.features, self.candidates,
-                                         params.eval.batch_images, sc.select_level)
-                by_method = {m: stats.select(m) for m in SELECT_METHODS}
+                by_method = self.model.select(split.features, self.seen,
+                                              params.eval.batch_images, sc.select_level)
             selected = by_method[sc.class_select]
             names = [self.seen[i] for i in selected]
             wrong = np.flatnonzero(selected != cid)
@@ -324,15 +282,12 @@ class _ClassEvaluator:
             } | class_metrics(
                 labels, masks, a_images, a_maps, fpr, _image_thresholds(self.thr, names)
             )
-            raw[f"{cls}/selected"] = selected
-            raw |= {f"{cls}/agnostic/{name}": v for name, v in a_images.items()}
-        gallery: dict[str, np.ndarray] = {}
+            raw.selected, raw.agnostic = selected, a_images
         defective = np.flatnonzero(labels == 1)[: params.eval.gallery_per_class]
-        for kk, i in enumerate(defective):
-            gallery[f"{cls}/{kk}/name"] = np.array(split.names[i])
-            gallery[f"{cls}/{kk}/mask"] = masks[i]
-            for name in maps:
-                gallery[f"{cls}/{kk}/{name}"] = maps[name][i]
+        gallery = [
+            GalleryItem(cls, kk, split.names[i], masks[i], {s: m[i] for s, m in maps.items()})
+            for kk, i in enumerate(defective)
+        ]
         return _ClassResult(aware, agnostic, raw, gallery, timing)
 
 
@@ -409,14 +364,15 @@ def evaluate_task(
     method, seen, thr = params.score.class_select, ev.seen, ev.thr
     per_class = {cls: r.aware for (_, cls), r in zip(jobs, done, strict=True)}
     agn_class = {cls: r.agnostic for (_, cls), r in zip(jobs, done, strict=True) if r.agnostic}
-    raw = {k: v for r in done for k, v in r.raw.items()}
-    gallery = {k: v for r in done for k, v in r.gallery.items()}
+    raw = {k: v for (_, cls), r in zip(jobs, done, strict=True)
+           for k, v in r.raw.to_arrays(cls).items()}
+    gallery = {k: v for r in done for item in r.gallery for k, v in item.to_arrays().items()}
     timing = {k: sum(r.timing[k] for r in done) for k in ("aware", "selection")}
-    result: dict[str, Any] = {
-        "task": task,
-        "task_index": t,
-        "class_select": method,
-        "thresholds": {
+    result = TaskResult(
+        task=task,
+        task_index=t,
+        class_select=method,
+        thresholds={
             "k": params.eval.threshold_k,
             "percentile": params.eval.threshold_percentile,
             "per_class": {
@@ -424,18 +380,19 @@ def evaluate_task(
                 for c in seen
             },
         },
-        "per_class": per_class,
-        "per_task": _task_means(per_class, params.split, seen_tasks),
-    }
+        per_class=per_class,
+        per_task=_task_means(per_class, params.split, seen_tasks),
+        agnostic={},
+    )
     if method == "oracle":
-        result["agnostic"] = {
+        result.agnostic = {
             "class_select": "oracle", "same_as_aware": True, "selection_accuracy": 1.0
         }
     elif not ev.agnostic:
-        result["agnostic"] = {"class_select": method, "same_as_aware": False, "skipped": True}
+        result.agnostic = {"class_select": method, "same_as_aware": False, "skipped": True}
     else:
         methods = list(agn_class[seen[0]]["selection_accuracy_by_method"])
-        result["agnostic"] = {
+        result.agnostic = {
             "class_select": method,
             "same_as_aware": False,
             "selection_accuracy": _round(
@@ -452,5 +409,5 @@ def evaluate_task(
         tmp.mkdir(parents=True)
         save_npz(tmp / "image_scores.npz", raw, kind="image_scores")
         save_npz(tmp / "gallery.npz", gallery, kind="gallery")
-    write_json(out_json, result)
-    return result | {"timing_s": {k_: round(v, 3) for k_, v in timing.items()}}
+    write_json(out_json, result.to_json())
+    return result.to_json() | {"timing_s": {k_: round(v, 3) for k_, v in timing.items()}}

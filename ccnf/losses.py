@@ -43,6 +43,7 @@ from torch import nn
 
 from ccnf.config import LossConfig
 from ccnf.flows.ccnf import CCNF, LevelOutput
+from ccnf.flows.gaussian import half_sq_norm
 
 TERMS = (
     "L_g",
@@ -105,7 +106,7 @@ def z_moment_reg(z: torch.Tensor) -> torch.Tensor:
 
 
 def balance(z: torch.Tensor) -> torch.Tensor:
-    return ((0.5 * z.pow(2).sum(dim=-1) / z.shape[1]).mean() - 0.5).pow(2)
+    return ((half_sq_norm(z) / z.shape[1]).mean() - 0.5).pow(2)
 
 
 def negative_classes(

@@ -21,15 +21,18 @@ Image scores of nf and latent = ``score.pooling`` (max | mean | top-k mean) of t
 
 hybrid = alpha * cal(proto) + (1 - alpha) * cal(nf), image- and pixel-wise, where cal()
 standardises with the mean/std of the class's scores on held-out *training* images
-(:func:`calibration_stats`), computed when the class is learned and stored with the checkpoint.
+(:func:`calibration_record`), computed when the class is learned and stored with the checkpoint.
 With ``score.calibrated`` (E9) nf and proto are standardised the same way.
 
 Automatic thresholds (U-Flow, :func:`thresholds`): per class, mean + k*std and a percentile of
 the class's calibration image scores.
 
-Class selection (task-agnostic setting, :func:`select_classes`): each test image is scored under
-argmax_y of the image log-likelihood ``mean_l mean_p log p(x_p|y)/D_l`` (``likelihood``) or
-argmin_y of ``mean_l ||zbar_l(y) - mu_{y,l}||^2/D_l`` (``prototype``) over the seen classes.
+The patch scores themselves come from the model (:mod:`ccnf.models`: CCNF's flow passes in
+:mod:`ccnf.models.ccnf_scores`, a baseline's per-class model), and so does the class selection of
+the task-agnostic setting (``score.class_select``: each test image is scored under argmax_y of
+the image log-likelihood ``mean_l mean_p log p(x_p|y)/D_l`` (``likelihood``) or argmin_y of
+``mean_l ||zbar_l(y) - mu_{y,l}||^2/D_l`` (``prototype``) over the seen classes). This module
+is the same for every model.
 """
 
 from __future__ import annotations
@@ -44,8 +47,10 @@ import torch.nn.functional as F
 
 from ccnf.config import ScoreConfig
 from ccnf.errors import CcnfError
-from ccnf.flows.ccnf import CCNF, LevelOutput
+from ccnf.flows.ccnf import CCNF
+from ccnf.models.ccnf_scores import patch_scores
 from ccnf.names import MAP_SCORES
+from ccnf.patch_scores import PatchScores
 
 
 @dataclass
@@ -56,43 +61,6 @@ class Scores:
 
     maps: dict[str, np.ndarray]
     images: dict[str, np.ndarray]
-
-
-@dataclass
-class PatchScores:
-    """Per-level patch scores of B images (float32, CPU).
-
-    levels[s][l]: (B, 1, H_l, W_l) for every map score s; proto_image: (B,) mean over levels of
-    ||zbar_l - mu_l||^2 / D_l (before ``proto_power``), None for a baseline.
-    """
-
-    levels: dict[str, list[torch.Tensor]]
-    proto_image: torch.Tensor | None = None
-
-    @staticmethod
-    def cat(parts: list[PatchScores]) -> PatchScores:
-        names = list(parts[0].levels)
-        n_levels = len(parts[0].levels[names[0]])
-        levels = {
-            s: [torch.cat([p.levels[s][lvl] for p in parts]) for lvl in range(n_levels)]
-            for s in names
-        }
-        proto = None
-        if parts[0].proto_image is not None:
-            proto = torch.cat([p.proto_image for p in parts])
-        return PatchScores(levels, proto)
-
-    def to_record(self) -> dict[str, Any]:
-        """Plain dict for a checkpoint: {score: [per-level tensors]}, + "proto_image"."""
-        out: dict[str, Any] = {s: [t.float().cpu() for t in lv] for s, lv in self.levels.items()}
-        if self.proto_image is not None:
-            out["proto_image"] = self.proto_image.float().cpu()
-        return out
-
-    @staticmethod
-    def from_record(record: dict[str, Any]) -> PatchScores:
-        levels = {s: record[s] for s in MAP_SCORES if s in record}
-        return PatchScores(levels, record.get("proto_image"))
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -151,49 +119,6 @@ def level_statistics(patches: PatchScores) -> dict[str, list[list[float]]]:
     }
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
-def _level_forward(
-    model: CCNF, feat: torch.Tensor, level: int, sl: slice, y_img: torch.Tensor
-) -> tuple[LevelOutput, torch.Tensor]:
-    """One flow pass over every patch of images ``sl`` of one level, image i under class
-    y_img[i], on the model's device (``params.device``).
-
-    feat: (N, D, H, W) cached features; y_img: (b,). Returns the LevelOutput of the b*H*W
-    vectors (image-major) and the prototypes mu (b, D).
-    """
-    device = _device_of(model)
-    b = sl.stop - sl.start
-    _, d, h, w = feat.shape
-    y_img = y_img.to(device)
-    x = feat[sl].to(device).float().flatten(2).transpose(1, 2).reshape(b * h * w, d)
-    out = model.forward_level(
-        level, x, y_img.repeat_interleave(h * w), torch.arange(h * w, device=device).repeat(b)
-    )
-    return out, model.prototype(level, y_img)
-
-
-def _batch_patches(
-    model: CCNF, features: list[torch.Tensor], sl: slice, y_img: torch.Tensor
-) -> PatchScores:
-    """One flow pass per level over all patches of images ``sl`` under classes y_img (b,)."""
-    b = sl.stop - sl.start
-    levels: dict[str, list[torch.Tensor]] = {s: [] for s in MAP_SCORES}
-    img_lv = []
-    for lvl, feat in enumerate(features):
-        _, d, h, w = feat.shape
-        out, mu = _level_forward(model, feat, lvl, sl, y_img)
-        z = out.z.view(b, h * w, d)
-        levels["nf"].append((-out.log_prob / d).view(b, 1, h, w).cpu())
-        latent = 0.5 * out.z_centered.pow(2).sum(-1) / d
-        levels["latent"].append(latent.view(b, 1, h, w).cpu())
-        levels["proto"].append(((z - mu[:, None]).pow(2).sum(-1) / d).view(b, 1, h, w).cpu())
-        img_lv.append(((z.mean(dim=1) - mu).pow(2).sum(-1) / d).cpu())
-    return PatchScores(levels, torch.stack(img_lv).mean(dim=0))
-
-
 def assemble(
     patches: PatchScores,
     cfg: ScoreConfig,
@@ -219,25 +144,6 @@ def assemble(
         proto = patches.proto_image.numpy().astype(np.float64)
         images["proto"] = np.sqrt(np.maximum(proto, 0.0)) if cfg.proto_power == 1 else proto
     return Scores(maps, images)
-
-
-@torch.no_grad()
-def patch_scores(
-    model: CCNF, features: list[torch.Tensor], class_ids: torch.Tensor, batch_images: int
-) -> PatchScores:
-    """Per-level patch scores of N images, image i under class class_ids[i].
-
-    features[l]: (N, D_l, H_l, W_l) cached features; class_ids: (N,). Every patch of a batch
-    of ``batch_images`` images goes through each level's flow in one pass.
-    """
-    model.eval()
-    n = features[0].shape[0]
-    parts = [
-        _batch_patches(model, features, slice(s, min(n, s + batch_images)),
-                       class_ids[s : min(n, s + batch_images)])
-        for s in range(0, n, batch_images)
-    ]
-    return PatchScores.cat(parts)
 
 
 def score_images(
@@ -270,22 +176,6 @@ def _mean_std(values: np.ndarray) -> list[float]:
     v = np.asarray(values, dtype=np.float64).ravel()
     # population std (ddof=0), floored so that standardizing never divides by zero
     return [float(v.mean()), float(max(v.std(), 1e-12))]
-
-
-def calibration_patches(
-    model: CCNF, features: list[torch.Tensor], class_id: int, batch_images: int
-) -> dict[str, Any]:
-    """What a checkpoint stores to calibrate one class: the patch scores of its M held-out
-    normal training images under the model of the moment the class was learned.
-
-    features[l]: (M, D_l, H_l, W_l). Returns :meth:`PatchScores.to_record`: {"nf": [(M, 1,
-    H_l, W_l)], "latent": [...], "proto": [...], "proto_image": (M,)}. Keeping patch scores
-    rather than statistics makes the train stage independent of ``score.*``:
-    :func:`calibration_record` derives the statistics for whatever pooling, fusion, smoothing
-    and proto power the evaluation uses.
-    """
-    ids = torch.full((features[0].shape[0],), class_id)
-    return patch_scores(model, features, ids, batch_images).to_record()
 
 
 def calibration_record(
@@ -451,99 +341,3 @@ def thresholds(
         }
         for name, v in values.items()
     }
-
-
-# -- class selection at test (task-agnostic setting) ---------------------------------------------
-
-
-@dataclass
-class ClassStatistics:
-    """Image-level statistics of N images under each of C candidate classes.
-
-    candidates: (C,) int64 class ids; log_lik: (N, C) float64,
-    ``mean_l mean_p log p(x_p | y) / D_l`` (higher = more likely); proto_dist: (N, C) float64,
-    ``mean_l ||zbar_l(y) - mu_{y,l}||^2 / D_l`` with zbar_l(y) the spatial mean of z under
-    condition y (lower = closer).
-    """
-
-    candidates: np.ndarray
-    log_lik: np.ndarray
-    proto_dist: np.ndarray
-
-    def statistic(self, method: str) -> np.ndarray:
-        """(N, C) statistic of ``method``, oriented so that the selected class is the argmax."""
-        if method == "likelihood":
-            return self.log_lik
-        if method == "prototype":
-            return -self.proto_dist
-        raise ValueError(f"unknown class selection method {method!r}")
-
-    def select(self, method: str) -> np.ndarray:
-        """(N,) selected class ids (ties: the candidate listed first)."""
-        return self.candidates[np.argmax(self.statistic(method), axis=1)]
-
-
-@torch.no_grad()
-def class_statistics(
-    model: CCNF,
-    features: list[torch.Tensor],
-    candidates: torch.Tensor,
-    batch_images: int,
-    level: int | None = -1,
-) -> ClassStatistics:
-    """Selection statistics of N images under each of C candidate classes.
-
-    features[l]: (N, D_l, H_l, W_l); candidates: (C,) class ids; ``level``
-    (``score.select_level``): the feature level whose statistics decide (-1 the deepest),
-    or None for the mean over all levels. One flow pass per candidate and per batch of
-    ``batch_images`` images over all patches of that level at once. The deepest level is the
-    most semantic and the cheapest (196 of the 980 patches per image by default), and the
-    cost of selection is C passes, so it is the default.
-    """
-    model.eval()
-    n = features[0].shape[0]
-    cand = candidates.long()
-    levels = range(len(features)) if level is None else [range(len(features))[level]]
-    log_lik = np.zeros((n, cand.numel()))
-    proto = np.zeros((n, cand.numel()))
-    for start in range(0, n, batch_images):
-        sl = slice(start, min(n, start + batch_images))
-        b = sl.stop - sl.start
-        for c in range(cand.numel()):
-            y_img = torch.full((b,), int(cand[c]))
-            ll, pd = [], []
-            for lvl in levels:
-                _, d, h, w = features[lvl].shape
-                out, mu = _level_forward(model, features[lvl], lvl, sl, y_img)
-                ll.append((out.log_prob / d).view(b, h * w).double().mean(dim=1).cpu())
-                zbar = out.z.view(b, h * w, d).mean(dim=1)
-                pd.append(((zbar - mu).pow(2).sum(-1) / d).double().cpu())
-            log_lik[sl, c] = torch.stack(ll).mean(dim=0).numpy()
-            proto[sl, c] = torch.stack(pd).mean(dim=0).numpy()
-    return ClassStatistics(cand.numpy().astype(np.int64), log_lik, proto)
-
-
-def select_classes(
-    model: CCNF,
-    features: list[torch.Tensor],
-    candidates: torch.Tensor,
-    method: str,
-    batch_images: int,
-    true_ids: torch.Tensor | None = None,
-    level: int | None = -1,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Class of each of N images for the task-agnostic setting (``score.class_select``).
-
-    likelihood: argmax_y log-likelihood statistic; prototype: argmin_y prototype distance
-    (see :class:`ClassStatistics`); oracle: ``true_ids`` (no flow pass; the statistic is then
-    the one-hot (N, C) indicator of the true class). Returns (selected (N,) class ids,
-    statistic (N, C) oriented so that selected = candidates[argmax]).
-    """
-    if method == "oracle":
-        if true_ids is None:
-            raise ValueError("oracle class selection needs true_ids")
-        cand = candidates.numpy()
-        truth = true_ids.numpy()
-        return truth.astype(np.int64), (truth[:, None] == cand[None, :]).astype(np.float64)
-    stats = class_statistics(model, features, candidates, batch_images, level)
-    return stats.select(method), stats.statistic(method)

@@ -15,6 +15,7 @@ from test_evaluate import build_study, with_select
 from ccnf.aggregate import aggregate, selection_matrices, summarize_selection
 from ccnf.evaluate import evaluate_task
 from ccnf.names import ALL_METRICS, SCORES
+from ccnf.records import TaskResult
 from ccnf.report import check_readme, load_metrics, results_block, update_readme
 
 SUMMARY_KEYS = set(ALL_METRICS) | {
@@ -23,7 +24,14 @@ SUMMARY_KEYS = set(ALL_METRICS) | {
 WORST = {"image_auroc_worst_class", "pixel_auroc_worst_class"}
 
 
-def _fake_results(acc: list[list[float]], by_method: dict[str, list[list[float]]]) -> list[dict]:
+def _fake(t: int, agnostic: dict) -> TaskResult:
+    return TaskResult(task=f"t{t}", task_index=t, class_select="likelihood", thresholds={},
+                      per_class={}, per_task={}, agnostic=agnostic)
+
+
+def _fake_results(
+    acc: list[list[float]], by_method: dict[str, list[list[float]]]
+) -> list[TaskResult]:
     """Task results holding only the selection accuracies of R (T, T)."""
     out = []
     for t, row in enumerate(acc):
@@ -34,7 +42,7 @@ def _fake_results(acc: list[list[float]], by_method: dict[str, list[list[float]]
             }
             for j in range(t + 1)
         }
-        out.append({"agnostic": {"same_as_aware": False, "per_task": per_task}})
+        out.append(_fake(t, {"same_as_aware": False, "per_task": per_task}))
     return out
 
 
@@ -54,7 +62,7 @@ def test_selection_accuracy_final_average_and_forgetting() -> None:
     assert got["forgetting"] == pytest.approx(((1.0 - 0.5) + (0.9 - 0.6)) / 2)
     assert got["prototype_accuracy"] == pytest.approx((0.6 + 0.4 + 0.9) / 3)
     assert got["likelihood_accuracy"] == got["accuracy"]
-    oracle = [{"agnostic": {"same_as_aware": True}} for _ in tasks]
+    oracle = [_fake(t, {"same_as_aware": True}) for t in range(len(tasks))]
     sel = selection_matrices(oracle, tasks)
     assert set(sel) == {"accuracy"} and sel["accuracy"][2, 0] == 1.0
     assert summarize_selection("oracle", sel) == {

@@ -186,17 +186,26 @@ def test_params_synthetic_split_is_the_generators(raw_params: dict) -> None:
 
 
 def test_bank_models_reject_ccnf_only_settings(raw_params: dict) -> None:
+    from ccnf.models import check_params
+
     raw_params["model"]["kind"] = "gaussian"
     raw_params["train"]["strategy"] = "replay"
     raw_params["train"]["replay_buffer"] = 3
     with pytest.raises(CcnfError, match=r"does not apply to model\.kind 'gaussian'"):
-        parse_params(raw_params)
+        check_params(parse_params(raw_params))
     raw_params["train"]["strategy"] = "naive"
     raw_params["score"]["class_select"] = "prototype"
     with pytest.raises(CcnfError, match="class centres"):
-        parse_params(raw_params)
+        check_params(parse_params(raw_params))
     raw_params["score"]["class_select"] = "likelihood"
-    assert parse_params(raw_params).model.kind == "gaussian"
+    raw_params["score"]["headline"] = "hybrid"
+    with pytest.raises(CcnfError, match=r"score of model\.kind 'gaussian'"):
+        check_params(parse_params(raw_params))
+    raw_params["score"]["headline"] = "nf"
+    assert check_params(parse_params(raw_params)).kind == "gaussian"
+    raw_params["model"]["kind"] = "gausian"
+    with pytest.raises(CcnfError, match="did you mean 'gaussian'"):
+        check_params(parse_params(raw_params))
 
 
 def test_params_yaml_reads_as_dvc_reads_it() -> None:

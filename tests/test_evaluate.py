@@ -16,22 +16,22 @@ import pytest
 import torch
 from conftest import tiny_params
 
-import ccnf.evaluate as evaluate_module
+import ccnf.models.ccnf as ccnf_model_module
+from ccnf.atomic import write_json
 from ccnf.config import Params, parse_params
 from ccnf.errors import CcnfError
 from ccnf.evaluate import evaluate_task
 from ccnf.flows import CCNF
-from ccnf.flows.ccnf import read_checkpoint
 from ccnf.metrics import precision_recall_f1_at
+from ccnf.models import read_checkpoint
+from ccnf.models.ccnf import CCNFModel
+from ccnf.models.ccnf_scores import ClassStatistics, calibration_patches, patch_scores
 from ccnf.names import ALL_METRICS, SCORES
 from ccnf.scoring import (
-    ClassStatistics,
     assemble,
-    calibration_patches,
     calibration_record,
     image_scores,
     level_stats_of,
-    patch_scores,
     stack_stats,
     thresholds,
 )
@@ -88,6 +88,10 @@ def build_study(
                  "defects": ["good" if v == 0 else "hole" for v in lab.tolist()], "masks": m},
                 kind="features",
             )
+    write_json(root / "features" / "meta.json", {
+        "backbone": "test", "out_indices": [0, 1], "channels": CHANNELS, "strides": [1, 2],
+        "grids": GRIDS, "image_size": size, "mask_size": size, "classes": params.classes,
+    })
     torch.manual_seed(0)
     model = CCNF(CHANNELS, GRIDS, params.flow, n_classes=0)
     calibration: dict[str, Any] = {}
@@ -101,7 +105,8 @@ def build_study(
         out.mkdir(parents=True, exist_ok=True)
         seen = [c for j in range(t + 1) for c in task_split[j]]
         save_artifact(out / "model.pt",
-                      model.checkpoint(classes=seen, task=t, calibration=dict(calibration)),
+                      CCNFModel(model, seen, torch.device("cpu")).checkpoint(
+                          task=t, calibration=dict(calibration)),
                       kind="checkpoint")
     return params
 
@@ -178,7 +183,7 @@ def test_selection_accuracy_and_agnostic_scores_against_direct_computation(
         dist[np.arange(n), pick] = 0.0
         return ClassStatistics(np.arange(len(candidates)), log_lik=-dist, proto_dist=dist)
 
-    monkeypatch.setattr(evaluate_module, "class_statistics", fixed_selection)
+    monkeypatch.setattr(ccnf_model_module, "class_statistics", fixed_selection)
     res = run(root, params, name="fixed")
     agn = res["agnostic"]
     acc = {cls: agn["per_class"][cls]["selection_accuracy"] for cls in "abcd"}

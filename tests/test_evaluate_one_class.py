@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from test_evaluate import build_study, run
 
-import ccnf.evaluate as evaluate_module
+import ccnf.models.ccnf as ccnf_model_module
 from ccnf.names import SCORES
 
 
@@ -22,7 +22,7 @@ def test_one_seen_class_skips_the_selection_pass(
     params = build_study(
         tmp_path, {"eval": {"workers": 1}, "score": {"class_select": method}}, task_split=[["a"]]
     )
-    monkeypatch.setattr(evaluate_module, "class_statistics", _no_selection_pass)
+    monkeypatch.setattr(ccnf_model_module, "class_statistics", _no_selection_pass)
     res = run(tmp_path, params, task="t0")
     agn = res["agnostic"]
     assert agn["class_select"] == method and agn["same_as_aware"] is False
@@ -38,6 +38,6 @@ def test_one_seen_class_skips_the_selection_pass(
 def test_two_seen_classes_still_run_the_pass(tmp_path: Path, monkeypatch) -> None:
     """The check above can fail: with two classes the (forbidden) pass is reached."""
     params = build_study(tmp_path, {"eval": {"workers": 1}}, task_split=[["a", "b"]])
-    monkeypatch.setattr(evaluate_module, "class_statistics", _no_selection_pass)
+    monkeypatch.setattr(ccnf_model_module, "class_statistics", _no_selection_pass)
     with pytest.raises(AssertionError, match="class-selection pass ran"):
         run(tmp_path, params, task="t0")

@@ -136,6 +136,65 @@ def test_cli_score_one_image(study: Path, tmp_path: Path) -> None:
     assert bad.returncode == 1 and "class 'zz' is not known" in bad.stderr
 
 
+def test_editing_the_optimizer_marks_the_train_stages_changed(study: Path) -> None:
+    """Issue 11: code deps cannot go stale (ccnf/optim.py was once missing from train)."""
+    optim = study / "ccnf/optim.py"
+    original = optim.read_text()
+    try:
+        optim.write_text(original + "\n# a trivial edit\n")
+        status = _dvc("status", cwd=study).stdout
+        assert "train@t0" in status and "train@t1" in status
+        assert {"train@t0", "train@t1", "evaluate@t0"} <= _stale(study)
+        assert not {"prepare", "extract"} & _stale(study)
+    finally:
+        optim.write_text(original)
+    assert _stale(study) == set()
+
+
+def _add_toy_model(work: Path) -> None:
+    """What adding a model kind takes: one module and one registry line."""
+    shutil.copy(REPO / "tests/toy_model.py", work / "ccnf/models/toy.py")
+    registry = work / "ccnf/models/registry.py"
+    text = registry.read_text()
+    anchor = "MODELS: dict[str, str] = {\n"
+    assert anchor in text
+    registry.write_text(text.replace(anchor, anchor + '    "toy": "ccnf.models.toy:ToyModel",\n'))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "flow_bank", "fastflow", "toy"])
+def test_every_model_kind_runs_the_pipeline_and_the_cli(
+    study: Path, tmp_path: Path, kind: str
+) -> None:
+    """init/train/evaluate/aggregate, then ccnf info, score and report, for each kind; the
+    pipeline never asks which kind it holds (the toy kind exists only in this copy)."""
+    work = tmp_path / kind
+    shutil.copytree(study, work, symlinks=True)
+    if kind == "toy":
+        _add_toy_model(work)
+    raw = yaml.safe_load((work / "params.yaml").read_text())
+    raw["model"]["kind"] = kind
+    raw["score"]["class_select"] = "likelihood"
+    # the copy's own images (a path outside the repository is hashed as an external dep)
+    raw["data"]["root"] = "external/ds"
+    (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    ran = set(re.findall(r"Running stage '([^']+)'", _dvc("repro", cwd=work).stdout))
+    assert {"init", "train@t1", "evaluate@t1", "aggregate"} <= ran
+    summary = json.loads((work / "metrics/summary.json").read_text())
+    assert set(summary) >= {"nf", "latent"} and "proto" not in summary
+    assert 0.0 <= summary["nf"]["image_auroc"] <= 1.0
+    info = _run([sys.executable, "-m", "ccnf.cli", "info"], work)
+    assert "final averages" in info.stdout + info.stderr
+    image = work / "external/ds/c/test/hole/000.png"
+    scored = _run([sys.executable, "-m", "ccnf.cli", "score", str(image), "--cls", "c",
+                   "--out", str(tmp_path / "map.png")], work)
+    assert "latent" in scored.stdout + scored.stderr and "hybrid" not in scored.stdout
+    assert (tmp_path / "map.png").stat().st_size > 1000
+    readme = work / "README.md"
+    readme.write_text("# study\n<!-- results:begin -->\n<!-- results:end -->\n")
+    _run([sys.executable, "-m", "ccnf.cli", "report", "readme"], work)
+    assert "| nf |" in readme.read_text() or "nf" in readme.read_text().split("begin")[1]
+
+
 def test_exp_run_loss_change_reruns_training_but_not_extraction(study: Path) -> None:
     """Issue 2, must-show 2 (runs last: it leaves the experiment's results in the workspace)."""
     _run(["git", "add", "-A"], study)

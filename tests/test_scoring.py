@@ -10,18 +10,21 @@ from ccnf.config import FlowConfig, ScoreConfig
 from ccnf.errors import CcnfError
 from ccnf.flows import CCNF
 from ccnf.flows.ccnf import LevelOutput
+from ccnf.models.ccnf_scores import (
+    calibration_patches,
+    class_statistics,
+    patch_scores,
+    select_classes,
+)
 from ccnf.scoring import (
     assemble,
     calibration_record,
-    class_statistics,
     gaussian_blur,
     image_scores,
     level_stats_of,
-    patch_scores,
     pixel_maps,
     pool,
     score_names,
-    select_classes,
     stack_stats,
     thresholds,
 )
@@ -359,8 +362,6 @@ def test_class_statistics_match_per_image_flow_passes() -> None:
 
 def test_calibration_record_from_patches_equals_direct_statistics() -> None:
     """The checkpoint stores patch scores; statistics for any score.* follow from them."""
-    from ccnf.scoring import calibration_patches
-
     model, feats, _ = _scored()
     patches = calibration_patches(model, feats, 1, batch_images=2)
     for sc in (ScoreConfig(smoothing_sigma=1.0), ScoreConfig(pooling="mean", proto_power=1)):

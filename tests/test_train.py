@@ -11,7 +11,7 @@ from ccnf.data.manifest import index_root
 from ccnf.errors import CcnfError, NonFiniteLossError
 from ccnf.evaluate import evaluate_task
 from ccnf.features import extract_features, load_split
-from ccnf.flows.ccnf import read_checkpoint
+from ccnf.models import read_checkpoint
 from ccnf.train import calibration_split, init_model, train_task
 
 
@@ -141,7 +141,7 @@ def test_freeze_after_first_keeps_flows_bit_identical(prepared) -> None:
 
 
 def test_replay_buffer_is_bounded_and_class_balanced() -> None:
-    from ccnf.train import update_replay_buffer
+    from ccnf.models.ccnf import update_replay_buffer
 
     buf = update_replay_buffer({}, {"a": list(range(10)), "b": list(range(10))}, 6, seed=0)
     assert {k: len(v) for k, v in buf.items()} == {"a": 3, "b": 3}
@@ -225,7 +225,7 @@ def test_feature_norm_stats_are_fixed_on_task_0(prepared) -> None:
 
 
 def test_schedule_meta_and_sub_epochs() -> None:
-    from ccnf.train import Schedule
+    from ccnf.models.ccnf import Schedule
 
     raw = tiny_params(Path("/nonexistent"), [["a"], ["b"]])
     raw["train"].update(meta_epochs=3, sub_epochs=1, first_task_reg_scale=0.1, epochs=2,

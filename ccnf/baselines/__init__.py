@@ -9,7 +9,6 @@ from ccnf.baselines.bank import (
     BANK_KINDS,
     ClassBank,
     build_model,
-    class_seed,
     model_spec,
     nbytes,
 )
@@ -30,7 +29,6 @@ __all__ = [
     "PerClassModel",
     "bank_patch_scores",
     "build_model",
-    "class_seed",
     "model_spec",
     "nbytes",
 ]

@@ -73,12 +73,6 @@ def build_model(kind: str, spec: dict[str, Any]) -> PerClassModel:
     return MODELS[kind](spec["channels"], spec["grids"], **kwargs)
 
 
-def class_seed(seed: int, class_index: int) -> int:
-    """Seed of one class's model: depends on the study seed and the class's global index only,
-    so a class's model is the same whichever classes were learned before it."""
-    return (seed * 1_000_003 + class_index * 7_919 + 17) % 2**63
-
-
 def nbytes(obj: Any) -> int:
     """Size in bytes of ``obj`` stored as a checkpoint: the checkpoint cost of a model or bank."""
     return len(dumps(obj, kind="checkpoint"))

@@ -13,7 +13,6 @@ Gaussian). They go through the same upsample / level fusion / blur / pooling as 
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -23,10 +22,9 @@ from torch import nn
 
 from ccnf.config import TrainConfig
 from ccnf.errors import CcnfError, NonFiniteLossError
+from ccnf.flows.log_scale import warmup_factor
 from ccnf.optim import AdamW
 from ccnf.schedule import StepBudget, lr_factor
-
-LOG_2PI = math.log(2 * math.pi)
 
 
 class PerClassModel(nn.Module, ABC):
@@ -87,9 +85,7 @@ class PerClassModel(nn.Module, ABC):
     def warm(self) -> float:
         """Additive-to-affine factor min(1, step / warmup_steps), as in CCNF (flow baselines
         keep ``warmup_steps`` and a ``global_step`` buffer)."""
-        if self.warmup_steps == 0:
-            return 1.0
-        return min(1.0, float(self.global_step) / self.warmup_steps)
+        return warmup_factor(self.global_step, self.warmup_steps)
 
     def train_epochs(
         self,

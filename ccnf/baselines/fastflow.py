@@ -24,8 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ccnf.baselines.base import LOG_2PI, PerClassModel, require_images
+from ccnf.baselines.base import PerClassModel, require_images
 from ccnf.config import TrainConfig
+from ccnf.flows.affine import coupling_forward, coupling_inverse
+from ccnf.flows.gaussian import half_sq_norm, log_normal_from_half_sq
+from ccnf.flows.log_scale import clamped_log_scale
+from ccnf.flows.permutation import half_swap_permutations
 
 
 class ConvAffineCoupling(nn.Module):
@@ -52,17 +56,14 @@ class ConvAffineCoupling(nn.Module):
 
     def _scale_shift(self, a: torch.Tensor, warm: float) -> tuple[torch.Tensor, torch.Tensor]:
         s_raw, t = self.subnet(a).chunk(2, dim=1)
-        return self.clamp_alpha * torch.tanh(s_raw / self.clamp_alpha) * warm, t
+        return clamped_log_scale(s_raw, self.clamp_alpha, warm), t
 
     def forward(self, x: torch.Tensor, warm: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = x[:, : self.c_a], x[:, self.c_a :]
-        s, t = self._scale_shift(a, warm)
-        return torch.cat([a, b * torch.exp(s) + t], dim=1), s.sum(dim=1)
+        y, s = coupling_forward(x, self.c_a, lambda a: self._scale_shift(a, warm))
+        return y, s.sum(dim=1)
 
     def inverse(self, y: torch.Tensor, warm: float = 1.0) -> torch.Tensor:
-        a, b = y[:, : self.c_a], y[:, self.c_a :]
-        s, t = self._scale_shift(a, warm)
-        return torch.cat([a, (b - t) * torch.exp(-s)], dim=1)
+        return coupling_inverse(y, self.c_a, lambda a: self._scale_shift(a, warm))
 
 
 class FastFlow2d(nn.Module):
@@ -81,17 +82,10 @@ class FastFlow2d(nn.Module):
             ConvAffineCoupling(channels, hidden, kernel if k % 2 == 0 else 1, clamp_alpha)
             for k in range(n_steps)
         )
-        # As in ConditionalFlow: the half a step left unchanged becomes the half the next step
-        # transforms (shuffled within halves), so no channel passes through untransformed.
-        c_a = channels // 2
-        perms = torch.stack(
-            [
-                torch.cat([c_a + torch.randperm(channels - c_a), torch.randperm(c_a)])
-                for _ in range(n_steps)
-            ]
-        )
+        # as in ConditionalFlow: no channel passes through untransformed (ccnf.flows.permutation)
+        perms, inv_perms = half_swap_permutations(channels, n_steps)
         self.register_buffer("perms", perms)
-        self.register_buffer("inv_perms", torch.argsort(perms, dim=1))
+        self.register_buffer("inv_perms", inv_perms)
 
     @torch.no_grad()
     def init_actnorm(self, x: torch.Tensor) -> None:
@@ -162,8 +156,8 @@ class FastFlowModel(PerClassModel):
         (B, 1, H, W)."""
         z, logdet = self.flows[level](x, self.warm())
         c = x.shape[1]
-        half_sq = 0.5 * z.pow(2).sum(dim=1)
-        log_p = -half_sq - 0.5 * c * LOG_2PI + logdet
+        half_sq = half_sq_norm(z, dim=1)
+        log_p = log_normal_from_half_sq(half_sq, c) + logdet
         return (-log_p / c)[:, None], (half_sq / c)[:, None]
 
     def fit(

@@ -24,10 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ccnf.baselines.base import LOG_2PI, PerClassModel, require_images
+from ccnf.baselines.base import PerClassModel, require_images
 from ccnf.config import TrainConfig
 from ccnf.flows.flow import ConditionalFlow
+from ccnf.flows.gaussian import half_sq_norm, log_normal_from_half_sq
 from ccnf.flows.positional import positional_encoding_2d
+from ccnf.patches import gather_patches, sample_positions
 
 
 class FlowBankModel(PerClassModel):
@@ -91,9 +93,8 @@ class FlowBankModel(PerClassModel):
         mean, std = getattr(self, f"feat_mean_{level}"), getattr(self, f"feat_std_{level}")
         x = (x - mean) / std
         z, logdet, _ = self.flows[level](x, getattr(self, f"pos_{level}")[pos], self.warm())
-        d = x.shape[1]
-        half_sq = 0.5 * z.pow(2).sum(-1)
-        return -half_sq - 0.5 * d * LOG_2PI + logdet - std.log().sum(), half_sq
+        half_sq = half_sq_norm(z)
+        return log_normal_from_half_sq(half_sq, x.shape[1]) + logdet - std.log().sum(), half_sq
 
     def fit(
         self, feats: list[torch.Tensor], train: TrainConfig, gen: torch.Generator
@@ -138,11 +139,5 @@ def _sample(
     x_all: torch.Tensor, images: torch.Tensor, k: int | None, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k random positions per image (all when k is None or >= P): ((B*k, D), (B*k,) positions)."""
-    b, p = images.numel(), x_all.shape[1]
-    if k is None or k >= p:
-        pos = torch.arange(p).expand(b, p)
-    else:
-        pos = torch.rand(b, p, generator=gen).argsort(dim=1)[:, :k]
-    pos = pos.to(x_all.device)
-    idx = images.to(x_all.device)[:, None]
-    return x_all[idx, pos].reshape(-1, x_all.shape[-1]), pos.reshape(-1)
+    pos = sample_positions(images.numel(), x_all.shape[1], k, gen).to(x_all.device)
+    return gather_patches(x_all, images.to(x_all.device), pos), pos.reshape(-1)

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from ccnf.baselines.base import LOG_2PI, PerClassModel, require_images
+from ccnf.baselines.base import PerClassModel, require_images
 from ccnf.config import TrainConfig
+from ccnf.flows.gaussian import log_normalizer
 
 
 class GaussianModel(PerClassModel):
@@ -81,7 +82,8 @@ class GaussianModel(PerClassModel):
             m2 = ((d @ getattr(self, f"precision_{lvl}")) * d).sum(dim=-1)  # (P, B)
             # float32 round-off can push a tiny quadratic form below 0; m^2 is >= 0
             latent = 0.5 * m2.clamp_min(0) / c
-            nf = latent + (0.5 * getattr(self, f"logdet_{lvl}")[:, None] / c + 0.5 * LOG_2PI)
+            # + 0.5 log(2 pi): the normalizer per dimension
+            nf = latent + (0.5 * getattr(self, f"logdet_{lvl}")[:, None] / c + log_normalizer(1))
             out["latent"].append(latent.t().reshape(b, 1, h, w))
             out["nf"].append(nf.t().reshape(b, 1, h, w))
         return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ccnf.baselines.base import PerClassModel
-from ccnf.scoring import PatchScores
+from ccnf.patch_scores import PatchScores
 
 
 @torch.no_grad()

@@ -1,4 +1,10 @@
-"""Normalizing-flow building blocks and the CCNF model."""
+"""Normalizing-flow building blocks and the CCNF model.
+
+Shared primitives (one concept per module, used by CCNF and the per-class baselines):
+:mod:`~ccnf.flows.gaussian` (standard-normal base density), :mod:`~ccnf.flows.log_scale`
+(soft clamp and warm-up of a coupling's log-scale), :mod:`~ccnf.flows.affine` (the affine
+coupling transform), :mod:`~ccnf.flows.permutation` (fixed permutations between couplings).
+"""
 
 from ccnf.flows.ccnf import CCNF, LevelOutput
 from ccnf.flows.coupling import ConditionalAffineCoupling

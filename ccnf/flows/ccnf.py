@@ -8,7 +8,7 @@ Per level l (patch features x in R^{D_l}):
                                              noise-level embedding (P6; only if noise_dim > 0)
     z = f_l(x'; c)
     log p(x | y) = log N(z; mu, I) + log|det df_l/dx'| - sum_d log s_d
-                 = -0.5 ||z - mu||^2 - 0.5 D_l log(2 pi) + logdet,
+                 = -0.5 ||z - mu||^2 - 0.5 D_l log(2 pi) + logdet     (ccnf.flows.gaussian),
 with mu = 0 (``flow.prior: standard``) or mu = mu_{y,l} (``class_mixture``, E7/E10).
 With ``flow.conditioning: film`` e_y leaves c and modulates the subnets' hidden units instead.
 With ``flow.class_actnorm`` each class also has its own learned elementwise affine (log-scale,
@@ -28,7 +28,6 @@ import math
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,11 +36,10 @@ from torch import nn
 from ccnf.config import FlowConfig
 from ccnf.errors import CcnfError
 from ccnf.flows.flow import ConditionalFlow
+from ccnf.flows.gaussian import log_normal
+from ccnf.flows.log_scale import warmup_factor
 from ccnf.flows.positional import positional_encoding_2d
 from ccnf.flows.spectral import SNLinear
-from ccnf.store import load_artifact, recovery_fix
-
-LOG_2PI = math.log(2 * math.pi)
 
 
 @dataclass
@@ -163,9 +161,7 @@ class CCNF(nn.Module):
     # -- stabilizer switches -----------------------------------------------------------------
     def warm(self) -> float:
         """Additive-to-affine factor w = min(1, step / warmup_steps)."""
-        if self.cfg.warmup_steps == 0:
-            return 1.0
-        return min(1.0, float(self.global_step) / self.cfg.warmup_steps)
+        return warmup_factor(self.global_step, self.cfg.warmup_steps)
 
     def set_spectral_norm(self, enabled: bool, absorb: bool = False) -> None:
         """Switch spectral norm on or off in every subnet layer. Switching it on with
@@ -295,10 +291,8 @@ class CCNF(nn.Module):
             logdet = logdet - std.log().sum()
         elif self.cfg.class_norm:
             logdet = logdet - std.log().sum(dim=-1)
-        d = x.shape[1]
         mu = self.prototype(level, y) if self.cfg.prior == "class_mixture" else None
-        centred = z if mu is None else z - mu
-        log_prob = -0.5 * centred.pow(2).sum(dim=-1) - 0.5 * d * LOG_2PI + logdet
+        log_prob = log_normal(z, mu) + logdet
         return LevelOutput(z=z, logdet=logdet, scale_sq=scale_sq, log_prob=log_prob, mu=mu)
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -333,18 +327,6 @@ class CCNF(nn.Module):
                 fix="the flow section changed since this checkpoint was written: dvc repro",
             ) from None
         return model
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """``path``/model.pt: any model kind's checkpoint dict (pickle-free, see ccnf.store)."""
-    file = Path(path) / "model.pt"
-    if not file.is_file():
-        raise CcnfError(f"checkpoint not found: {file}", fix="run the stage that writes it")
-    ckpt = load_artifact(file, kind="checkpoint", fix=recovery_fix(file))
-    if not isinstance(ckpt, dict):
-        raise CcnfError(f"checkpoint {file} does not hold a dict", where=str(file),
-                        fix=recovery_fix(file))
-    return ckpt
 
 
 def _head_shapes(head: nn.Module) -> list[list[int]]:

@@ -4,7 +4,9 @@ Split x = [x_a, x_b]; h = W_1 [x_a, c] + b_1; with FiLM h <- h * (1 + gamma(e)) 
 (s_raw, t) = W_2 relu(h) + b_2;
   s = alpha * tanh(s_raw / alpha) * w      (soft clamp, stabilizer 2; warm-up w, stabilizer 3)
   y = [x_a, x_b * exp(s) + t],   log|det dy/dx| = sum(s).
-The subnet's linear layers are :class:`SNLinear` (spectral norm, stabilizer 1).
+The subnet's linear layers are :class:`SNLinear` (spectral norm, stabilizer 1). The transform
+itself is :mod:`ccnf.flows.affine`, the clamp and warm-up :mod:`ccnf.flows.log_scale` (shared
+with the FastFlow baseline's convolutional coupling).
 w = min(1, step / warmup_steps) goes from 0 (additive, volume preserving) to 1 (affine).
 
 FiLM (feature-wise linear modulation, Perez et al. 2018): a second condition e (the class
@@ -18,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ccnf.flows.affine import coupling_forward, coupling_inverse
+from ccnf.flows.log_scale import clamped_log_scale
 from ccnf.flows.spectral import SNLinear
 
 
@@ -75,8 +79,7 @@ class ConditionalAffineCoupling(nn.Module):
             gamma, beta = mod.chunk(2, dim=-1)
             h = h * (1 + gamma) + beta
         s_raw, t = self.out(self.act(h)).chunk(2, dim=-1)
-        s = self.clamp_alpha * torch.tanh(s_raw / self.clamp_alpha) * warm
-        return s, t
+        return clamped_log_scale(s_raw, self.clamp_alpha, warm), t
 
     def forward(
         self,
@@ -86,10 +89,10 @@ class ConditionalAffineCoupling(nn.Module):
         film: torch.Tensor | None = None,
         film_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x_a, x_b = x[:, : self.dim_a], x[:, self.dim_a :]
-        s, t = self._scale_shift(x_a, cond, warm, film, film_index)
-        y_b = x_b * torch.exp(s) + t
-        return torch.cat([x_a, y_b], dim=-1), s.sum(dim=-1), s
+        y, s = coupling_forward(
+            x, self.dim_a, lambda x_a: self._scale_shift(x_a, cond, warm, film, film_index)
+        )
+        return y, s.sum(dim=-1), s
 
     def inverse(
         self,
@@ -99,6 +102,6 @@ class ConditionalAffineCoupling(nn.Module):
         film: torch.Tensor | None = None,
         film_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        y_a, y_b = y[:, : self.dim_a], y[:, self.dim_a :]
-        s, t = self._scale_shift(y_a, cond, warm, film, film_index)
-        return torch.cat([y_a, (y_b - t) * torch.exp(-s)], dim=-1)
+        return coupling_inverse(
+            y, self.dim_a, lambda y_a: self._scale_shift(y_a, cond, warm, film, film_index)
+        )

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ccnf.flows.coupling import ConditionalAffineCoupling
+from ccnf.flows.permutation import half_swap_permutations
 
 
 class ConditionalFlow(nn.Module):
@@ -43,19 +44,10 @@ class ConditionalFlow(nn.Module):
             )
             for _ in range(n_couplings)
         )
-        # Each permutation moves the half a coupling left unchanged (x_a) into the half the next
-        # coupling transforms, shuffled within halves: every dimension is transformed at least
-        # every second coupling (purely random permutations leave some dimensions untouched,
-        # and an untouched raw feature then dominates ||z||^2). Drawn from the global RNG.
-        dim_a = dim // 2
-        perms = torch.stack(
-            [
-                torch.cat([dim_a + torch.randperm(dim - dim_a), torch.randperm(dim_a)])
-                for _ in range(n_couplings)
-            ]
-        )
+        # x_a of each coupling becomes the next one's transformed half (drawn from the global RNG)
+        perms, inv_perms = half_swap_permutations(dim, n_couplings)
         self.register_buffer("perms", perms)
-        self.register_buffer("inv_perms", torch.argsort(perms, dim=1))
+        self.register_buffer("inv_perms", inv_perms)
 
     def forward(
         self,

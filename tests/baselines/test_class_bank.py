@@ -12,13 +12,13 @@ from ccnf.baselines import (
     BANK_KINDS,
     ClassBank,
     bank_patch_scores,
-    class_seed,
     model_spec,
     nbytes,
 )
 from ccnf.config import ScoreConfig, TrainConfig, parse_params
 from ccnf.errors import CcnfError
 from ccnf.scoring import assemble
+from ccnf.seeding import class_seed
 from ccnf.store import load_artifact, save_artifact
 
 CHANNELS = [4, 6]

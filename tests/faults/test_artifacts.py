@@ -28,7 +28,7 @@ from ccnf.atomic import atomic_path, remove_stale_temporaries, write_json
 from ccnf.data.manifest import Manifest
 from ccnf.errors import CcnfError
 from ccnf.features import load_split
-from ccnf.flows.ccnf import read_checkpoint
+from ccnf.models import read_checkpoint
 from ccnf.store import (
     dumps,
     load_artifact,

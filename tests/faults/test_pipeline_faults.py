@@ -33,7 +33,7 @@ from ccnf.config import load_params
 from ccnf.errors import CcnfError
 from ccnf.evaluate import evaluate_task
 from ccnf.features import FeatureMeta, load_split
-from ccnf.flows.ccnf import read_checkpoint
+from ccnf.models import read_checkpoint
 from ccnf.store import load_artifact, load_npz, read_json, save_artifact
 from ccnf.train import train_task
 

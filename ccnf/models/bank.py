@@ -1,0 +1,115 @@
+"""The per-class baselines behind the model contract: one model per class, in a ClassBank.
+
+Learning a task fits one fresh, seeded model per new class (:class:`ccnf.baselines.ClassBank`);
+no earlier class is touched, so a bank cannot forget and ``train.strategy`` does not apply.
+The torch modules live in :mod:`ccnf.baselines`; this module is the glue between them and the
+pipeline. Class selection: the class whose model gives the image the highest likelihood
+(mean over levels of -log p(X) / (D_l H_l W_l)).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import track
+
+from ccnf.baselines import ClassBank, bank_patch_scores, model_spec
+from ccnf.models.base import AnomalyModel, TaskInputs
+from ccnf.patch_scores import PatchScores
+from ccnf.seeding import class_seed
+
+if TYPE_CHECKING:
+    from ccnf.config import Params
+    from ccnf.features import FeatureMeta
+
+
+class BankModel(AnomalyModel):
+    """A :class:`ClassBank` of ``kind``'s per-class models."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, bank: ClassBank) -> None:
+        self.bank = bank
+
+    @classmethod
+    def create(cls, params: Params, meta: FeatureMeta) -> BankModel:
+        return cls(ClassBank(cls.kind, model_spec(params, meta.channels, meta.grids)))
+
+    @classmethod
+    def restore(
+        cls, ckpt: dict[str, Any], params: Params, meta: FeatureMeta | None,
+        device: torch.device,
+    ) -> BankModel:
+        spec = None if meta is None else model_spec(params, meta.channels, meta.grids)
+        return cls(ClassBank.from_checkpoint(ckpt, expected_kind=cls.kind, expected_spec=spec,
+                                             device=device))
+
+    def state(self) -> dict[str, Any]:
+        ckpt = self.bank.checkpoint(n_parameters=self.bank.n_parameters())
+        return {k: v for k, v in ckpt.items() if k not in ("kind", "classes")}
+
+    @property
+    def classes(self) -> list[str]:
+        return self.bank.classes
+
+    def n_parameters(self) -> int:
+        return self.bank.n_parameters()
+
+    def learn_task(
+        self, inputs: TaskInputs, params: Params, *, console: Console | None = None
+    ) -> list[dict[str, float]]:
+        """Fit one model per new class on its fit images (seeded by the class's global index)."""
+        rows: list[dict[str, float]] = []
+        for name in track(
+            inputs.classes, description=f"train t{inputs.task} ({self.kind})", console=console,
+            disable=console is None,
+        ):
+            seed = class_seed(params.seed, params.classes.index(name))
+            log = self.bank.add_class(name, inputs.classes[name].features, params.train, seed)
+            # the bank's optimizer steps already stop on a non-finite loss or gradient norm
+            rows += [{"step": len(rows) + i, "task": inputs.task, **row}
+                     for i, row in enumerate(log)]
+        return rows
+
+    def patch_scores(
+        self, features: list[torch.Tensor], classes: list[str], batch_images: int
+    ) -> PatchScores:
+        """Image i under class classes[i]'s model; images grouped by class, then re-ordered."""
+        groups = {
+            name: torch.tensor([i for i, c in enumerate(classes) if c == name])
+            for name in dict.fromkeys(classes)
+        }
+        parts = {
+            name: bank_patch_scores(self.bank[name], [f[idx] for f in features], batch_images)
+            for name, idx in groups.items()
+        }
+        if len(parts) == 1:
+            return next(iter(parts.values()))
+        order = torch.argsort(torch.cat(list(groups.values())))
+        merged = PatchScores.cat(list(parts.values()))
+        return PatchScores({s: [lv[order] for lv in levels] for s, levels in merged.levels.items()})
+
+    def select(
+        self,
+        features: list[torch.Tensor],
+        candidates: list[str],
+        batch_images: int,
+        level: int | None,
+    ) -> dict[str, np.ndarray]:
+        stat = -self.bank.selection_scores(features, candidates).double().numpy()
+        return {"likelihood": np.argmax(stat, axis=1)}
+
+
+class GaussianKind(BankModel):
+    kind = "gaussian"
+
+
+class FlowBankKind(BankModel):
+    kind = "flow_bank"
+
+
+class FastFlowKind(BankModel):
+    kind = "fastflow"
