@@ -33,6 +33,7 @@ from ccnf.bench.baselines import measure_baseline
 from ccnf.config import load_params
 from ccnf.features import load_inputs
 from ccnf.flows.ccnf import CCNF, read_checkpoint
+from ccnf.models.ccnf import ccnf_spec
 from ccnf.scoring import score_images, unit_level_stats
 from ccnf.train import init_model, train_task
 
@@ -53,7 +54,7 @@ def ccnf_costs(params_path: Path, features: Path, cls: str) -> dict[str, float |
             prev = root / task
         ckpt = read_checkpoint(prev)
         size = (prev / "model.pt").stat().st_size
-    model = CCNF.from_checkpoint(ckpt, params.flow)
+    model = CCNF.from_checkpoint(ckpt, ccnf_spec(params.flow, ckpt["channels"]))
     test = load_inputs(features, cls, "test", params.features.neighbourhood)
     cid = params.classes.index(cls)
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """The ``ccnf`` command line: what users run outside DVC.
 
     ccnf params                 validate params.yaml, show the data, split and task chain
-    ccnf deps [--check]         the code each dvc.yaml stage runs vs the deps it lists
+    ccnf deps [--check|--write] the code each dvc.yaml stage runs vs the deps it lists
     ccnf data use SOURCE ...    point the study at a dataset and a protocol (rewrites params)
     ccnf data protocols         the protocols that fit the current classes
     ccnf data synth OUT_DIR     generate the embedded synthetic dataset
@@ -77,12 +77,27 @@ def params_cmd(params: Path = PARAMS) -> None:
 def deps(
     dvc_yaml: Path = typer.Option(Path("dvc.yaml"), "--dvc-yaml", help="pipeline file"),
     check: bool = typer.Option(False, "--check", help="exit 1 when a stage misses a module"),
+    write: bool = typer.Option(False, "--write", help="rewrite every stage's code deps in "
+                               "dvc.yaml to exactly what it runs"),
 ) -> None:
     """The code each stage of dvc.yaml runs (its script's imports, followed through the
-    package) next to the deps it lists: what to write under a stage's deps."""
-    from ccnf.depgraph import minimal_deps, module_files, stage_code, uncovered
+    package) next to the deps it lists: what to write under a stage's deps (--write does)."""
+    from ccnf.atomic import write_text
+    from ccnf.depgraph import (
+        minimal_deps,
+        module_files,
+        rewrite_code_deps,
+        stage_code,
+        uncovered,
+    )
 
     root = dvc_yaml.resolve().parent
+    if write:
+        code = {name: minimal_deps(root, module_files(root, [script]))
+                for name, (script, _) in stage_code(dvc_yaml).items()}
+        write_text(dvc_yaml, rewrite_code_deps(dvc_yaml.read_text(), code))
+        console.print(f"{dvc_yaml}: code deps of {len(code)} stages rewritten")
+
     missing_any = False
     for name, (script, listed) in stage_code(dvc_yaml).items():
         files = module_files(root, [script])

@@ -12,6 +12,7 @@ of them a stage's deps miss. ``tests/test_dvc_deps.py`` runs it on every stage o
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -138,3 +139,36 @@ def minimal_deps(root: Path, files: Iterable[Path]) -> list[str]:
         if modules <= need and not any(a in out for a in folder.parents):
             out = {p for p in out if folder not in p.parents} | {folder}
     return sorted(str(p) for p in out)
+
+
+def rewrite_code_deps(text: str, code: dict[str, list[str]]) -> str:
+    """dvc.yaml ``text`` with each listed stage's code deps (entries under ccnf/ or stages/)
+    replaced by ``code[stage]``; its other deps (data, outputs of earlier stages) follow them
+    unchanged, and comments and layout elsewhere are kept."""
+    lines = text.split("\n")
+    out: list[str] = []
+    stage = None
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        head = re.match(r"^  ([A-Za-z0-9_@-]+):\s*$", line)
+        if head:
+            stage = head.group(1)
+        if stage in code and re.match(r"^\s*deps:\s*$", line):
+            out.append(line)
+            i += 1
+            indent, others = None, []
+            while i < len(lines):
+                item = re.match(r"^(\s*)- (.*)$", lines[i])
+                if not item or (indent is not None and item.group(1) != indent):
+                    break
+                indent = item.group(1)
+                value = item.group(2).strip()
+                if not value.startswith((f"{PACKAGE}/", "stages/")):
+                    others.append(value)
+                i += 1
+            out += [f"{indent}- {v}" for v in [*code[stage], *others]]
+            continue
+        out.append(line)
+        i += 1
+    return "\n".join(out)

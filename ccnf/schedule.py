@@ -18,9 +18,29 @@ Learning rate at step i of n (one round; ``train.meta_epochs`` repeats rounds on
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
-from ccnf.config import TrainConfig
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """The plain training hyper-parameters a model's optimizer loop reads (the ``train``
+    section of params.yaml; :meth:`of` copies them), so the torch code never sees the schema."""
+
+    epochs: int
+    min_steps_per_class: int
+    images_per_step: int
+    patches_per_image: int | None
+    lr: float
+    weight_decay: float
+    grad_clip: float | None
+    lr_schedule: str  # constant | cosine
+    lr_warmup_steps: int
+
+    @staticmethod
+    def of(train: Any) -> TrainSpec:
+        """The spec of ``train`` (a :class:`ccnf.config.TrainConfig`)."""
+        return TrainSpec(**{f.name: getattr(train, f.name) for f in fields(TrainSpec)})
 
 
 @dataclass(frozen=True)
@@ -31,7 +51,7 @@ class StepBudget:
     steps: int
 
     @staticmethod
-    def of(n_images: int, n_classes: int, train: TrainConfig) -> StepBudget:
+    def of(n_images: int, n_classes: int, train: TrainSpec) -> StepBudget:
         per_epoch = math.ceil(n_images / train.images_per_step)
         steps = max(train.epochs * per_epoch, train.min_steps_per_class * n_classes)
         return StepBudget(per_epoch, steps)
@@ -40,7 +60,7 @@ class StepBudget:
         return step // self.steps_per_epoch
 
 
-def lr_factor(step: int, total: int, train: TrainConfig) -> float:
+def lr_factor(step: int, total: int, train: TrainSpec) -> float:
     """Multiplier of ``train.lr`` at step ``step`` of ``total`` (see the module docstring)."""
     warm = 1.0
     if train.lr_warmup_steps > 0:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from conftest import REPO
 
-from ccnf.depgraph import minimal_deps, module_files, stage_code, uncovered
+from ccnf.depgraph import minimal_deps, module_files, rewrite_code_deps, stage_code, uncovered
 
 
 def test_every_stage_lists_every_module_it_imports() -> None:
@@ -71,3 +71,14 @@ def test_the_check_catches_a_missing_module(tmp_path: Path) -> None:
     assert uncovered(files, deps) == [Path("ccnf/d.py")]
     assert uncovered(files, [*deps, "ccnf/d.py"]) == []
     assert "ccnf/sub" in minimal_deps(tmp_path, files)
+
+
+def test_rewriting_the_code_deps_keeps_the_data_deps_and_fixes_the_gap(tmp_path: Path) -> None:
+    text = ("# comment\nstages:\n  run:\n    cmd: python stages/run.py\n    deps:\n"
+            "    - stages/run.py\n    - ccnf/a.py\n    - features\n    - ${item.prev}\n"
+            "    params:\n    - seed\n")
+    out = rewrite_code_deps(text, {"run": ["ccnf/a.py", "ccnf/d.py", "stages/run.py"]})
+    assert out.startswith("# comment\n") and out.endswith("    params:\n    - seed\n")
+    assert "    - ccnf/a.py\n    - ccnf/d.py\n    - stages/run.py\n    - features\n" \
+        "    - ${item.prev}\n" in out
+    assert rewrite_code_deps(out, {"run": ["ccnf/a.py", "ccnf/d.py", "stages/run.py"]}) == out

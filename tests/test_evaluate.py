@@ -24,7 +24,7 @@ from ccnf.evaluate import evaluate_task
 from ccnf.flows import CCNF
 from ccnf.metrics import precision_recall_f1_at
 from ccnf.models import read_checkpoint
-from ccnf.models.ccnf import CCNFModel
+from ccnf.models.ccnf import CCNFModel, ccnf_spec
 from ccnf.models.ccnf_scores import ClassStatistics, calibration_patches, patch_scores
 from ccnf.names import ALL_METRICS, SCORES
 from ccnf.scoring import (
@@ -93,7 +93,7 @@ def build_study(
         "grids": GRIDS, "image_size": size, "mask_size": size, "classes": params.classes,
     })
     torch.manual_seed(0)
-    model = CCNF(CHANNELS, GRIDS, params.flow, n_classes=0)
+    model = CCNF(CHANNELS, GRIDS, ccnf_spec(params.flow, CHANNELS), n_classes=0)
     calibration: dict[str, Any] = {}
     for t, task in enumerate(params.task_names):
         model.add_classes(len(task_split[t]))
@@ -199,7 +199,7 @@ def test_selection_accuracy_and_agnostic_scores_against_direct_computation(
             assert agn["per_class"][cls][score] == res["per_class"][cls][score]
     # class c: images 0 and 5 scored under class a, with a's calibration and a's thresholds
     ckpt = read_checkpoint(root / "models/t1")
-    model = CCNF.from_checkpoint(ckpt, params.flow)
+    model = CCNF.from_checkpoint(ckpt, ccnf_spec(params.flow, ckpt["channels"]))
     feats = load_artifact(root / "features/c/test.pt", kind="features", fix="")
     ids = torch.tensor([0, 2, 2, 2, 2, 0])
     names = ["a", "c", "c", "c", "c", "a"]

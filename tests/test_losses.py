@@ -16,12 +16,13 @@ from ccnf.losses import (
     total_loss,
     z_moment_reg,
 )
+from ccnf.models.ccnf import ccnf_spec
 
 
 def _model_and_batch(n_classes: int = 3) -> tuple[CCNF, LevelBatch]:
     torch.manual_seed(0)
     cfg = FlowConfig(n_couplings=2, hidden_dim=8, embedding_dim=4, pos_dim=4, warmup_steps=0)
-    model = CCNF([6], [[3, 3]], cfg, n_classes=n_classes)
+    model = CCNF([6], [[3, 3]], ccnf_spec(cfg, [6]), n_classes=n_classes)
     b, k = 4, 5
     image_class = torch.tensor([0, 1, 2, 1])[:b] % n_classes
     batch = LevelBatch(
@@ -123,7 +124,7 @@ def test_class_mixture_prior_uses_the_class_centre_in_log_p() -> None:
     torch.manual_seed(0)
     cfg = FlowConfig(n_couplings=2, hidden_dim=8, embedding_dim=4, pos_dim=4, warmup_steps=0,
                      prior="class_mixture")
-    model = CCNF([6], [[3, 3]], cfg, n_classes=2)
+    model = CCNF([6], [[3, 3]], ccnf_spec(cfg, [6]), n_classes=2)
     model.eval()
     x, y, pos = torch.randn(5, 6), torch.tensor([0, 1, 0, 1, 1]), torch.arange(5)
     out = model.forward_level(0, x, y, pos)
@@ -131,7 +132,8 @@ def test_class_mixture_prior_uses_the_class_centre_in_log_p() -> None:
     assert out.mu is not None and float(mu.detach().abs().sum()) > 0
     want = -0.5 * (out.z - mu).pow(2).sum(1) - 3 * math.log(2 * math.pi) + out.logdet
     torch.testing.assert_close(out.log_prob, want)
-    standard = CCNF([6], [[3, 3]], cfg.model_copy(update={"prior": "standard"}), n_classes=2)
+    std_prior = ccnf_spec(cfg.model_copy(update={"prior": "standard"}), [6])
+    standard = CCNF([6], [[3, 3]], std_prior, n_classes=2)
     standard.load_state_dict(model.state_dict())
     standard.eval()
     plain = standard.forward_level(0, x, y, pos)
@@ -152,7 +154,7 @@ def test_position_only_flow_ignores_the_class() -> None:
     torch.manual_seed(0)
     cfg = FlowConfig(n_couplings=2, hidden_dim=8, embedding_dim=4, pos_dim=4, warmup_steps=0,
                      class_conditioning=False)
-    model = CCNF([6], [[3, 3]], cfg, n_classes=3)
+    model = CCNF([6], [[3, 3]], ccnf_spec(cfg, [6]), n_classes=3)
     model.eval()
     x, pos = torch.randn(4, 6), torch.arange(4)
     a = model.forward_level(0, x, torch.zeros(4, dtype=torch.long), pos)
@@ -166,13 +168,14 @@ def test_feature_norm_is_a_change_of_variables() -> None:
     torch.manual_seed(0)
     cfg = FlowConfig(n_couplings=2, hidden_dim=8, embedding_dim=4, pos_dim=4, warmup_steps=0,
                      feature_norm=True)
-    model = CCNF([6], [[3, 3]], cfg, n_classes=2)
+    model = CCNF([6], [[3, 3]], ccnf_spec(cfg, [6]), n_classes=2)
     model.eval()
     mean, std = torch.randn(6), torch.rand(6) + 0.5
     model.set_feature_stats(0, mean, std)
     x, y, pos = torch.randn(4, 6), torch.tensor([0, 1, 1, 0]), torch.arange(4)
     out = model.forward_level(0, x, y, pos)
-    raw = CCNF([6], [[3, 3]], cfg.model_copy(update={"feature_norm": False}), n_classes=2)
+    unnormed = ccnf_spec(cfg.model_copy(update={"feature_norm": False}), [6])
+    raw = CCNF([6], [[3, 3]], unnormed, n_classes=2)
     raw.load_state_dict(model.state_dict())
     raw.eval()
     ref = raw.forward_level(0, (x - mean) / std, y, pos)
@@ -239,7 +242,7 @@ def test_dsm_loss_is_zero_for_the_exact_score() -> None:
     torch.manual_seed(0)
     cfg = FlowConfig(n_couplings=1, hidden_dim=4, embedding_dim=2, pos_dim=4, warmup_steps=0,
                      spectral_norm=False, noise_dim=4)
-    model = CCNF([4], [[2, 2]], cfg, n_classes=1)
+    model = CCNF([4], [[2, 2]], ccnf_spec(cfg, [4]), n_classes=1)
     for p in model.flows.parameters():
         torch.nn.init.zeros_(p)  # s = t = 0: z = x, logdet = 0
     batch = LevelBatch(
@@ -255,7 +258,7 @@ def test_noise_condition_changes_the_density() -> None:
     torch.manual_seed(0)
     cfg = FlowConfig(n_couplings=2, hidden_dim=8, embedding_dim=4, pos_dim=4, warmup_steps=0,
                      noise_dim=4)
-    model = CCNF([6], [[3, 3]], cfg, n_classes=1)
+    model = CCNF([6], [[3, 3]], ccnf_spec(cfg, [6]), n_classes=1)
     model.eval()
     x, y, pos = torch.randn(4, 6), torch.zeros(4, dtype=torch.long), torch.arange(4)
     clean = model.forward_level(0, x, y, pos)

@@ -10,6 +10,7 @@ from ccnf.config import FlowConfig, ScoreConfig
 from ccnf.errors import CcnfError
 from ccnf.flows import CCNF
 from ccnf.flows.ccnf import LevelOutput
+from ccnf.models.ccnf import ccnf_spec
 from ccnf.models.ccnf_scores import (
     calibration_patches,
     class_statistics,
@@ -53,7 +54,7 @@ def _scored(power: int = 2, fusion: str = "mean"):
     """A small random CCNF, 3 images and their Scores (calibrated on themselves)."""
     torch.manual_seed(0)
     cfg = FlowConfig(n_couplings=2, hidden_dim=8, embedding_dim=4, pos_dim=4)
-    model = CCNF([5, 7], [[4, 4], [2, 2]], cfg, n_classes=2)
+    model = CCNF([5, 7], [[4, 4], [2, 2]], ccnf_spec(cfg, [5, 7]), n_classes=2)
     feats = [torch.randn(3, 5, 4, 4), torch.randn(3, 7, 2, 2)]
     sc = ScoreConfig(proto_power=power, smoothing_sigma=0.0, level_fusion=fusion)
     patches = patch_scores(model, feats, torch.tensor([0, 1, 1]), 2)
@@ -112,7 +113,7 @@ def test_latent_score_centres_on_the_class_mixture_prior() -> None:
     torch.manual_seed(0)
     cfg = FlowConfig(n_couplings=2, hidden_dim=8, embedding_dim=4, pos_dim=4,
                      prior="class_mixture")
-    model = CCNF([5], [[2, 2]], cfg, n_classes=2)
+    model = CCNF([5], [[2, 2]], ccnf_spec(cfg, [5]), n_classes=2)
     feats = [torch.randn(2, 5, 2, 2)]
     lat = patch_scores(model, feats, torch.tensor([1, 1]), 2).levels["latent"][0]
     out = model.forward_level(0, feats[0][0].flatten(1).t(), torch.full((4,), 1),

@@ -12,6 +12,7 @@ from ccnf.errors import CcnfError, NonFiniteLossError
 from ccnf.evaluate import evaluate_task
 from ccnf.features import extract_features, load_split
 from ccnf.models import read_checkpoint
+from ccnf.models.ccnf import ccnf_spec
 from ccnf.train import calibration_split, init_model, train_task
 
 
@@ -290,10 +291,10 @@ def test_finished_class_prototype_is_unchanged_by_later_tasks(prepared, prototyp
     params = parse_params(var)
     name = f"proto_{prototypes}"
     init_model(params, tmp / "features", tmp / name / "init")
-    m0 = CCNF.from_checkpoint(read_checkpoint(
-        _train(tmp, var, f"{name}/t0", prev=f"../{name}/init")), params.flow)
-    m1 = CCNF.from_checkpoint(read_checkpoint(
-        _train(tmp, var, f"{name}/t1", task="t1", prev=f"../{name}/t0")), params.flow)
+    ck0 = read_checkpoint(_train(tmp, var, f"{name}/t0", prev=f"../{name}/init"))
+    ck1 = read_checkpoint(_train(tmp, var, f"{name}/t1", task="t1", prev=f"../{name}/t0"))
+    m0 = CCNF.from_checkpoint(ck0, ccnf_spec(params.flow, ck0["channels"]))
+    m1 = CCNF.from_checkpoint(ck1, ccnf_spec(params.flow, ck1["channels"]))
     old = torch.tensor([0, 1])
     for lvl in range(m0.n_levels):
         before, after = m0.prototype(lvl, old).detach(), m1.prototype(lvl, old).detach()

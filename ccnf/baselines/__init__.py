@@ -9,7 +9,6 @@ from ccnf.baselines.bank import (
     BANK_KINDS,
     ClassBank,
     build_model,
-    model_spec,
     nbytes,
 )
 from ccnf.baselines.base import PerClassModel
@@ -29,6 +28,5 @@ __all__ = [
     "PerClassModel",
     "bank_patch_scores",
     "build_model",
-    "model_spec",
     "nbytes",
 ]

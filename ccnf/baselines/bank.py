@@ -17,8 +17,8 @@ from ccnf.baselines.base import PerClassModel
 from ccnf.baselines.fastflow import FastFlowModel
 from ccnf.baselines.flow_bank import FlowBankModel
 from ccnf.baselines.gaussian import GaussianModel
-from ccnf.config import Params, TrainConfig
 from ccnf.errors import CcnfError
+from ccnf.schedule import TrainSpec
 from ccnf.store import dumps
 
 MODELS: dict[str, type[PerClassModel]] = {
@@ -27,42 +27,6 @@ MODELS: dict[str, type[PerClassModel]] = {
     FastFlowModel.kind: FastFlowModel,
 }
 BANK_KINDS = tuple(MODELS)
-
-
-def model_spec(params: Params, channels: list[int], grids: list[list[int]]) -> dict[str, Any]:
-    """Constructor kwargs of ``params.model.kind``'s per-class model (from model.* / flow.*)."""
-    kind = params.model.kind
-    base = {"channels": [int(c) for c in channels], "grids": [[int(h), int(w)] for h, w in grids]}
-    m, f = params.model, params.flow
-    if kind == "gaussian":
-        return {**base, "eps": m.gaussian_eps}
-    if kind == "flow_bank":
-        n_levels = len(channels)
-        return {
-            **base,
-            "n_couplings": [f.couplings_at(lvl, n_levels) for lvl in range(n_levels)],
-            "hidden_dims": [f.hidden_at(lvl, n_levels, int(c)) for lvl, c in enumerate(channels)],
-            "clamp_alpha": f.clamp_alpha,
-            "spectral_norm": f.spectral_norm,
-            "pos_dim": f.pos_dim,
-            "warmup_steps": f.warmup_steps,
-            # a one-class model: task 0's statistics and the class's own are the same
-            "feature_norm": f.feature_norm or f.class_norm,
-        }
-    if kind == "fastflow":
-        return {
-            **base,
-            "n_steps": [f.couplings_at(lvl, len(channels)) for lvl in range(len(channels))],
-            "hidden_ratio": m.fastflow_hidden_ratio,
-            "kernel": m.fastflow_kernel,
-            "clamp_alpha": f.clamp_alpha,
-            "warmup_steps": f.warmup_steps,
-        }
-    raise CcnfError(
-        f"model.kind '{kind}' is not a per-class bank model",
-        where="params.yaml: model.kind",
-        fix=f"use one of {', '.join(BANK_KINDS)} here (ccnf is the shared CCNF model)",
-    )
 
 
 def build_model(kind: str, spec: dict[str, Any]) -> PerClassModel:
@@ -82,9 +46,9 @@ class ClassBank:
     """{class name -> :class:`PerClassModel`} of one kind and spec, grown by :meth:`add_class`.
 
     Args:
-        kind: gaussian | flow_bank | fastflow.  spec: the models' constructor kwargs
-        (:func:`model_spec`).  device: where models live and compute (built on CPU first so
-        initial weights do not depend on the device).
+        kind: gaussian | flow_bank | fastflow.  spec: the models' constructor kwargs (plain
+        values; :func:`ccnf.models.bank.model_spec` builds them from params).  device: where
+        models live and compute (built on CPU first so initial weights do not depend on it).
     """
 
     def __init__(self, kind: str, spec: dict[str, Any], device: str | torch.device = "cpu") -> None:
@@ -94,12 +58,6 @@ class ClassBank:
         self.spec = dict(spec)
         self.device = torch.device(device)
         self.models: dict[str, PerClassModel] = {}
-
-    @staticmethod
-    def from_params(
-        params: Params, channels: list[int], grids: list[list[int]], device: str = "cpu"
-    ) -> ClassBank:
-        return ClassBank(params.model.kind, model_spec(params, channels, grids), device)
 
     # -- classes -------------------------------------------------------------------------------
     @property
@@ -118,7 +76,7 @@ class ClassBank:
         return self.models[name]
 
     def add_class(
-        self, name: str, feats: list[torch.Tensor], train: TrainConfig, seed: int
+        self, name: str, feats: list[torch.Tensor], train: TrainSpec, seed: int
     ) -> list[dict[str, float]]:
         """Build, fit and store the model of class ``name``; returns its training log rows.
 

@@ -20,11 +20,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ccnf.config import TrainConfig
 from ccnf.errors import CcnfError, NonFiniteLossError
 from ccnf.flows.log_scale import warmup_factor
 from ccnf.optim import AdamW
-from ccnf.schedule import StepBudget, lr_factor
+from ccnf.schedule import StepBudget, TrainSpec, lr_factor
 
 
 class PerClassModel(nn.Module, ABC):
@@ -50,7 +49,7 @@ class PerClassModel(nn.Module, ABC):
 
     @abstractmethod
     def fit(
-        self, feats: list[torch.Tensor], train: TrainConfig, gen: torch.Generator
+        self, feats: list[torch.Tensor], train: TrainSpec, gen: torch.Generator
     ) -> list[dict[str, float]]:
         """Learn the class from its training features; returns one log row per optimizer step.
 
@@ -90,7 +89,7 @@ class PerClassModel(nn.Module, ABC):
     def train_epochs(
         self,
         n: int,
-        train: TrainConfig,
+        train: TrainSpec,
         gen: torch.Generator,
         loss_of: Callable[[torch.Tensor], torch.Tensor],
     ) -> list[dict[str, float]]:

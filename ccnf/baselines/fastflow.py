@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 from ccnf.baselines.base import PerClassModel, require_images
-from ccnf.config import TrainConfig
 from ccnf.flows.affine import coupling_forward, coupling_inverse
 from ccnf.flows.gaussian import half_sq_norm, log_normal_from_half_sq
 from ccnf.flows.log_scale import clamped_log_scale
 from ccnf.flows.permutation import half_swap_permutations
+from ccnf.schedule import TrainSpec
 
 
 class ConvAffineCoupling(nn.Module):
@@ -161,7 +161,7 @@ class FastFlowModel(PerClassModel):
         return (-log_p / c)[:, None], (half_sq / c)[:, None]
 
     def fit(
-        self, feats: list[torch.Tensor], train: TrainConfig, gen: torch.Generator
+        self, feats: list[torch.Tensor], train: TrainSpec, gen: torch.Generator
     ) -> list[dict[str, float]]:
         feats = self.check_features(feats, "fastflow fit")
         n = feats[0].shape[0]

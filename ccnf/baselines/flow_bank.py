@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 from ccnf.baselines.base import PerClassModel, require_images
-from ccnf.config import TrainConfig
 from ccnf.flows.flow import ConditionalFlow
 from ccnf.flows.gaussian import half_sq_norm, log_normal_from_half_sq
 from ccnf.flows.positional import positional_encoding_2d
 from ccnf.patches import gather_patches, sample_positions
+from ccnf.schedule import TrainSpec
 
 
 class FlowBankModel(PerClassModel):
@@ -97,7 +97,7 @@ class FlowBankModel(PerClassModel):
         return log_normal_from_half_sq(half_sq, x.shape[1]) + logdet - std.log().sum(), half_sq
 
     def fit(
-        self, feats: list[torch.Tensor], train: TrainConfig, gen: torch.Generator
+        self, feats: list[torch.Tensor], train: TrainSpec, gen: torch.Generator
     ) -> list[dict[str, float]]:
         feats = self.check_features(feats, "flow_bank fit")
         n = feats[0].shape[0]

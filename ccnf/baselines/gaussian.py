@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from ccnf.baselines.base import PerClassModel, require_images
-from ccnf.config import TrainConfig
 from ccnf.flows.gaussian import log_normalizer
+from ccnf.schedule import TrainSpec
 
 
 class GaussianModel(PerClassModel):
@@ -50,7 +50,7 @@ class GaussianModel(PerClassModel):
         return {"channels": self.channels, "grids": self.grids, "eps": self.eps}
 
     def fit(
-        self, feats: list[torch.Tensor], train: TrainConfig, gen: torch.Generator
+        self, feats: list[torch.Tensor], train: TrainSpec, gen: torch.Generator
     ) -> list[dict[str, float]]:
         """Estimate mean and precision per position (train and gen are unused: closed form)."""
         feats = self.check_features(feats, "gaussian fit")

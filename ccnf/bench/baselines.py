@@ -26,6 +26,8 @@ from ccnf.catalog import apply_overrides
 from ccnf.config import Params, parse_params
 from ccnf.features import FeatureMeta, load_inputs
 from ccnf.metrics import auroc
+from ccnf.models.bank import model_spec
+from ccnf.schedule import TrainSpec
 from ccnf.scoring import assemble, calibration_record, level_stats_of, stack_stats
 from ccnf.seeding import class_seed
 from ccnf.train import calibration_split
@@ -46,9 +48,10 @@ def measure_baseline(kind: str, cls: str, raw: dict, features_dir: Path
     fit_idx, calib_idx = calibration_split(len(train), params.eval.calib_fraction, params.seed)
     fit = train.subset(fit_idx)
     test = load_inputs(features_dir, cls, "test", params.features.neighbourhood)
-    bank = ClassBank.from_params(params, meta.channels, meta.grids)
+    bank = ClassBank(params.model.kind, model_spec(params, meta.channels, meta.grids))
     t0 = time.perf_counter()
-    rows = bank.add_class(cls, fit.features, params.train, class_seed(params.seed, 0))
+    rows = bank.add_class(cls, fit.features, TrainSpec.of(params.train),
+                          class_seed(params.seed, 0))
     fit_s = time.perf_counter() - t0
     batch, size = params.eval.batch_images, params.data.mask_size
     record = calibration_record(

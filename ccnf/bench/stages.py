@@ -27,6 +27,7 @@ from ccnf.bench.harness import (
 )
 from ccnf.config import Params, parse_params
 from ccnf.data.manifest import Manifest
+from ccnf.models.ccnf import ccnf_spec
 from ccnf.optim import AdamW
 
 QUIET = Console(quiet=True)
@@ -97,7 +98,8 @@ def fresh_model(meta: Any, params: Params, n_classes: int, device: torch.device)
     from ccnf.flows.ccnf import CCNF
 
     torch.manual_seed(params.seed)
-    model = CCNF(meta.channels, meta.grids, params.flow, n_classes=n_classes).to(device)
+    spec = ccnf_spec(params.flow, meta.channels)
+    model = CCNF(meta.channels, meta.grids, spec, n_classes=n_classes).to(device)
     model.global_step.fill_(params.flow.warmup_steps)
     return model
 

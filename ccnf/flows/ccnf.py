@@ -33,7 +33,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ccnf.config import FlowConfig
 from ccnf.errors import CcnfError
 from ccnf.flows.flow import ConditionalFlow
 from ccnf.flows.gaussian import log_normal
@@ -73,16 +72,42 @@ def noise_embedding(sigma: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([arg.sin(), arg.cos()], dim=-1)
 
 
+@dataclass(frozen=True)
+class CCNFSpec:
+    """Plain hyper-parameters of a :class:`CCNF` (built from params.yaml's ``flow`` section by
+    :func:`ccnf.models.ccnf.ccnf_spec`; the module never sees the schema).
+
+    n_couplings, hidden_dims: per level; conditioning: film | concat; prior: standard |
+    class_mixture; prototypes: fixed | shared; the rest as the ``flow.*`` keys of the same name.
+    """
+
+    n_couplings: tuple[int, ...]
+    hidden_dims: tuple[int, ...]
+    embedding_dim: int = 32
+    pos_dim: int = 32
+    noise_dim: int = 0
+    conditioning: str = "film"
+    class_conditioning: bool = True
+    class_norm: bool = True
+    class_actnorm: bool = False
+    feature_norm: bool = False
+    prior: str = "standard"
+    prototypes: str = "fixed"
+    clamp_alpha: float = 1.9
+    spectral_norm: bool = False
+    warmup_steps: int = 50
+
+
 class CCNF(nn.Module):
     """Continual conditional normalizing flow over L feature levels.
 
     Args:
         channels: D_l per level.  grids: (H_l, W_l) per level (for the positional encoding).
-        cfg: the ``flow`` section of params.yaml.
+        cfg: the flow's hyper-parameters (:class:`CCNFSpec`, one entry per level).
     """
 
     def __init__(
-        self, channels: list[int], grids: list[list[int]], cfg: FlowConfig, n_classes: int = 0
+        self, channels: list[int], grids: list[list[int]], cfg: CCNFSpec, n_classes: int = 0
     ) -> None:
         super().__init__()
         self.channels = list(channels)
@@ -93,13 +118,15 @@ class CCNF(nn.Module):
         film = cfg.class_conditioning and cfg.conditioning == "film"
         concat = cfg.class_conditioning and not film
         cond_dim = (emb if concat else 0) + cfg.pos_dim + cfg.noise_dim
-        n_levels = len(self.channels)
+        if not len(cfg.n_couplings) == len(cfg.hidden_dims) == len(self.channels):
+            raise ValueError(f"{len(self.channels)} levels but {len(cfg.n_couplings)} coupling "
+                             f"counts and {len(cfg.hidden_dims)} subnet widths")
         self.flows = nn.ModuleList(
             ConditionalFlow(
                 d,
                 cond_dim,
-                n_couplings=cfg.couplings_at(lvl, n_levels),
-                hidden_dim=cfg.hidden_at(lvl, n_levels, d),
+                n_couplings=cfg.n_couplings[lvl],
+                hidden_dim=cfg.hidden_dims[lvl],
                 clamp_alpha=cfg.clamp_alpha,
                 spectral_norm=cfg.spectral_norm,
                 film_dim=emb if film else 0,
@@ -125,7 +152,7 @@ class CCNF(nn.Module):
             # flow.class_actnorm: per class and coupling, (log-scale, shift) per dimension;
             # zero = identity, and a class's rows get gradients only from its own data
             if cfg.class_actnorm:
-                k = cfg.couplings_at(lvl, n_levels)
+                k = cfg.n_couplings[lvl]
                 setattr(self, f"actnorm_{lvl}",
                         nn.Parameter(torch.zeros(n_classes, k, 2, self.channels[lvl])))
         self.register_buffer("proto_frozen", torch.zeros(n_classes, dtype=torch.bool))
@@ -307,7 +334,7 @@ class CCNF(nn.Module):
         }
 
     @staticmethod
-    def from_checkpoint(ckpt: dict[str, Any], cfg: FlowConfig) -> CCNF:
+    def from_checkpoint(ckpt: dict[str, Any], cfg: CCNFSpec) -> CCNF:
         if "state_dict" not in ckpt:
             raise CcnfError(
                 f"checkpoint holds a '{ckpt.get('kind', '?')}' model, not CCNF (model.kind)",

@@ -16,14 +16,52 @@ import torch
 from rich.console import Console
 from rich.progress import track
 
-from ccnf.baselines import ClassBank, bank_patch_scores, model_spec
+from ccnf.baselines import BANK_KINDS, ClassBank, bank_patch_scores
+from ccnf.errors import CcnfError
 from ccnf.models.base import AnomalyModel, TaskInputs
 from ccnf.patch_scores import PatchScores
+from ccnf.schedule import TrainSpec
 from ccnf.seeding import class_seed
 
 if TYPE_CHECKING:
     from ccnf.config import Params
     from ccnf.features import FeatureMeta
+
+
+def model_spec(params: Params, channels: list[int], grids: list[list[int]]) -> dict[str, Any]:
+    """Constructor kwargs of ``params.model.kind``'s per-class model (from model.* / flow.*)."""
+    kind = params.model.kind
+    base = {"channels": [int(c) for c in channels], "grids": [[int(h), int(w)] for h, w in grids]}
+    m, f = params.model, params.flow
+    if kind == "gaussian":
+        return {**base, "eps": m.gaussian_eps}
+    if kind == "flow_bank":
+        n_levels = len(channels)
+        return {
+            **base,
+            "n_couplings": [f.couplings_at(lvl, n_levels) for lvl in range(n_levels)],
+            "hidden_dims": [f.hidden_at(lvl, n_levels, int(c)) for lvl, c in enumerate(channels)],
+            "clamp_alpha": f.clamp_alpha,
+            "spectral_norm": f.spectral_norm,
+            "pos_dim": f.pos_dim,
+            "warmup_steps": f.warmup_steps,
+            # a one-class model: task 0's statistics and the class's own are the same
+            "feature_norm": f.feature_norm or f.class_norm,
+        }
+    if kind == "fastflow":
+        return {
+            **base,
+            "n_steps": [f.couplings_at(lvl, len(channels)) for lvl in range(len(channels))],
+            "hidden_ratio": m.fastflow_hidden_ratio,
+            "kernel": m.fastflow_kernel,
+            "clamp_alpha": f.clamp_alpha,
+            "warmup_steps": f.warmup_steps,
+        }
+    raise CcnfError(
+        f"model.kind '{kind}' is not a per-class bank model",
+        where="params.yaml: model.kind",
+        fix=f"use one of {', '.join(BANK_KINDS)} here (ccnf is the shared CCNF model)",
+    )
 
 
 class BankModel(AnomalyModel):
@@ -68,7 +106,8 @@ class BankModel(AnomalyModel):
             disable=console is None,
         ):
             seed = class_seed(params.seed, params.classes.index(name))
-            log = self.bank.add_class(name, inputs.classes[name].features, params.train, seed)
+            log = self.bank.add_class(name, inputs.classes[name].features,
+                                      TrainSpec.of(params.train), seed)
             # the bank's optimizer steps already stop on a non-finite loss or gradient norm
             rows += [{"step": len(rows) + i, "task": inputs.task, **row}
                      for i, row in enumerate(log)]

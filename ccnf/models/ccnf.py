@@ -25,10 +25,10 @@ from rich.progress import (
 )
 from torch import nn
 
-from ccnf.config import Params, TrainConfig
+from ccnf.config import FlowConfig, Params, TrainConfig
 from ccnf.errors import NonFiniteLossError
 from ccnf.features import FeatureSplit
-from ccnf.flows.ccnf import CCNF
+from ccnf.flows.ccnf import CCNF, CCNFSpec
 from ccnf.losses import TERMS, LevelBatch, build_heads, level_losses, total_loss
 from ccnf.models.base import AnomalyModel, TaskInputs
 from ccnf.models.ccnf_scores import class_statistics, patch_scores
@@ -40,6 +40,22 @@ from ccnf.seeding import stream_seed
 
 if TYPE_CHECKING:
     from ccnf.features import FeatureMeta
+
+
+def ccnf_spec(cfg: FlowConfig, channels: list[int]) -> CCNFSpec:
+    """The CCNF hyper-parameters of params.yaml's ``flow`` section for levels of ``channels``
+    (per-level couplings and subnet widths resolved here)."""
+    n = len(channels)
+    return CCNFSpec(
+        n_couplings=tuple(cfg.couplings_at(lvl, n) for lvl in range(n)),
+        hidden_dims=tuple(cfg.hidden_at(lvl, n, int(d)) for lvl, d in enumerate(channels)),
+        embedding_dim=cfg.embedding_dim, pos_dim=cfg.pos_dim, noise_dim=cfg.noise_dim,
+        conditioning=cfg.conditioning, class_conditioning=cfg.class_conditioning,
+        class_norm=cfg.class_norm, class_actnorm=cfg.class_actnorm,
+        feature_norm=cfg.feature_norm, prior=cfg.prior, prototypes=cfg.prototypes,
+        clamp_alpha=cfg.clamp_alpha, spectral_norm=cfg.spectral_norm,
+        warmup_steps=cfg.warmup_steps,
+    )
 
 
 def update_replay_buffer(
@@ -218,8 +234,8 @@ class CCNFModel(AnomalyModel):
 
     @classmethod
     def create(cls, params: Params, meta: FeatureMeta) -> CCNFModel:
-        return cls(CCNF(meta.channels, meta.grids, params.flow, n_classes=0), [],
-                   torch.device("cpu"))
+        net = CCNF(meta.channels, meta.grids, ccnf_spec(params.flow, meta.channels))
+        return cls(net, [], torch.device("cpu"))
 
     @classmethod
     def restore(
@@ -227,7 +243,8 @@ class CCNFModel(AnomalyModel):
         device: torch.device,
     ) -> CCNFModel:
         # the module stays on the CPU until it is used: new classes' rows are added there
-        return cls(CCNF.from_checkpoint(ckpt, params.flow), ckpt["classes"], device,
+        spec = ccnf_spec(params.flow, ckpt["channels"])
+        return cls(CCNF.from_checkpoint(ckpt, spec), ckpt["classes"], device,
                    ckpt.get("replay", {}))
 
     def state(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -12,18 +13,23 @@ from ccnf.baselines import (
     BANK_KINDS,
     ClassBank,
     bank_patch_scores,
-    model_spec,
     nbytes,
 )
-from ccnf.config import ScoreConfig, TrainConfig, parse_params
+from ccnf.config import Params, ScoreConfig, TrainConfig, parse_params
 from ccnf.errors import CcnfError
+from ccnf.models.bank import model_spec
+from ccnf.schedule import TrainSpec
 from ccnf.scoring import assemble
 from ccnf.seeding import class_seed
 from ccnf.store import load_artifact, save_artifact
 
 CHANNELS = [4, 6]
 GRIDS = [[4, 4], [2, 2]]
-TRAIN = TrainConfig(epochs=2, images_per_step=4, patches_per_image=6, lr=2e-3)
+TRAIN = TrainSpec.of(TrainConfig(epochs=2, images_per_step=4, patches_per_image=6, lr=2e-3))
+
+
+def _bank(params: Params) -> ClassBank:
+    return ClassBank(params.model.kind, model_spec(params, CHANNELS, GRIDS))
 
 
 def _params(kind: str):
@@ -52,7 +58,7 @@ def test_earlier_classes_are_bit_identical_after_later_tasks(kind: str, tmp_path
     spec = model_spec(params, CHANNELS, GRIDS)
     probe = _feats(3, 100)
     # task 0: class a; its checkpoint goes to disk, as between two DVC train stages
-    bank = ClassBank.from_params(params, CHANNELS, GRIDS)
+    bank = _bank(params)
     bank.add_class("a", _feats(8, 1), TRAIN, class_seed(0, 0))
     state_a = _snapshot(bank, "a")
     scores_a = bank.patch_scores("a", probe)
@@ -84,12 +90,12 @@ def test_earlier_classes_are_bit_identical_after_later_tasks(kind: str, tmp_path
 def test_a_class_model_does_not_depend_on_earlier_classes(kind: str) -> None:
     """Seeded per class: b learned after a equals b learned alone; the global RNG is untouched."""
     params = _params(kind)
-    alone = ClassBank.from_params(params, CHANNELS, GRIDS)
+    alone = _bank(params)
     torch.manual_seed(123)
     rng_before = torch.get_rng_state()
     rows_alone = alone.add_class("b", _feats(8, 2), TRAIN, class_seed(0, 1))
     assert torch.equal(torch.get_rng_state(), rng_before)
-    after = ClassBank.from_params(params, CHANNELS, GRIDS)
+    after = _bank(params)
     after.add_class("a", _feats(8, 1), TRAIN, class_seed(0, 0))
     rows_after = after.add_class("b", _feats(8, 2), TRAIN, class_seed(0, 1))
     assert rows_alone == rows_after
@@ -100,8 +106,8 @@ def test_a_class_model_does_not_depend_on_earlier_classes(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", BANK_KINDS)
 def test_memory_grows_per_class_and_selection_finds_the_class(kind: str) -> None:
-    bank = ClassBank.from_params(_params(kind), CHANNELS, GRIDS)
-    train = TRAIN.model_copy(update={"epochs": 12, "lr": 1e-2})
+    bank = _bank(_params(kind))
+    train = dataclasses.replace(TRAIN, epochs=12, lr=1e-2)
     bank.add_class("low", _feats(10, 1, offset=-6.0), train, 1)
     one_params, one_bytes = bank.n_parameters(), bank.checkpoint_nbytes()
     bank.add_class("high", _feats(10, 2, offset=6.0), train, 2)
@@ -123,7 +129,7 @@ def test_memory_grows_per_class_and_selection_finds_the_class(kind: str) -> None
 
 def test_bank_errors_are_clear() -> None:
     params = _params("gaussian")
-    bank = ClassBank.from_params(params, CHANNELS, GRIDS)
+    bank = _bank(params)
     bank.add_class("a", _feats(4, 1), TRAIN, 0)
     with pytest.raises(CcnfError, match="already in the gaussian bank"):
         bank.add_class("a", _feats(4, 1), TRAIN, 0)

@@ -13,6 +13,7 @@ from ccnf.flows import (
     SNLinear,
     positional_encoding_2d,
 )
+from ccnf.models.ccnf import ccnf_spec
 
 
 def _jacobian_logdet(fn, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +64,7 @@ def test_log_prob_is_a_normalized_density_in_2d() -> None:
     """Integrate exp(log p(x|y)) over a grid: a density must integrate to ~1."""
     torch.manual_seed(1)
     cfg = FlowConfig(n_couplings=3, hidden_dim=8, embedding_dim=2, pos_dim=0, warmup_steps=0)
-    model = CCNF([2], [[1, 1]], cfg, n_classes=1).double().eval()
+    model = CCNF([2], [[1, 1]], ccnf_spec(cfg, [2]), n_classes=1).double().eval()
     with torch.no_grad():
         for p in model.flows.parameters():
             p.add_(0.5 * torch.randn_like(p))  # a visibly non-Gaussian density
@@ -104,19 +105,19 @@ def test_positional_encoding_shape_and_uniqueness() -> None:
 def test_embedding_grows_keeping_old_rows_and_checkpoint_roundtrip() -> None:
     torch.manual_seed(0)
     cfg = FlowConfig(n_couplings=2, hidden_dim=8, embedding_dim=4, pos_dim=4)
-    model = CCNF([6, 10], [[4, 4], [2, 2]], cfg, n_classes=2)
+    model = CCNF([6, 10], [[4, 4], [2, 2]], ccnf_spec(cfg, [6, 10]), n_classes=2)
     before = model.embedding.detach().clone()
     model.add_classes(3)
     assert model.n_classes == 5
     torch.testing.assert_close(model.embedding[:2].detach(), before)
-    again = CCNF.from_checkpoint(model.checkpoint(classes=list("abcde")), cfg)
+    again = CCNF.from_checkpoint(model.checkpoint(classes=list("abcde")), model.cfg)
     for (k, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
 
 
 def test_warmup_factor_ramps_to_one() -> None:
     cfg = FlowConfig(warmup_steps=10, n_couplings=1, hidden_dim=4, embedding_dim=2, pos_dim=4)
-    model = CCNF([4], [[2, 2]], cfg)
+    model = CCNF([4], [[2, 2]], ccnf_spec(cfg, [4]))
     assert model.warm() == 0.0
     model.global_step.fill_(5)
     assert model.warm() == 0.5
@@ -167,7 +168,7 @@ def test_spectral_norm_switch_absorbs_the_norm_without_a_jump(absorb: bool) -> N
     layer's effective weight, hence log p, as it was; without it W jumps to W / sigma(W)."""
     torch.manual_seed(0)
     cfg = FlowConfig(n_couplings=3, hidden_dim=16, embedding_dim=4, pos_dim=4, warmup_steps=0)
-    model = CCNF([6], [[3, 3]], cfg, n_classes=2)
+    model = CCNF([6], [[3, 3]], ccnf_spec(cfg, [6]), n_classes=2)
     model.set_spectral_norm(False)
     with torch.no_grad():  # task 0 trained the raw weights far from norm 1
         for m in model.modules():
@@ -221,7 +222,7 @@ def test_class_norm_is_a_change_of_variables_in_log_p() -> None:
     torch.manual_seed(0)
     cfg = FlowConfig(n_couplings=2, hidden_dim=8, embedding_dim=2, pos_dim=0, warmup_steps=0,
                      class_norm=True, class_conditioning=True)
-    model = CCNF([2], [[1, 1]], cfg, n_classes=2).double().eval()
+    model = CCNF([2], [[1, 1]], ccnf_spec(cfg, [2]), n_classes=2).double().eval()
     model.set_class_stats(0, 1, torch.tensor([3.0, -2.0]), torch.tensor([2.0, 0.5]))
     g = torch.linspace(-25, 25, 1001, dtype=torch.double)
     xx, yy = torch.meshgrid(g, g, indexing="ij")
@@ -242,8 +243,9 @@ def test_class_actnorm_logdet_inverse_and_identity_start() -> None:
     torch.manual_seed(0)
     cfg = FlowConfig(n_couplings=3, hidden_dim=8, embedding_dim=4, pos_dim=4, warmup_steps=0,
                      class_actnorm=True)
-    model = CCNF([5], [[2, 2]], cfg, n_classes=2).double().eval()
-    plain = CCNF([5], [[2, 2]], cfg.model_copy(update={"class_actnorm": False}), n_classes=2)
+    model = CCNF([5], [[2, 2]], ccnf_spec(cfg, [5]), n_classes=2).double().eval()
+    no_actnorm = cfg.model_copy(update={"class_actnorm": False})
+    plain = CCNF([5], [[2, 2]], ccnf_spec(no_actnorm, [5]), n_classes=2)
     plain.load_state_dict({k: v for k, v in model.state_dict().items()
                            if not k.startswith("actnorm")})
     plain = plain.double().eval()
