@@ -40,7 +40,13 @@ from ccnf.atomic import write_json, write_text
 from ccnf.config import Params
 from ccnf.data.images import load_image
 from ccnf.errors import CcnfError
-from ccnf.metrics import diagonal_average, forgetting, roc_curve
+from ccnf.metrics import (
+    backward_transfer,
+    diagonal_average,
+    forgetting,
+    roc_curve,
+    step_average,
+)
 from ccnf.names import ALL_METRICS, DECIMALS, SCORES, SELECT_METHODS
 from ccnf.plots import (
     GalleryRow,
@@ -161,16 +167,21 @@ def _final(r: np.ndarray) -> float:
 
 
 def summarize(mats: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
-    """{score: {metric: final average, <short>_forgetting: forgetting, <short>_diagonal:
-    mean of R[j][j] (each task right after it was learned)}}, rounded to 1e-6."""
+    """{score: {metric: final average (after the last task), <short>_forgetting: forgetting,
+    <short>_diagonal: mean of R[j][j] (each task right after it was learned),
+    <short>_step_average: the mean over steps of the seen-task average (A-AUROC of the IUF and
+    CDAD tables), <short>_bwt: backward transfer}}, rounded to 1e-6 (short: image, pixel,
+    aupro)."""
     summary: dict[str, dict[str, float]] = {}
     for score, by_metric in mats.items():
         entry = {m: round(_final(r), DECIMALS) for m, r in by_metric.items()}
         for metric, short in FORGETTING_OF.items():
-            if _complete(by_metric[metric]):  # forgetting needs every task's evaluation
-                entry[f"{short}_forgetting"] = round(forgetting(by_metric[metric]), DECIMALS)
-                entry[f"{short}_diagonal"] = round(diagonal_average(by_metric[metric]),
-                                                   DECIMALS)
+            r = by_metric[metric]
+            if _complete(r):  # these need every task's evaluation
+                entry[f"{short}_forgetting"] = round(forgetting(r), DECIMALS)
+                entry[f"{short}_diagonal"] = round(diagonal_average(r), DECIMALS)
+                entry[f"{short}_step_average"] = round(step_average(r), DECIMALS)
+                entry[f"{short}_bwt"] = round(backward_transfer(r), DECIMALS)
         summary[score] = entry
     return summary
 

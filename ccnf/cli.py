@@ -254,6 +254,16 @@ def info(
     for s in scores:
         table.add_row(s, *(_fmt4(summary[s].get(k)) for k, _ in SUMMARY_COLUMNS))
     console.print(table)
+    from ccnf.report import CONTINUAL_COLUMNS
+
+    ct_ = Table(title="continual-learning figures, each under its own name (task-aware; "
+                "A- = mean over steps of the seen-task average, as IUF/CDAD print)")
+    ct_.add_column("score")
+    for _, label in CONTINUAL_COLUMNS:
+        ct_.add_column(label, justify="right")
+    for s in scores:
+        ct_.add_row(s, *(_fmt4(summary[s].get(k)) for k, _ in CONTINUAL_COLUMNS))
+    console.print(ct_)
     th = Table(title="automatic thresholds next to their chance levels (task-aware)")
     for col in ("score", "image AP", "AP of a random ranking", "F1 @ mean+k*std",
                 "F1 @ percentile", "F1 of flagging every image",

@@ -29,6 +29,19 @@ SUMMARY_COLUMNS = (
 )
 NUMBER = re.compile(r"[-+]?\d+\.\d+")
 
+# one figure each, so that no continual-learning number can be read for another: the final
+# average is what this study reports; the step average is what IUF / CDAD tables print
+CONTINUAL_COLUMNS = (
+    ("image_auroc", "image AUROC after the last task"),
+    ("image_step_average", "A-image AUROC (mean over steps)"),
+    ("image_diagonal", "image AUROC right after each task"),
+    ("image_bwt", "image backward transfer"),
+    ("image_forgetting", "image forgetting"),
+    ("pixel_auroc", "pixel AUROC after the last task"),
+    ("pixel_step_average", "A-pixel AUROC (mean over steps)"),
+    ("pixel_bwt", "pixel backward transfer"),
+)
+
 
 THRESHOLD_COLUMNS = (
     ("image_ap", "image AP"),
@@ -78,6 +91,11 @@ def _cell(value: float | None) -> str:
 def summary_table(summary: dict[str, Any]) -> str:
     """Task-aware final averages and forgetting (the top-level score blocks of summary.json)."""
     return _table(summary, SUMMARY_COLUMNS)
+
+
+def continual_table(summary: dict[str, Any]) -> str:
+    """The continual-learning figures side by side, each under its own name (task-aware)."""
+    return _table(summary, CONTINUAL_COLUMNS)
 
 
 def agnostic_table(summary: dict[str, Any]) -> str:
@@ -151,6 +169,14 @@ def results_block(
         "the latent mean to the class prototype, `hybrid` = their calibrated mix; the study "
         f"leads with `{headline}` (`score.headline`):\n\n"
         + summary_table(summary)
+        + "\n\n**Continual-learning figures, each under its own name** (task-aware): the "
+        "average after the last task (this study's figure, above); the A-AUROC, the mean over "
+        "steps of the average over the tasks seen so far (what the IUF and CDAD tables print: "
+        "it counts the early, easy steps, so it runs higher); each task right after it was "
+        "learned (the diagonal of R); backward transfer, the mean of R[T-1][j] - R[j][j] over "
+        "earlier tasks (negative = forgotten); forgetting, the mean drop from each earlier "
+        "task's best value:\n\n"
+        + continual_table(summary)
         + "\n\n**Task-agnostic**: each test image scored under the class selected by "
         f"`{method}` (`score.class_select`) among all classes seen so far; hybrid scores and "
         "thresholds use the selected class's calibration (after the last task only, unless "

@@ -19,7 +19,8 @@ from ccnf.records import TaskResult
 from ccnf.report import check_readme, load_metrics, results_block, update_readme
 
 SUMMARY_KEYS = set(ALL_METRICS) | {
-    f"{m}_{kind}" for m in ("image", "pixel", "aupro") for kind in ("forgetting", "diagonal")
+    f"{m}_{kind}" for m in ("image", "pixel", "aupro")
+    for kind in ("forgetting", "diagonal", "step_average", "bwt")
 }
 WORST = {"image_auroc_worst_class", "pixel_auroc_worst_class"}
 
@@ -145,14 +146,18 @@ def test_readme_block_round_trip_and_check(aggregated: Path, tmp_path: Path) -> 
     assert "Task-agnostic" in text and "| likelihood (used) |" in text
     assert "F1 @ mean+k*std" in text and text.endswith("tail\n")
     assert check_readme(readme, aggregated / "metrics", 1e-4) == []
-    # the second "| nf |" row is the task-agnostic table's (the first is the task-aware one)
+    # "| nf |" rows: aware, continual figures, agnostic, thresholds aware and agnostic
     lines = text.splitlines()
     rows = [i for i, ln in enumerate(lines) if ln.startswith("| nf |")]
-    assert len(rows) == 4  # aware, agnostic, thresholds aware, thresholds agnostic
+    assert len(rows) == 5
     summary, _ = load_metrics(aggregated / "metrics")
+    nf = summary["nf"]
+    assert lines[rows[1]].startswith(
+        f"| nf | {nf['image_auroc']:.4f} | {nf['image_step_average']:.4f} | "
+        f"{nf['image_diagonal']:.4f} | {nf['image_bwt']:.4f} |")
     value = f"{summary['agnostic']['nf']['image_auroc']:.4f}"
-    assert lines[rows[1]].startswith(f"| nf | {value} |")
-    lines[rows[1]] = lines[rows[1]].replace(f"| nf | {value} |", "| nf | 0.1234 |")
+    assert lines[rows[2]].startswith(f"| nf | {value} |")
+    lines[rows[2]] = lines[rows[2]].replace(f"| nf | {value} |", "| nf | 0.1234 |")
     readme.write_text("\n".join(lines) + "\n")
     problems = check_readme(readme, aggregated / "metrics", 1e-4)
     assert len(problems) == 1 and "0.1234" in problems[0]
@@ -207,6 +212,12 @@ def test_diagonal_worst_class_and_stale_calibration(aggregated: Path) -> None:
         r = mats[score]["image_auroc"]
         assert summary[score]["image_diagonal"] == pytest.approx(
             np.mean([r[j][j] for j in range(len(r))]), abs=1e-6)
+        # A-AUROC and backward transfer straight from the R matrix the aggregate wrote
+        t_ = len(r)
+        assert summary[score]["image_step_average"] == pytest.approx(
+            np.mean([np.mean(r[t][: t + 1]) for t in range(t_)]), abs=1e-6)
+        assert summary[score]["image_bwt"] == pytest.approx(
+            np.mean([r[t_ - 1][j] - r[j][j] for j in range(t_ - 1)]), abs=1e-6)
         assert summary[score]["pixel_auroc_worst_class"] == pytest.approx(
             min(m[score]["pixel_auroc"] for m in per_class.values()), abs=1e-6)
     for m in per_class.values():

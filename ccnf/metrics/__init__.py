@@ -2,10 +2,12 @@
 
 from ccnf.metrics.aupro import aupro
 from ccnf.metrics.continual import (
+    backward_transfer,
     diagonal_average,
     final_average,
     forgetting,
     per_task_forgetting,
+    step_average,
 )
 from ccnf.metrics.ranking import (
     auroc,
@@ -19,6 +21,7 @@ __all__ = [
     "aupro",
     "auroc",
     "average_precision",
+    "backward_transfer",
     "diagonal_average",
     "f1_max",
     "final_average",
@@ -26,4 +29,5 @@ __all__ = [
     "per_task_forgetting",
     "precision_recall_f1_at",
     "roc_curve",
+    "step_average",
 ]

@@ -10,7 +10,14 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["diagonal_average", "final_average", "forgetting", "per_task_forgetting"]
+__all__ = [
+    "backward_transfer",
+    "diagonal_average",
+    "final_average",
+    "forgetting",
+    "per_task_forgetting",
+    "step_average",
+]
 
 
 def _validate(R: ArrayLike) -> NDArray[np.float64]:
@@ -60,3 +67,23 @@ def forgetting(R: ArrayLike) -> float:
     """
     f = per_task_forgetting(R)
     return float(f.mean()) if f.size else 0.0
+
+
+def step_average(R: ArrayLike) -> float:
+    """Mean over steps of the average over the tasks seen so far:
+    ``(1/T) sum_t (1/(t+1)) sum_{j<=t} R[t, j]``. This is the "A-AUROC" that the IUF and CDAD
+    tables print (averaged over the whole sequence, so early, easy steps weigh in); the
+    after-last-task figure is :func:`final_average`."""
+    r = _validate(R)
+    return float(np.mean([r[t, : t + 1].mean() for t in range(r.shape[0])]))
+
+
+def backward_transfer(R: ArrayLike) -> float:
+    """Backward transfer (Lopez-Paz & Ranzato, 2017): ``(1/(T-1)) sum_{j<T-1} (R[T-1, j] -
+    R[j, j])``, the mean change of each earlier task from right after it was learned to the
+    end; negative = forgetting. 0.0 when T == 1."""
+    r = _validate(R)
+    T = r.shape[0]
+    if T == 1:
+        return 0.0
+    return float(np.mean(r[T - 1, : T - 1] - np.diag(r)[: T - 1]))

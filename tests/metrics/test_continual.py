@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ccnf.metrics import final_average, forgetting, per_task_forgetting
+from ccnf.metrics import (
+    backward_transfer,
+    final_average,
+    forgetting,
+    per_task_forgetting,
+    step_average,
+)
 
 nan = np.nan
 
@@ -86,3 +92,22 @@ def test_diagonal_average_is_each_task_right_after_it_was_learned() -> None:
     assert diagonal_average(np.array([[0.4]])) == pytest.approx(0.4)
     with pytest.raises(ValueError, match="R"):
         diagonal_average(np.array([[nan, nan], [0.7, 0.8]]))
+
+
+def test_step_average_is_the_mean_over_steps_of_the_seen_task_average() -> None:
+    # step 0: 0.90; step 1: (0.80 + 0.95) / 2 = 0.875; step 2: (0.70 + 0.97 + 0.85) / 3 = 0.84
+    assert step_average(R3) == pytest.approx((0.90 + 0.875 + 0.84) / 3)
+    # it counts the early steps, so it is not the after-last-task figure the study reports
+    assert step_average(R3) != pytest.approx(final_average(R3))
+    assert step_average(np.array([[0.6]])) == pytest.approx(0.6)
+
+
+def test_backward_transfer_against_the_diagonal() -> None:
+    # task 0: 0.70 - 0.90 = -0.20; task 1: 0.97 - 0.95 = +0.02
+    assert backward_transfer(R3) == pytest.approx((-0.20 + 0.02) / 2)
+    assert backward_transfer(np.array([[0.6]])) == 0.0
+    # unlike forgetting it compares with the value right after learning, not the best one:
+    # task 0 rose to 0.9 then fell to 0.7 -> transfer +0.2 but forgetting 0.2
+    r = np.array([[0.5, nan, nan], [0.9, 0.8, nan], [0.7, 0.8, 0.6]])
+    assert backward_transfer(r) == pytest.approx(0.1) and forgetting(r) == pytest.approx(0.1)
+    assert per_task_forgetting(r)[0] == pytest.approx(0.2)
