@@ -241,29 +241,32 @@ def info(
     params: Path = PARAMS,
 ) -> None:
     """Print the current run's summary, R matrix and per-class table (any model kind)."""
-    from ccnf.report import SUMMARY_COLUMNS, load_metrics, stale_scores
+    from ccnf.report import CONTINUAL_COLUMNS, SUMMARY_COLUMNS, load_metrics, stale_scores
     from ccnf.store import read_json
 
     headline = _headline(params)
     summary, per_class = load_metrics(metrics)
     scores = [s for s in SCORES if s in summary]
-    table = Table(title="final averages (after the last task) and forgetting, task-aware")
-    table.add_column("score")
-    for _, label in SUMMARY_COLUMNS:
-        table.add_column(label, justify="right")
-    for s in scores:
-        table.add_row(s, *(_fmt4(summary[s].get(k)) for k, _ in SUMMARY_COLUMNS))
-    console.print(table)
-    from ccnf.report import CONTINUAL_COLUMNS
-
-    ct_ = Table(title="continual-learning figures, each under its own name (task-aware; "
-                "A- = mean over steps of the seen-task average, as IUF/CDAD print)")
-    ct_.add_column("score")
-    for _, label in CONTINUAL_COLUMNS:
-        ct_.add_column(label, justify="right")
-    for s in scores:
-        ct_.add_row(s, *(_fmt4(summary[s].get(k)) for k, _ in CONTINUAL_COLUMNS))
-    console.print(ct_)
+    # the continual figures the first table does not hold, with terminal-width labels (README
+    # and summary.json spell them out)
+    short = {"image_step_average": "A-image AUROC", "image_diagonal": "image diagonal",
+             "image_bwt": "image BWT", "pixel_step_average": "A-pixel AUROC",
+             "pixel_bwt": "pixel BWT"}
+    continual = tuple((k, short[k]) for k, _ in CONTINUAL_COLUMNS if k in short)
+    for title, columns in (
+        ("final averages (after the last task) and forgetting, task-aware", SUMMARY_COLUMNS),
+        ("continual figures, task-aware: A- = mean over steps of the seen-task average (what "
+         "IUF and CDAD print; the table above is after the last task); diagonal = each task "
+         "right after it was learned; BWT = backward transfer, the mean change of each earlier "
+         "task from then to the end", continual),
+    ):
+        table = Table(title=title)
+        table.add_column("score")
+        for _, label in columns:  # numbers are never cut; headers wrap instead
+            table.add_column(label, justify="right", min_width=7)
+        for s in scores:
+            table.add_row(s, *(_fmt4(summary[s].get(k)) for k, _ in columns))
+        console.print(table)
     th = Table(title="automatic thresholds next to their chance levels (task-aware)")
     for col in ("score", "image AP", "AP of a random ranking", "F1 @ mean+k*std",
                 "F1 @ percentile", "F1 of flagging every image",
