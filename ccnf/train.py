@@ -112,8 +112,7 @@ def train_task(
         fit[cls], calib[cls] = split.subset(fit_idx), split.subset(calib_idx)
         fit_indices[cls] = fit_idx.tolist()
     inputs = TaskInputs(
-        task=t, name=task, classes=fit, seen=params.classes[: offset + len(new)],
-        fit_indices=fit_indices,
+        task=t, name=task, classes=fit, fit_indices=fit_indices,
         load=lambda cls, idx: load_inputs(features_dir, cls, "train", k).subset(idx),
     )
     start = time.perf_counter()

@@ -93,9 +93,6 @@ class BankModel(AnomalyModel):
     def classes(self) -> list[str]:
         return self.bank.classes
 
-    def n_parameters(self) -> int:
-        return self.bank.n_parameters()
-
     def learn_task(
         self, inputs: TaskInputs, params: Params, *, console: Console | None = None
     ) -> list[dict[str, float]]:

@@ -44,8 +44,7 @@ class TaskInputs:
 
     task: the task's index t; name: its name (``t0``...); classes: {class name: its fit
     images (the training split minus the calibration slice)} in task order, empty when the
-    task adds nothing (``joint`` after task 0); seen: every class known once the task is
-    learned (task order);
+    task adds nothing (``joint`` after task 0);
     fit_indices: {class: train-split indices of its fit images};
     load: (class, train-split indices) -> those training images (a FeatureSplit), for a
     strategy that revisits earlier classes' stored images (replay).
@@ -54,7 +53,6 @@ class TaskInputs:
     task: int
     name: str
     classes: dict[str, FeatureSplit]
-    seen: list[str]
     fit_indices: dict[str, list[int]]
     load: Any
 
@@ -107,8 +105,8 @@ class AnomalyModel(ABC):
     ) -> list[dict[str, float]]:
         """Learn the task's classes; returns one log row per optimizer step (may be empty).
 
-        Afterwards :attr:`classes` is ``inputs.seen``. All randomness comes from generators
-        seeded by the params (:mod:`ccnf.seeding`).
+        Afterwards :attr:`classes` ends with the task's classes. All randomness comes from
+        generators seeded by the params (:mod:`ccnf.seeding`).
         """
 
     # -- scoring -----------------------------------------------------------------------------
@@ -129,10 +127,6 @@ class AnomalyModel(ABC):
         """{method: (N,) index into ``candidates`` of each image's chosen class} for every
         method of :attr:`select_methods` (``score.select_level``: the level that decides, -1
         the deepest, None all)."""
-
-    def n_parameters(self) -> int:
-        """Stored real values of the model (what the cost tables count)."""
-        return 0
 
     # -- checkpoint --------------------------------------------------------------------------
     def checkpoint(self, *, task: int, calibration: dict[str, Any]) -> dict[str, Any]:

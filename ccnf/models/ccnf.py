@@ -254,9 +254,6 @@ class CCNFModel(AnomalyModel):
     def classes(self) -> list[str]:
         return list(self._classes)
 
-    def n_parameters(self) -> int:
-        return sum(p.numel() for p in self.net.parameters())
-
     def _ready(self) -> CCNF:
         return self.net.to(self.device).eval()
 
