@@ -59,10 +59,12 @@ TERMS = (
     "L_dsm",
 )
 REGULARIZERS = ("L_logdet_reg", "L_z_reg", "L_balance", "L_scale_penalty")
+# terms only a strategy computes (train.strategy generative_replay): logged only when present
+REPLAY_TERMS = ("L_distill",)
 
 
 def weights(cfg: LossConfig) -> dict[str, float]:
-    """Weight of each term in :data:`TERMS`."""
+    """Weight of each term in :data:`TERMS` and :data:`REPLAY_TERMS`."""
     return {
         "L_g": cfg.lambda_g,
         "L_logdet_reg": cfg.lambda_logdet,
@@ -75,6 +77,7 @@ def weights(cfg: LossConfig) -> dict[str, float]:
         "L_proto": cfg.lambda_proto,
         "L_mi_feat": cfg.lambda_mi_feat,
         "L_dsm": cfg.lambda_dsm,
+        "L_distill": cfg.lambda_distill,
     }
 
 
@@ -83,7 +86,8 @@ class LevelBatch:
     """One level's training batch: B images x K sampled positions (N = B * K vectors).
 
     x: (N, D) features; y: (N,) class ids; pos: (N,) flat grid positions; image: (N,) index of
-    the vector's image in 0..B-1; image_class: (B,) class id per image.
+    the vector's image in 0..B-1; image_class: (B,) class id per image; target_log_prob: (N,)
+    the previous model's log p of generated vectors (NaN for real ones), or None.
     """
 
     x: torch.Tensor
@@ -91,6 +95,7 @@ class LevelBatch:
     pos: torch.Tensor
     image: torch.Tensor
     image_class: torch.Tensor
+    target_log_prob: torch.Tensor | None = None
 
 
 def nll(out: LevelOutput, dim: int) -> torch.Tensor:
@@ -331,7 +336,21 @@ def level_losses(
         terms["L_center"] = center_loss(model, level, batch, out.z, detach=cfg.center_detach)
     if w["L_dsm"] > 0:
         terms["L_dsm"] = dsm_loss(model, level, batch, cfg.noise_sigmas, cfg.dsm_samples, gen)
+    if w["L_distill"] > 0 and batch.target_log_prob is not None:
+        terms["L_distill"] = distill_loss(out.log_prob, batch.target_log_prob, dim)
     return terms
+
+
+def distill_loss(log_prob: torch.Tensor, target: torch.Tensor, dim: int) -> torch.Tensor:
+    """L_distill = mean over generated vectors of ((log p(x~|y) - log p_old(x~|y)) / D)^2.
+
+    log_prob, target: (N,); target is NaN for real vectors, which do not count (0 if the batch
+    holds no generated vector).
+    """
+    mask = torch.isfinite(target)
+    if not bool(mask.any()):
+        return log_prob.new_zeros(())
+    return ((log_prob[mask] - target[mask]) / dim).pow(2).mean()
 
 
 def total_loss(
@@ -344,7 +363,7 @@ def total_loss(
     w = weights(cfg)
     for name in REGULARIZERS:
         w[name] *= reg_scale
-    names = [t for t in TERMS if t in per_level[0]]
+    names = [t for t in (*TERMS, *REPLAY_TERMS) if t in per_level[0]]
     means = {t: torch.stack([lv[t] for lv in per_level]).mean() for t in names}
     total = sum((w[t] * means[t] for t in names), torch.zeros(()))
     return total, means

@@ -19,6 +19,7 @@ STREAMS: dict[str, int] = {
     "task": 1009,       # the global torch/numpy/random state at the start of a train stage
     "batches": 7919,    # the CPU generator of a task's image order, positions and loss samples
     "replay": 104729,   # which images a task adds to the replay buffer
+    "generate": 15485863,  # generative replay: the latents of a task's generated features
 }
 
 

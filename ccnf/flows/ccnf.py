@@ -20,6 +20,11 @@ class embedding into each level's latent space; the centre loss (E11/E10) trains
 buffer when its task ends and read from there afterwards, so later tasks cannot move it.
 ``flow.class_conditioning: false`` drops e_y from c (position-only flow); the embedding then
 feeds only the prototype head.
+With ``train.strategy: adapters`` each task after the first adds a low-rank adapter to every
+coupling's subnet (:mod:`ccnf.flows.adapters`); ``class_adapter`` (C,) names the adapter each
+class is scored with (-1 for the first task's classes: the shared flow alone). A flow that never
+got an adapter has neither the buffer nor adapter tensors, so its checkpoint is the plain one.
+:meth:`inverse_level` maps latents back to features (``train.strategy: generative_replay``).
 """
 
 from __future__ import annotations
@@ -107,7 +112,8 @@ class CCNF(nn.Module):
     """
 
     def __init__(
-        self, channels: list[int], grids: list[list[int]], cfg: CCNFSpec, n_classes: int = 0
+        self, channels: list[int], grids: list[list[int]], cfg: CCNFSpec, n_classes: int = 0,
+        *, n_adapters: int = 0, adapter_rank: int = 0,
     ) -> None:
         super().__init__()
         self.channels = list(channels)
@@ -159,6 +165,9 @@ class CCNF(nn.Module):
         self.register_buffer("global_step", torch.tensor(0, dtype=torch.long))
         # loss-specific heads (E4 L_proto, E5 L_mi_feat), created by the loss that needs them
         self.heads = nn.ModuleDict()
+        self.adapter_rank = adapter_rank
+        for _ in range(n_adapters):
+            self.add_adapter(adapter_rank, [])
 
     # -- classes -----------------------------------------------------------------------------
     @property
@@ -184,6 +193,35 @@ class CCNF(nn.Module):
                 setattr(self, f"actnorm_{lvl}", nn.Parameter(
                     torch.cat([old, old.new_zeros((n, *old.shape[1:]))])))
         self.proto_frozen = torch.cat([self.proto_frozen, self.proto_frozen.new_zeros(n)])
+        if self.has_adapters:
+            self.class_adapter = torch.cat(
+                [self.class_adapter, self.class_adapter.new_full((n,), -1)])
+
+    # -- train.strategy: adapters -------------------------------------------------------------
+    @property
+    def has_adapters(self) -> bool:
+        return "class_adapter" in self._buffers
+
+    @property
+    def n_adapters(self) -> int:
+        return len(self.flows[0].couplings[0].lora_hidden or []) if self.has_adapters else 0
+
+    def add_adapter(self, rank: int, class_ids: list[int]) -> list[nn.Parameter]:
+        """A new rank-``rank`` adapter in every coupling of every level, used from now on by
+        ``class_ids``; returns its parameters (the only flow tensors the task may train)."""
+        if not self.has_adapters:
+            self.register_buffer("class_adapter", torch.full(
+                (self.n_classes,), -1, dtype=torch.long, device=self.embedding.device))
+        elif rank != self.adapter_rank:
+            raise ValueError(f"adapters of rank {self.adapter_rank} exist; cannot add rank {rank}")
+        self.adapter_rank = rank
+        new = [p for flow in self.flows for p in flow.add_adapter(rank)]
+        self.class_adapter[torch.as_tensor(class_ids, dtype=torch.long)] = self.n_adapters - 1
+        return new
+
+    def adapter_index(self, y: torch.Tensor) -> torch.Tensor | None:
+        """(N,) adapter of each vector's class, or None for a flow without adapters."""
+        return self.class_adapter[y] if self.has_adapters else None
 
     # -- stabilizer switches -----------------------------------------------------------------
     def warm(self) -> float:
@@ -313,7 +351,8 @@ class CCNF(nn.Module):
         if self.cfg.class_actnorm:
             per_class = getattr(self, f"actnorm_{level}")[y]  # (N, K, 2, D)
             actnorm = (per_class[:, :, 0], per_class[:, :, 1])
-        z, logdet, scale_sq = self.flows[level](x, cond, self.warm(), film, actnorm, film_index)
+        z, logdet, scale_sq = self.flows[level](x, cond, self.warm(), film, actnorm, film_index,
+                                                self.adapter_index(y))
         if self.cfg.feature_norm:
             logdet = logdet - std.log().sum()
         elif self.cfg.class_norm:
@@ -322,8 +361,36 @@ class CCNF(nn.Module):
         log_prob = log_normal(z, mu) + logdet
         return LevelOutput(z=z, logdet=logdet, scale_sq=scale_sq, log_prob=log_prob, mu=mu)
 
+    @torch.no_grad()
+    def inverse_level(
+        self, level: int, z: torch.Tensor, y: torch.Tensor, pos_index: torch.Tensor
+    ) -> torch.Tensor:
+        """x = f_l^{-1}(z; c), back in raw feature units: z, y, pos_index (N,...) -> (N, D_l).
+
+        The inverse of :meth:`forward_level`'s map (normalization undone too), for clean data
+        (no noise level).
+        """
+        cond = self.condition(level, y, pos_index)
+        film = self.embedding if self.uses_film else None
+        film_index = y if self.uses_film else None
+        actnorm = None
+        if self.cfg.class_actnorm:
+            per_class = getattr(self, f"actnorm_{level}")[y]
+            actnorm = (per_class[:, :, 0], per_class[:, :, 1])
+        x = self.flows[level].inverse(z, cond, self.warm(), film, actnorm, film_index,
+                                      self.adapter_index(y))
+        if self.cfg.feature_norm:
+            mean, std = self.feature_stats(level)
+            return x * std + mean
+        if self.cfg.class_norm:
+            means, stds = self.class_stats(level)
+            return x * stds[y] + means[y]
+        return x
+
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint(self, **extra: Any) -> dict[str, Any]:
+        if self.has_adapters:
+            extra = {"adapters": {"count": self.n_adapters, "rank": self.adapter_rank}, **extra}
         return {
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
             "channels": self.channels,
@@ -343,7 +410,9 @@ class CCNF(nn.Module):
         # building the module draws random inits that load_state_dict then overwrites: keep
         # them off the global stream so what the caller draws next does not depend on them
         with torch.random.fork_rng(devices=[]):
-            model = CCNF(ckpt["channels"], ckpt["grids"], cfg, n_classes=ckpt["n_classes"])
+            adapters = ckpt.get("adapters", {"count": 0, "rank": 0})
+            model = CCNF(ckpt["channels"], ckpt["grids"], cfg, n_classes=ckpt["n_classes"],
+                         n_adapters=adapters["count"], adapter_rank=adapters["rank"])
             for name, shapes in ckpt.get("heads", {}).items():
                 model.heads[name] = _head_from_shapes(shapes)
         try:

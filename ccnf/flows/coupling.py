@@ -13,6 +13,10 @@ FiLM (feature-wise linear modulation, Perez et al. 2018): a second condition e (
 embedding) scales and shifts the hidden units instead of being concatenated to the input, so
 the class changes the subnet's function rather than only its bias. gamma and beta come from one
 linear map initialized to zero: at initialization the coupling ignores e.
+
+Adapters (``train.strategy: adapters``): :meth:`add_adapter` gives both subnet layers a new
+low-rank delta (:mod:`ccnf.flows.adapters`); ``adapter_index`` (N,) picks each vector's adapter
+(-1: the shared weights alone). A coupling that never got one has no adapter tensors at all.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ccnf.flows.adapters import LowRankAdapters
 from ccnf.flows.affine import coupling_forward, coupling_inverse
 from ccnf.flows.log_scale import clamped_log_scale
 from ccnf.flows.spectral import SNLinear
@@ -28,7 +33,7 @@ from ccnf.flows.spectral import SNLinear
 class ConditionalAffineCoupling(nn.Module):
     """One affine coupling block.
 
-    forward(x (N, D), cond (N, K), warm in [0, 1], film, film_index)
+    forward(x (N, D), cond (N, K), warm in [0, 1], film, film_index, adapter_index)
         -> (y (N, D), logdet (N,), s (N, D - D//2)).
     ``film_dim`` F > 0 enables FiLM modulation by ``film``: (N, F), one row per vector, or a
     table (C, F) with ``film_index`` (N,) picking each vector's row (gamma and beta are then
@@ -60,6 +65,19 @@ class ConditionalAffineCoupling(nn.Module):
             self.film = nn.Linear(film_dim, 2 * hidden_dim)
             nn.init.zeros_(self.film.weight)
             nn.init.zeros_(self.film.bias)
+        self.lora_hidden: LowRankAdapters | None = None
+        self.lora_out: LowRankAdapters | None = None
+
+    def add_adapter(self, rank: int) -> list[nn.Parameter]:
+        """A new adapter on both subnet layers; returns its parameters."""
+        if self.lora_hidden is None or self.lora_out is None:
+            device = self.out.weight.device
+            (h_out, h_in), (o_out, o_in) = self.hidden.weight.shape, self.out.weight.shape
+            self.lora_hidden = LowRankAdapters(h_in, h_out, rank).to(device)
+            self.lora_out = LowRankAdapters(o_in, o_out, rank).to(device)
+        k = self.lora_hidden.add()
+        self.lora_out.add()
+        return [*self.lora_hidden.adapter_parameters(k), *self.lora_out.adapter_parameters(k)]
 
     def _scale_shift(
         self,
@@ -68,8 +86,13 @@ class ConditionalAffineCoupling(nn.Module):
         warm: float,
         film: torch.Tensor | None,
         film_index: torch.Tensor | None = None,
+        adapter_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.hidden(torch.cat([x_a, cond], dim=-1))
+        inp = torch.cat([x_a, cond], dim=-1)
+        h = self.hidden(inp)
+        lora = self.lora_hidden is not None and adapter_index is not None
+        if lora:
+            h = h + self.lora_hidden(inp, adapter_index)
         if self.film is not None:
             if film is None:
                 raise ValueError("this coupling uses FiLM: pass the film condition")
@@ -78,7 +101,11 @@ class ConditionalAffineCoupling(nn.Module):
                 mod = mod[film_index]
             gamma, beta = mod.chunk(2, dim=-1)
             h = h * (1 + gamma) + beta
-        s_raw, t = self.out(self.act(h)).chunk(2, dim=-1)
+        h = self.act(h)
+        out = self.out(h)
+        if lora:
+            out = out + self.lora_out(h, adapter_index)
+        s_raw, t = out.chunk(2, dim=-1)
         return clamped_log_scale(s_raw, self.clamp_alpha, warm), t
 
     def forward(
@@ -88,9 +115,11 @@ class ConditionalAffineCoupling(nn.Module):
         warm: float = 1.0,
         film: torch.Tensor | None = None,
         film_index: torch.Tensor | None = None,
+        adapter_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         y, s = coupling_forward(
-            x, self.dim_a, lambda x_a: self._scale_shift(x_a, cond, warm, film, film_index)
+            x, self.dim_a,
+            lambda x_a: self._scale_shift(x_a, cond, warm, film, film_index, adapter_index),
         )
         return y, s.sum(dim=-1), s
 
@@ -101,7 +130,9 @@ class ConditionalAffineCoupling(nn.Module):
         warm: float = 1.0,
         film: torch.Tensor | None = None,
         film_index: torch.Tensor | None = None,
+        adapter_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return coupling_inverse(
-            y, self.dim_a, lambda y_a: self._scale_shift(y_a, cond, warm, film, film_index)
+            y, self.dim_a,
+            lambda y_a: self._scale_shift(y_a, cond, warm, film, film_index, adapter_index),
         )

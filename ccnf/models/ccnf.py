@@ -5,7 +5,11 @@ The torch modules live in :mod:`ccnf.flows` (:class:`ccnf.flows.ccnf.CCNF`), the
 this module learns a task with them. Continual protocol: task t sees only its own classes'
 fit features (and, with ``train.strategy: replay``, the stored images of its replay buffer);
 the shared flow carries everything else. Strategies: naive fine-tuning, ``freeze_after_first``
-(E6), ``replay`` and ``joint`` (every class at task 0), with E5's partial freezing.
+(E6), ``replay`` and ``joint`` (every class at task 0), with E5's partial freezing;
+``adapters`` (the flow frozen after task 0, a low-rank adapter per later task: parameter
+isolation, so earlier classes' densities cannot change) and ``generative_replay`` (before task
+t the model generates features of every earlier class by inverting the flow; they are trained on
+with the task's data and never stored).
 """
 
 from __future__ import annotations
@@ -80,10 +84,81 @@ def update_replay_buffer(
 
 @dataclass
 class TaskData:
-    """A task's training images: feats[l] (N, H_l*W_l, D_l) float32, labels (N,) class ids."""
+    """A task's training images: feats[l] (N, H_l*W_l, D_l) float32, labels (N,) class ids;
+    target_log_prob[l] (N, H_l*W_l): the generating model's log p of generated images' vectors
+    (NaN rows for real images), or None when nothing was generated."""
 
     feats: list[torch.Tensor]
     labels: torch.Tensor
+    target_log_prob: list[torch.Tensor] | None = None
+
+    def to(self, device: torch.device) -> TaskData:
+        targets = self.target_log_prob
+        return TaskData([f.to(device) for f in self.feats], self.labels.to(device),
+                        None if targets is None else [t.to(device) for t in targets])
+
+    def __add__(self, other: TaskData) -> TaskData:
+        """Both sets of images (self's first); real images get NaN targets."""
+        def targets(d: TaskData) -> list[torch.Tensor]:
+            if d.target_log_prob is not None:
+                return d.target_log_prob
+            return [f.new_full(f.shape[:2], float("nan")) for f in d.feats]
+
+        have = self.target_log_prob is not None or other.target_log_prob is not None
+        return TaskData(
+            [torch.cat(pair) for pair in zip(self.feats, other.feats, strict=True)],
+            torch.cat([self.labels, other.labels]),
+            [torch.cat(pair) for pair in zip(targets(self), targets(other), strict=True)]
+            if have else None,
+        )
+
+
+#: vectors per flow pass when generating (bounds the memory of the inverse pass)
+GENERATION_CHUNK = 65536
+
+
+@torch.no_grad()
+def generate_task_data(
+    model: CCNF, class_ids: list[int], per_class: int, tau: float, gen: torch.Generator,
+) -> TaskData:
+    """Generated feature maps of ``class_ids`` (``per_class`` each) from the model as it is.
+
+    Per level l and generated image: z ~ N(mu_y, tau^2 I) at every grid position (mu_y = 0
+    under the standard prior), x~ = f_l^{-1}(z; y, position) in raw feature units, and the
+    model's own log p(x~ | y) as the distillation target. Latents are drawn on the CPU
+    generator ``gen`` (same values on every device).
+    """
+    was_training = model.training
+    model.eval()
+    device = model.embedding.device
+    labels = torch.as_tensor(class_ids, dtype=torch.long).repeat_interleave(per_class)
+    n = labels.numel()
+    feats, targets = [], []
+    for lvl in range(model.n_levels):
+        hw, dim = model.positions(lvl).shape[0], model.channels[lvl]
+        y = labels.repeat_interleave(hw).to(device)
+        pos = torch.arange(hw).repeat(n).to(device)
+        z = (torch.randn(n * hw, dim, generator=gen) * tau).to(device)
+        xs, logps = [], []
+        for start in range(0, n * hw, GENERATION_CHUNK):
+            sl = slice(start, start + GENERATION_CHUNK)
+            zc = z[sl]
+            if model.cfg.prior == "class_mixture":
+                zc = zc + model.prototype(lvl, y[sl])
+            x = model.inverse_level(lvl, zc, y[sl], pos[sl])
+            xs.append(x)
+            logps.append(model.forward_level(lvl, x, y[sl], pos[sl]).log_prob)
+        x_all = torch.cat(xs)
+        if not torch.isfinite(x_all).all():
+            raise NonFiniteLossError(
+                f"generated features of level {lvl} are not finite",
+                where="train.strategy generative_replay",
+                fix="lower train.generation_tau (or flow.clamp_alpha)",
+            )
+        feats.append(x_all.reshape(n, hw, dim))
+        targets.append(torch.cat(logps).reshape(n, hw))
+    model.train(was_training)
+    return TaskData(feats, labels.to(device), targets)
 
 
 def _stack_task(splits: dict[int, FeatureSplit]) -> TaskData:
@@ -107,12 +182,16 @@ def _sample_batch(
     images, pos = images.to(device), pos.to(device)
     x = gather_patches(feats, images, pos)
     image_class = data.labels[images]
+    target = None
+    if data.target_log_prob is not None:
+        target = gather_patches(data.target_log_prob[level][..., None], images, pos)[:, 0]
     return LevelBatch(
         x=x,
         y=image_class.repeat_interleave(kk),
         pos=pos.reshape(-1),
         image=torch.arange(b, device=device).repeat_interleave(kk),
         image_class=image_class,
+        target_log_prob=target,
     )
 
 
@@ -136,15 +215,19 @@ def _set_feature_stats(model: CCNF, data: TaskData) -> None:
 
 
 def _freeze(model: CCNF, params: Params, t: int) -> list[nn.Module]:
-    """Apply the strategy's freezing for task t (E6 whole flows, E5 leading couplings).
+    """Apply the strategy's freezing for task t (E6 and adapters: whole flows, E5 leading
+    couplings; adapters also the prototype projection unless prototypes are fixed).
 
     Returns the frozen modules; training keeps them in eval mode, so frozen means frozen:
-    not even the spectral norm's power iteration touches them.
+    not even the spectral norm's power iteration touches them. The caller unfreezes the
+    current task's adapter.
     """
     tc = params.train
     frozen: list[nn.Module] = []
-    if tc.strategy == "freeze_after_first" and t > 0:
+    if tc.strategy in ("freeze_after_first", "adapters") and t > 0:
         frozen = [model.flows]
+        if tc.strategy == "adapters" and params.flow.prototypes != "fixed":
+            frozen.append(model.protos)
     elif tc.partial_freeze > 0 and t > 0:
         frozen = [flow.couplings[: tc.partial_freeze] for flow in model.flows]
     for module in frozen:
@@ -204,6 +287,26 @@ def _set_class_stats(model: CCNF, fit: dict[int, FeatureSplit]) -> None:
             model.set_class_stats(lvl, cid, flat.mean(dim=0), flat.std(dim=0).clamp_min(1e-6))
 
 
+class _RowKeeper:
+    """Holds the earlier classes' rows of the per-class parameters (embedding, class ActNorm)
+    and puts them back after every optimizer step: they share a tensor with the new classes'
+    rows, and weight decay would otherwise move them (train.strategy adapters: an earlier
+    class must stay bit-identical)."""
+
+    def __init__(self, model: CCNF, n_old: int) -> None:
+        self.params = [model.embedding] + [
+            getattr(model, f"actnorm_{lvl}") for lvl in range(model.n_levels)
+            if model.cfg.class_actnorm
+        ]
+        self.saved = [p.detach()[:n_old].clone() for p in self.params]
+        self.n_old = n_old
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, rows in zip(self.params, self.saved, strict=True):
+            p[: self.n_old] = rows
+
+
 def _switch_spectral_norm(model: CCNF, params: Params, t: int) -> None:
     """Spectral norm on or off for task t (``flow.spectral_norm``, ``..._first_task``); the
     switch on at task 1 absorbs the current norms or lets the weights jump
@@ -219,7 +322,9 @@ class CCNFModel(AnomalyModel):
     kind = "ccnf"
     map_scores = ("nf", "latent", "proto")
     select_methods = ("likelihood", "prototype")
-    strategies = ("naive", "freeze_after_first", "replay", "joint")
+    strategies = (
+        "naive", "freeze_after_first", "replay", "joint", "adapters", "generative_replay"
+    )
     log_columns = ("step", "task", "epoch", "loss", *TERMS)
 
     def __init__(
@@ -301,14 +406,21 @@ class CCNFModel(AnomalyModel):
             _set_class_stats(model, fit)
         device = self.device
         model.to(device)
-        data = _stack_task({**fit, **replayed})
-        data = TaskData([f.to(device) for f in data.feats], data.labels.to(device))
+        tc = params.train
+        data = _stack_task({**fit, **replayed}).to(device)
+        if tc.strategy == "generative_replay" and offset > 0:
+            gen_z = torch.Generator().manual_seed(stream_seed(params.seed, "generate", t))
+            data = data + generate_task_data(
+                model, list(range(offset)), tc.generated_per_class, tc.generation_tau, gen_z)
         if params.flow.feature_norm and t == 0:
             _set_feature_stats(model, data)
 
-        tc = params.train
         build_heads(model, params.loss)
         frozen = _freeze(model, params, t)
+        if tc.strategy == "adapters" and t > 0:
+            for p in model.add_adapter(tc.adapter_rank, class_ids):
+                p.requires_grad_(True)
+        keep = _RowKeeper(model, offset) if tc.strategy == "adapters" else None
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
         n_img = data.labels.numel()
@@ -363,6 +475,8 @@ class CCNFModel(AnomalyModel):
                         norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
                         _check_finite({"grad_norm": norm}, task, step)
                     optimizer.step()
+                    if keep is not None:
+                        keep.restore()
                     model.global_step += 1
                     rows.append(
                         {"step": step, "task": t, "epoch": schedule.budget.epoch_of(i),

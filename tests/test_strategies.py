@@ -1,0 +1,159 @@
+"""The continual strategies of issue 13: parameter isolation (adapters) and generative replay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_mvtec_root, tiny_params
+
+from ccnf.config import parse_params
+from ccnf.data.manifest import index_root
+from ccnf.features import extract_features, load_split
+from ccnf.flows.adapters import LowRankAdapters
+from ccnf.flows.ccnf import CCNF, CCNFSpec
+from ccnf.models import read_checkpoint
+from ccnf.models.ccnf import ccnf_spec, generate_task_data
+from ccnf.models.ccnf_scores import patch_scores
+from ccnf.train import init_model, train_task
+
+
+@pytest.fixture(scope="module")
+def three_tasks(tmp_path_factory) -> tuple[Path, dict]:
+    """Three one-class tasks on tiny images, features cached, models/init written."""
+    tmp = tmp_path_factory.mktemp("strategies")
+    root = make_mvtec_root(tmp / "ds", ["a", "b", "c"], n_train=5)
+    raw = tiny_params(root, [["a"], ["b"], ["c"]])
+    params = parse_params(raw)
+    extract_features(index_root(root, params.classes, progress=False), params, tmp / "features")
+    init_model(params, tmp / "features", tmp / "models" / "init")
+    return tmp, raw
+
+
+def _with(raw: dict, section: str, **values: object) -> dict:
+    return {**raw, section: {**raw[section], **values}}
+
+
+def _chain(tmp: Path, raw: dict, name: str, tasks: int = 3) -> list[dict]:
+    params = parse_params(raw)
+    prev = tmp / "models" / "init"
+    out = []
+    for t in range(tasks):
+        train_task(params, f"t{t}", tmp / "features", prev, tmp / name / f"t{t}")
+        prev = tmp / name / f"t{t}"
+        out.append(read_checkpoint(prev))
+    return out
+
+
+def _net(ckpt: dict, raw: dict) -> CCNF:
+    return CCNF.from_checkpoint(ckpt, ccnf_spec(parse_params(raw).flow, ckpt["channels"])).eval()
+
+
+def test_adapters_keep_the_base_and_earlier_adapters_bit_identical(three_tasks) -> None:
+    tmp, raw = three_tasks
+    raw = _with(raw, "train", strategy="adapters", adapter_rank=2)
+    t0, t1, t2 = _chain(tmp, raw, "adapters")
+    assert "adapters" not in t0 and t1["adapters"] == {"count": 1, "rank": 2}
+    assert t2["adapters"] == {"count": 2, "rank": 2}
+    assert t2["state_dict"]["class_adapter"].tolist() == [-1, 0, 1]
+    base = [k for k in t0["state_dict"] if k.startswith("flows.")]
+    assert base
+    for later in (t1, t2):
+        for k in base:  # the shared flow, spectral-norm buffers included
+            assert torch.equal(t0["state_dict"][k], later["state_dict"][k]), k
+    first_adapter = [k for k in t1["state_dict"] if ".lora_" in k]
+    assert first_adapter and all(k.endswith(".0") for k in first_adapter)
+    for k in first_adapter:
+        assert torch.equal(t1["state_dict"][k], t2["state_dict"][k]), k
+    assert torch.equal(t1["state_dict"]["embedding"][:2], t2["state_dict"]["embedding"][:2])
+    # the adapter learned: its B factors left zero
+    assert any(k.split(".")[-2] == "b" and t1["state_dict"][k].abs().sum() > 0
+               for k in first_adapter)
+    # hence the earlier classes' scores do not move at all
+    params = parse_params(raw)
+    feats = load_split(tmp / "features", "b", "test").features
+    ids = torch.ones(feats[0].shape[0], dtype=torch.long)
+    before = patch_scores(_net(t1, raw), feats, ids, 4)
+    after = patch_scores(_net(t2, raw), feats, ids, 4)
+    for name, levels in before.levels.items():
+        for lvl_b, lvl_a in zip(levels, after.levels[name], strict=True):
+            assert torch.equal(lvl_b, lvl_a), name
+    assert params.train.strategy == "adapters"
+
+
+def test_adapter_routing_per_vector_matches_per_adapter_passes() -> None:
+    torch.manual_seed(0)
+    lora = LowRankAdapters(6, 5, rank=2, count=3)
+    for b in lora.b:
+        torch.nn.init.normal_(b)
+    x = torch.randn(10, 6)
+    index = torch.tensor([0, 2, -1, 1, 0, 2, 2, -1, 1, 0])
+    delta = lora(x, index)
+    for k in (-1, 0, 1, 2):
+        rows = index == k
+        expected = (torch.zeros(int(rows.sum()), 5) if k < 0
+                    else (x[rows] @ lora.a[k].t()) @ lora.b[k].t())
+        assert torch.allclose(delta[rows], expected, atol=1e-6), k
+    same = torch.full((10,), 1)
+    assert torch.allclose(lora(x, same), (x @ lora.a[1].t()) @ lora.b[1].t())
+
+
+def test_inverse_level_undoes_forward_level() -> None:
+    torch.manual_seed(0)
+    spec = CCNFSpec(n_couplings=(3,), hidden_dims=(16,), embedding_dim=4, pos_dim=4)
+    net = CCNF([6], [[3, 3]], spec, n_classes=2).eval()
+    net.global_step.fill_(100)  # past the additive warm-up: the affine couplings
+    net.add_adapter(2, [1])
+    for p in net.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    net.set_class_stats(0, 1, torch.randn(6), torch.rand(6) + 0.5)
+    x = torch.randn(9, 6)
+    y = torch.tensor([0, 1, 1, 0, 1, 0, 1, 1, 0])
+    pos = torch.arange(9)
+    with torch.no_grad():
+        z = net.forward_level(0, x, y, pos).z
+    assert torch.allclose(net.inverse_level(0, z, y, pos), x, atol=1e-4)
+
+
+def test_generated_features_follow_the_model(three_tasks) -> None:
+    """Generated maps have the cached layout, their targets are the model's own log p, and
+    the same seed gives the same features."""
+    tmp, raw = three_tasks
+    (t0,) = _chain(tmp, raw, "gen_base", tasks=1)
+    net = _net(t0, raw)
+    data = generate_task_data(net, [0], 3, 0.8, torch.Generator().manual_seed(1))
+    again = generate_task_data(net, [0], 3, 0.8, torch.Generator().manual_seed(1))
+    assert data.labels.tolist() == [0, 0, 0]
+    for lvl, f in enumerate(data.feats):
+        hw = net.positions(lvl).shape[0]
+        assert f.shape == (3, hw, net.channels[lvl]) and torch.isfinite(f).all()
+        assert torch.equal(f, again.feats[lvl])
+        y = torch.zeros(3 * hw, dtype=torch.long)
+        pos = torch.arange(hw).repeat(3)
+        with torch.no_grad():
+            logp = net.forward_level(lvl, f.reshape(-1, f.shape[-1]), y, pos).log_prob
+        assert torch.allclose(logp.reshape(3, hw), data.target_log_prob[lvl])
+
+
+def test_generative_replay_trains_on_generated_features_and_stores_none(three_tasks) -> None:
+    tmp, raw = three_tasks
+    gen = _with(_with(raw, "train", strategy="generative_replay", generated_per_class=4),
+                "loss", lambda_distill=1.0)
+    naive = _chain(tmp, raw, "naive_chain")
+    replay = _chain(tmp, gen, "gen_chain")
+    # task 0 has nothing to replay: the same model
+    for k, v in naive[0]["state_dict"].items():
+        assert torch.equal(v, replay[0]["state_dict"][k]), k
+    for n_ck, g_ck in zip(naive[1:], replay[1:], strict=True):
+        # the same keys and shapes as the naive model: nothing of earlier classes is kept
+        assert g_ck.keys() == n_ck.keys()
+        assert g_ck["replay"] == {}
+        assert {k: v.shape for k, v in g_ck["state_dict"].items()} == {
+            k: v.shape for k, v in n_ck["state_dict"].items()}
+        assert any(not torch.equal(v, g_ck["state_dict"][k])
+                   for k, v in n_ck["state_dict"].items())
+    header, *rows = (tmp / "gen_chain/t1/train_log.tsv").read_text().splitlines()
+    col = header.split("\t").index("L_distill")
+    assert all(float(r.split("\t")[col]) >= 0 for r in rows)
+    assert "L_distill" not in (tmp / "naive_chain/t1/train_log.tsv").read_text()
