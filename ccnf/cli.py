@@ -463,7 +463,9 @@ def catalog_list(catalog: Path = CATALOG, params: Path = PARAMS) -> None:
         tag = " (reference)" if exp.id == cat.reference else ""
         tag += " [CI]" if exp.id in cat.ci_subset else ""
         note = f"{exp.note.image_auroc:.4f} / {exp.note.pixel_auroc:.4f}" if exp.note else ""
-        table.add_row(exp.id + tag, exp.description, "\n".join(exp.overrides) or "(none)", note)
+        shown = [f"protocol {exp.protocol}"] if exp.protocol else []
+        table.add_row(exp.id + tag, exp.description,
+                      "\n".join([*shown, *exp.overrides]) or "(none)", note)
     console.print(table)
 
 

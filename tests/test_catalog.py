@@ -65,7 +65,7 @@ def test_repository_catalog_is_valid_and_complete() -> None:
     base = yaml.safe_load(PARAMS.read_text())
     seen: dict[str, str] = {}
     for exp in cat.experiments.values():
-        applied = json.dumps(apply_overrides(base, exp.overrides), sort_keys=True)
+        applied = json.dumps(exp.expected_params(base), sort_keys=True)
         assert applied not in seen, f"{exp.id} is the same run as {seen.get(applied)}"
         seen[applied] = exp.id
 
@@ -217,11 +217,36 @@ def test_overrides_equal_what_dvc_exp_run_writes(tmp_path: Path) -> None:
     for exp in cat.experiments.values():
         target = tmp_path / f"{exp.id}.yaml"
         shutil.copy(PARAMS, target)
-        dvc_apply(target, list(exp.overrides))
+        dvc_apply(target, [*exp.data_overrides, *exp.overrides])
         theirs = yaml.safe_load(target.read_text())
-        ours = apply_overrides(base, exp.overrides)
+        ours = exp.expected_params(base)
         assert json.dumps(ours, sort_keys=True) == json.dumps(theirs, sort_keys=True), exp.id
         parse_params(ours)
+
+
+def test_a_protocol_entry_switches_the_split_to_its_analogue(tmp_path: Path) -> None:
+    """protocol: 15x1 becomes data.protocol and the added tasks; on 15 classes it is itself."""
+    path = _write_catalog(tmp_path, {
+        "one": {"description": "one class per task", "protocol": "15x1",
+                "overrides": ["train.strategy=adapters"]},
+        "three": {"description": "three tasks", "protocol": "3x5"},
+    })
+    cat = load_catalog(path, PARAMS)
+    one, three = cat.experiments["one"], cat.experiments["three"]
+    assert one.data_overrides[0] == "data.protocol=15x1"
+    assert "+tasks.t14={prev: models/t13}" in one.data_overrides
+    assert three.data_overrides == ("data.protocol=3x5", "~tasks.t3", "~tasks.t4")
+    params = parse_params(one.expected_params(yaml.safe_load(PARAMS.read_text())))
+    assert len(params.split) == 15 and params.train.strategy == "adapters"
+    assert one.set_args()[-2:] == ["-S", "train.strategy=adapters"]
+
+
+def test_protocol_entries_are_checked(tmp_path: Path) -> None:
+    misfit = _load_error(tmp_path, {"x": {"description": "d", "protocol": "4x4"}})
+    assert "experiments.x" in misfit and "4x4" in misfit
+    by_hand = _load_error(tmp_path, {"x": {"description": "d",
+                                           "overrides": ["data.protocol=15x1"]}})
+    assert "protocol:" in by_hand
 
 
 def test_a_wrong_application_would_be_caught(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from ccnf.catalog.commands import dvc
-from ccnf.catalog.overrides import apply_overrides
 from ccnf.catalog.schema import PARAMS_FILE, Catalog, Experiment
 from ccnf.errors import CcnfError
 from ccnf.names import SCORES
@@ -138,7 +137,7 @@ def record_baselines(rows: Sequence[Row]) -> list[str]:
 
 def params_mismatch(base: dict[str, Any], exp: Experiment, got: dict[str, Any]) -> str | None:
     """Describe how ``got`` differs from ``base`` + the experiment's overrides (None: same)."""
-    expected = apply_overrides(base, exp.overrides)
+    expected = exp.expected_params(base)
     diffs = _diff(expected, got, "")
     if not diffs:
         return None

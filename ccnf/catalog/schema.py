@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -23,6 +24,9 @@ from ccnf.catalog.overrides import (
     schema_key_error,
 )
 from ccnf.config import parse_params
+from ccnf.data.split import analogues
+from ccnf.data.use import DataChoice, apply_choice, choose
+from ccnf.data.use import overrides as data_use_overrides
 from ccnf.errors import CcnfError
 
 CATALOG_FILE = Path("catalog.yaml")
@@ -47,6 +51,9 @@ class _EntryModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     description: str = Field(min_length=1)
+    # the split: an MVTec AD protocol name (5x3, 15x1, 10-5, 14-1, 3x5), run as its analogue
+    # for the study's class count (ccnf.data.split.analogues), or any protocol that fits
+    protocol: str | None = None
     overrides: list[str] = Field(default_factory=list)
     note: NoteFigure | None = None
 
@@ -65,19 +72,32 @@ class _CatalogModel(BaseModel):
 
 @dataclass(frozen=True)
 class Experiment:
-    """One catalog entry: an id, what it tests, its ``-S`` overrides, the note's figure."""
+    """One catalog entry: an id, what it tests, its ``-S`` overrides, the note's figure.
+
+    ``protocol`` (the entry's, as written) becomes ``data_overrides``: the ``-S`` flags that
+    switch params.yaml to that split (``data.protocol`` and the ``tasks`` chain, tasks added
+    with ``+`` and removed with ``~``, as ``ccnf data use --overrides`` prints them).
+    """
 
     id: str
     description: str
     overrides: tuple[str, ...]
     note: NoteFigure | None = None
+    protocol: str | None = None
+    data_overrides: tuple[str, ...] = ()
 
     def set_args(self) -> list[str]:
         """The ``-S key=value`` arguments of ``dvc exp run`` for this experiment."""
         args: list[str] = []
-        for o in self.overrides:
+        for o in (*self.data_overrides, *self.overrides):
             args += ["-S", o]
         return args
+
+    def expected_params(self, base: dict[str, Any]) -> dict[str, Any]:
+        """``base`` (a raw params dict) as this experiment runs it."""
+        if self.protocol is not None:
+            base = apply_choice(base, protocol_choice(base, self.protocol))
+        return apply_overrides(base, self.overrides)
 
     def dvc_command(self, *, queue: bool = False, temp: bool = False) -> list[str]:
         """``dvc exp run [--queue|--temp] -n ID -S k=v ...`` (as the user would type it)."""
@@ -87,6 +107,19 @@ class Experiment:
         elif temp:
             cmd.append("--temp")
         return [*cmd, "-n", self.id, *self.set_args()]
+
+
+def resolve_protocol(protocol: str, n_classes: int) -> str:
+    """An MVTec AD protocol name's analogue for ``n_classes`` (itself for 15 classes); any
+    other protocol name as it is."""
+    return analogues(n_classes).get(protocol, protocol)
+
+
+def protocol_choice(base: dict[str, Any], protocol: str) -> DataChoice:
+    """The data choice that keeps ``base``'s data and switches it to ``protocol``."""
+    classes = parse_params(base).classes
+    return choose(base, protocol=resolve_protocol(protocol, len(classes)))
+
 
 
 @dataclass(frozen=True)
@@ -185,17 +218,27 @@ def load_catalog(
             if problem:
                 raise CcnfError(f"experiment '{exp_id}': {problem}", where=where,
                                 fix="use a key of params.yaml (ccnf/config.py)")
+        if any(k == "tasks" or k.startswith(("tasks.", "data.protocol")) for k in keys):
+            raise CcnfError(
+                f"experiment '{exp_id}' overrides the split in its overrides",
+                where=where,
+                fix="give the split as the entry's protocol: (e.g. protocol: 15x1)",
+            )
+        data_flags: list[str] = []
         try:
-            applied = apply_overrides(base, entry.overrides)
-            parse_params(applied, f"{params_path} + catalog experiment '{exp_id}'")
+            if entry.protocol is not None:
+                data_flags = data_use_overrides(base, protocol_choice(base, entry.protocol))
+            exp = Experiment(exp_id, entry.description, tuple(entry.overrides), entry.note,
+                             entry.protocol, tuple(data_flags))
+            parse_params(exp.expected_params(base),
+                         f"{params_path} + catalog experiment '{exp_id}'")
         except CcnfError as err:
             raise CcnfError(
                 f"experiment '{exp_id}': {err.what}",
                 where=where,
-                fix="correct the override(s) of this experiment",
+                fix="correct the protocol or override(s) of this experiment",
             ) from None
-        experiments[exp_id] = Experiment(exp_id, entry.description, tuple(entry.overrides),
-                                         entry.note)
+        experiments[exp_id] = exp
 
     if model.reference not in experiments:
         raise CcnfError(f"reference '{model.reference}' is not an experiment of the catalog",
