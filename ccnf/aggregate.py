@@ -186,6 +186,29 @@ def summarize(mats: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, flo
     return summary
 
 
+def summarize_memory(results: list[TaskResult], params: Params) -> dict[str, float]:
+    """What the model keeps after the last task, and what each later task added to it.
+
+    bytes: every tensor of the final model; first_task_bytes: after task 0; added_bytes_per_task
+    / added_bytes_per_class: (bytes - first_task_bytes) over the later tasks / their classes
+    (parameter isolation's cost; a bank's per-class model); stored_images: training images of
+    earlier tasks kept (replay). Empty for records without footprints (older evaluations).
+    """
+    if not all(r.footprint for r in results):
+        return {}
+    first, last = results[0].footprint, results[-1].footprint
+    later_tasks = len(results) - 1
+    later_classes = sum(len(c) for c in params.split[1:len(results)])
+    added = last["bytes"] - first["bytes"]
+    return {
+        "bytes": last["bytes"],
+        "first_task_bytes": first["bytes"],
+        "added_bytes_per_task": round(added / later_tasks, 1) if later_tasks else 0.0,
+        "added_bytes_per_class": round(added / later_classes, 1) if later_classes else 0.0,
+        "stored_images": last["stored_images"],
+    }
+
+
 def worst_classes(last: TaskResult) -> dict[str, dict[str, float]]:
     """{score: {"pixel_auroc_worst_class": min over classes, "image_auroc_worst_class": ...}}
     of the final model, task-aware (a forgotten class hides in an average; not here)."""
@@ -287,6 +310,9 @@ def aggregate(
         summary[score] |= entry
     summary["agnostic"] = summarize(agn_mats)
     summary["class_select"] = summarize_selection(method, sel)
+    memory = summarize_memory(results, params)
+    if memory:
+        summary["memory"] = memory
     write_json(metrics_dir / "summary.json", summary)
     as_lists = {s: {m: _json_matrix(r) for m, r in by_m.items()} for s, by_m in mats.items()}
     write_json(

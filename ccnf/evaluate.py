@@ -383,6 +383,7 @@ def evaluate_task(
         per_class=per_class,
         per_task=_task_means(per_class, params.split, seen_tasks),
         agnostic={},
+        footprint=ev.model.footprint(),
     )
     if method == "oracle":
         result.agnostic = {

@@ -29,7 +29,9 @@ from ccnf.store import recovery_fix
 class TaskResult:
     """Metrics after one task. per_class: {class: {"task": j, score: {metric: value}}};
     per_task: {task: {score: {metric: mean}}}; agnostic: the task-agnostic block;
-    thresholds: {"k", "percentile", "per_class": {class: {score: {kind: t}}}}."""
+    thresholds: {"k", "percentile", "per_class": {class: {score: {kind: t}}}};
+    footprint: what the model keeps after the task
+    (:meth:`ccnf.models.base.AnomalyModel.footprint`)."""
 
     task: str
     task_index: int
@@ -38,6 +40,7 @@ class TaskResult:
     per_class: dict[str, Any]
     per_task: dict[str, Any]
     agnostic: dict[str, Any]
+    footprint: dict[str, int] = field(default_factory=dict)
 
     KEYS = ("task", "task_index", "class_select", "per_class", "per_task", "agnostic")
 
@@ -50,6 +53,7 @@ class TaskResult:
             "per_class": self.per_class,
             "per_task": self.per_task,
             "agnostic": self.agnostic,
+            "footprint": self.footprint,
         }
 
     @staticmethod
@@ -73,6 +77,7 @@ class TaskResult:
             task=raw["task"], task_index=raw["task_index"], class_select=raw["class_select"],
             thresholds=raw.get("thresholds", {}), per_class=raw["per_class"],
             per_task=raw["per_task"], agnostic=raw["agnostic"],
+            footprint=raw.get("footprint", {}),
         )
 
 

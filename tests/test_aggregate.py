@@ -93,7 +93,7 @@ def aggregated(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_summary_has_aware_agnostic_and_selection_blocks(aggregated: Path) -> None:
     summary = json.loads((aggregated / "metrics/summary.json").read_text())
-    assert set(summary) == {*SCORES, "agnostic", "class_select"}
+    assert set(summary) == {*SCORES, "agnostic", "class_select", "memory"}
     for score in SCORES:
         assert set(summary[score]) == SUMMARY_KEYS | WORST
         assert set(summary["agnostic"][score]) == SUMMARY_KEYS
@@ -121,6 +121,38 @@ def test_summary_has_aware_agnostic_and_selection_blocks(aggregated: Path) -> No
     assert "selection_accuracy" in per_class["a"]["agnostic"]
     assert (aggregated / "plots/R_class_select.png").stat().st_size > 1000
     assert (aggregated / "plots/R_agnostic_image_auroc.png").stat().st_size > 1000
+
+
+def test_memory_is_what_the_final_model_keeps(aggregated: Path) -> None:
+    """summary.memory: bytes of every tensor of the final model, and what later tasks added."""
+    from ccnf.models import read_checkpoint
+
+    mem = json.loads((aggregated / "metrics/summary.json").read_text())["memory"]
+    ckpt = read_checkpoint(aggregated / "models/t1")
+    weights = sum(v.numel() * v.element_size() for v in ckpt["state_dict"].values())
+    assert mem["bytes"] == weights and mem["stored_images"] == 0
+    first = read_checkpoint(aggregated / "models/t0")["state_dict"]
+    grown = weights - sum(v.numel() * v.element_size() for v in first.values())
+    assert mem["first_task_bytes"] == weights - grown
+    assert mem["added_bytes_per_task"] == grown > 0  # two new classes' rows
+    assert mem["added_bytes_per_class"] == grown / 2
+
+
+def test_memory_summary_arithmetic() -> None:
+    from conftest import tiny_params
+
+    from ccnf.aggregate import summarize_memory
+    from ccnf.config import parse_params
+
+    params = parse_params(tiny_params(Path("/nonexistent"), [["a"], ["b", "c"], ["d"]]))
+    results = [_fake(t, {}) for t in range(3)]
+    for r, (b, n) in zip(results, [(100, 0), (160, 3), (190, 5)], strict=True):
+        r.footprint = {"values": b // 4, "bytes": b, "stored_images": n}
+    mem = summarize_memory(results, params)
+    assert mem == {"bytes": 190, "first_task_bytes": 100, "added_bytes_per_task": 45.0,
+                   "added_bytes_per_class": 30.0, "stored_images": 5}
+    results[1].footprint = {}
+    assert summarize_memory(results, params) == {}
 
 
 def test_agnostic_after_the_last_task_only(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ Checkpoint (``models/<task>/model.pt``, pickle-free, :mod:`ccnf.store`)::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -128,6 +129,18 @@ class AnomalyModel(ABC):
         method of :attr:`select_methods` (``score.select_level``: the level that decides, -1
         the deepest, None all)."""
 
+    # -- memory ------------------------------------------------------------------------------
+    def footprint(self) -> dict[str, int]:
+        """What the model keeps: ``values`` and ``bytes`` of every tensor of :meth:`state`
+        (weights, per-class rows and buffers; not the calibration scores), and
+        ``stored_images``: training images of earlier tasks it keeps (replay), 0 if none."""
+        tensors = list(_tensors(self.state()))
+        return {
+            "values": sum(t.numel() for t in tensors),
+            "bytes": sum(t.numel() * t.element_size() for t in tensors),
+            "stored_images": 0,
+        }
+
     # -- checkpoint --------------------------------------------------------------------------
     def checkpoint(self, *, task: int, calibration: dict[str, Any]) -> dict[str, Any]:
         """The whole checkpoint dict (layout in the module docstring)."""
@@ -143,6 +156,18 @@ class AnomalyModel(ABC):
             "calibration": calibration,
             **state,
         }
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a nest of dicts and lists."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _tensors(v)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

@@ -355,6 +355,10 @@ class CCNFModel(AnomalyModel):
     def state(self) -> dict[str, Any]:
         return {**self.net.checkpoint(), "replay": self.replay}
 
+    def footprint(self) -> dict[str, int]:
+        return {**super().footprint(),
+                "stored_images": sum(len(idx) for idx in self.replay.values())}
+
     @property
     def classes(self) -> list[str]:
         return list(self._classes)
