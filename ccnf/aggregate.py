@@ -209,6 +209,25 @@ def summarize_memory(results: list[TaskResult], params: Params) -> dict[str, flo
     }
 
 
+def summarize_test_selected(results: list[TaskResult]) -> dict[str, Any]:
+    """LEAKY (``eval.test_selected``): after the last task and averaged over the steps (the
+    A-AUROC of the test-selected models), each model chosen on the test set; empty when off.
+    The headline figures beside it are the final models', whatever this says."""
+    if not all(r.test_selected for r in results):
+        return {}
+    last = results[-1].test_selected
+    return {
+        "leaky": True,
+        "selected_on": "test set",
+        "score": last["score"],
+        "image_auroc": last["image_auroc"],
+        "pixel_auroc": last["pixel_auroc"],
+        **{f"{m}_step_average": round(float(np.mean([r.test_selected[f"{m}_auroc"]
+                                                        for r in results])), DECIMALS)
+           for m in ("image", "pixel")},
+    }
+
+
 def worst_classes(last: TaskResult) -> dict[str, dict[str, float]]:
     """{score: {"pixel_auroc_worst_class": min over classes, "image_auroc_worst_class": ...}}
     of the final model, task-aware (a forgotten class hides in an average; not here)."""
@@ -313,6 +332,9 @@ def aggregate(
     memory = summarize_memory(results, params)
     if memory:
         summary["memory"] = memory
+    leaky = summarize_test_selected(results)
+    if leaky:
+        summary["test_selected_leaky"] = leaky
     write_json(metrics_dir / "summary.json", summary)
     as_lists = {s: {m: _json_matrix(r) for m, r in by_m.items()} for s, by_m in mats.items()}
     write_json(

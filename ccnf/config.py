@@ -505,6 +505,16 @@ class EvalConfig(_Section):
             "seen class per test image at every task"
         ),
     )
+    test_selected: int = Field(
+        0,
+        ge=0,
+        description=(
+            "LEAKY, for lining up with papers only (UCAD, CDAD and IUF pick the epoch on the "
+            "test set): N > 0 keeps N - 1 evenly spaced snapshots of every task's training "
+            "besides the final model, scores each on the test set and reports the best as "
+            "summary.test_selected_leaky; the headline figures stay the final model's. 0: off"
+        ),
+    )
     threshold_k: float = Field(
         3.0, ge=0, description="automatic threshold mean + k * std of training-normal scores"
     )

@@ -63,6 +63,7 @@ from ccnf.errors import CcnfError
 from ccnf.features import FeatureMeta, load_inputs
 from ccnf.metrics import aupro, auroc, average_precision, f1_max, precision_recall_f1_at
 from ccnf.models import read_checkpoint, restore_model
+from ccnf.models.base import SNAPSHOTS
 from ccnf.names import (
     DECIMALS,
     SCORES,
@@ -183,7 +184,8 @@ class _ClassEvaluator:
     Built once per process: in the stage's process, or in each worker of the pool.
     """
 
-    def __init__(self, params: Params, task: str, features_dir: Path, model_dir: Path) -> None:
+    def __init__(self, params: Params, task: str, features_dir: Path, model_dir: Path,
+                 aware_only: bool = False) -> None:
         self.params, self.features_dir = params, features_dir
         torch.set_num_threads(params.threads)
         seed_everything(params.seed)
@@ -199,7 +201,8 @@ class _ClassEvaluator:
             for cls, rec in ckpt["calibration"].items()
         }
         last = t == len(params.task_names) - 1
-        self.agnostic = sc.class_select != "oracle" and (last or params.eval.agnostic_every_task)
+        self.agnostic = (not aware_only and sc.class_select != "oracle"
+                         and (last or params.eval.agnostic_every_task))
         self.seen = [c for j in range(t + 1) for c in params.split[j]]
         if known < len(self.seen):
             raise CcnfError(
@@ -296,10 +299,11 @@ _WORKER: _ClassEvaluator | None = None
 _WORKER_FAILED = False
 
 
-def _init_worker(params: Params, task: str, features_dir: Path, model_dir: Path) -> None:
+def _init_worker(params: Params, task: str, features_dir: Path, model_dir: Path,
+                 aware_only: bool) -> None:
     global _WORKER, _WORKER_FAILED
     try:
-        _WORKER = _ClassEvaluator(params, task, features_dir, model_dir)
+        _WORKER = _ClassEvaluator(params, task, features_dir, model_dir, aware_only)
     except Exception:
         # a raising initializer makes the pool respawn workers forever; the stage's process
         # builds the same evaluator and reports the error itself
@@ -329,6 +333,63 @@ def _worker_pool(params: Params, n_jobs: int, init_args: tuple) -> Any:
     return mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=init_args)
 
 
+def _evaluate_classes(
+    params: Params, task: str, features_dir: Path, model_dir: Path,
+    jobs: list[tuple[int, str]], what: str, console: Console | None, *, aware_only: bool = False,
+) -> tuple[_ClassEvaluator, list[_ClassResult]]:
+    """Every job (task index, class) with ``model_dir``'s checkpoint, in ``eval.workers``
+    processes; ``aware_only`` skips the task-agnostic block."""
+    init_args = (params, task, features_dir, model_dir, aware_only)
+    pool = _worker_pool(params, len(jobs), init_args)
+    try:
+        ev = _ClassEvaluator(*init_args)
+        results = pool.imap(_run_in_worker, jobs) if pool is not None else map(ev, jobs)
+        done = list(track(results, total=len(jobs), description=what, console=console,
+                          disable=console is None))
+    finally:
+        if pool is not None:
+            pool.terminate()
+    return ev, done
+
+
+def _seen_mean(per_class: dict[str, Any], params: Params, seen_tasks: list[str],
+               score: str, metric: str) -> float:
+    """Mean over seen tasks of the task's mean over classes (the final-average definition)."""
+    means = _task_means(per_class, params.split, seen_tasks)
+    return float(np.mean([means[tk][score][metric] for tk in seen_tasks]))
+
+
+def test_selected_block(
+    params: Params, task: str, features_dir: Path, model_dir: Path,
+    per_class: dict[str, Any], console: Console | None = None,
+) -> dict[str, Any]:
+    """LEAKY (``eval.test_selected``): the snapshot of the task's training (or the final model)
+    whose mean image AUROC over the seen tasks is best on the test set, as UCAD, CDAD and IUF
+    choose their epoch. Only for lining our figures up with theirs; never a headline."""
+    t = params.task_index(task)
+    seen_tasks = params.task_names[: t + 1]
+    jobs = [(j, cls) for j in range(t + 1) for cls in params.split[j]]
+    score = params.score.headline
+
+    def figures(name: str, classes: dict[str, Any]) -> dict[str, Any]:
+        return {"model": name} | {
+            m: _round(_seen_mean(classes, params, seen_tasks, score, m))
+            for m in ("image_auroc", "pixel_auroc")
+        }
+
+    candidates = []
+    snapshot_root = model_dir / SNAPSHOTS
+    for snap in sorted(snapshot_root.iterdir()) if snapshot_root.is_dir() else []:
+        _, done = _evaluate_classes(params, task, features_dir, snap, jobs,
+                                    f"leaky: {task} {snap.name}", console, aware_only=True)
+        classes = {cls: r.aware for (_, cls), r in zip(jobs, done, strict=True)}
+        candidates.append(figures(snap.name, classes))
+    candidates.append(figures("final", per_class))
+    best = max(candidates, key=lambda c: c["image_auroc"])  # the first of equals
+    return {"leaky": True, "selected_on": "test set", "score": score,
+            "by": "mean image AUROC over the seen tasks", "candidates": candidates, **best}
+
+
 def evaluate_task(
     params: Params,
     task: str,
@@ -348,18 +409,8 @@ def evaluate_task(
     """
     t = params.task_index(task)
     jobs = [(j, cls) for j in range(t + 1) for cls in params.split[j]]
-    init_args = (params, task, features_dir, model_dir)
-    pool = _worker_pool(params, len(jobs), init_args)
-    try:
-        ev = _ClassEvaluator(*init_args)
-        results = pool.imap(_run_in_worker, jobs) if pool is not None else map(ev, jobs)
-        done = list(track(
-            results, total=len(jobs), description=f"evaluate after {task}", console=console,
-            disable=console is None,
-        ))
-    finally:
-        if pool is not None:
-            pool.terminate()
+    ev, done = _evaluate_classes(params, task, features_dir, model_dir, jobs,
+                                 f"evaluate after {task}", console)
     seen_tasks = params.task_names[: t + 1]
     method, seen, thr = params.score.class_select, ev.seen, ev.thr
     per_class = {cls: r.aware for (_, cls), r in zip(jobs, done, strict=True)}
@@ -385,6 +436,9 @@ def evaluate_task(
         agnostic={},
         footprint=ev.model.footprint(),
     )
+    if params.eval.test_selected > 0:
+        result.test_selected = test_selected_block(params, task, features_dir, model_dir,
+                                                   per_class, console)
     if method == "oracle":
         result.agnostic = {
             "class_select": "oracle", "same_as_aware": True, "selection_accuracy": 1.0

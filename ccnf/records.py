@@ -41,6 +41,8 @@ class TaskResult:
     per_task: dict[str, Any]
     agnostic: dict[str, Any]
     footprint: dict[str, int] = field(default_factory=dict)
+    #: LEAKY (eval.test_selected): the best snapshot on the test set; empty when off
+    test_selected: dict[str, Any] = field(default_factory=dict)
 
     KEYS = ("task", "task_index", "class_select", "per_class", "per_task", "agnostic")
 
@@ -54,7 +56,7 @@ class TaskResult:
             "per_task": self.per_task,
             "agnostic": self.agnostic,
             "footprint": self.footprint,
-        }
+        } | ({"test_selected_leaky": self.test_selected} if self.test_selected else {})
 
     @staticmethod
     def from_json(raw: Any, path: Path, task: str) -> TaskResult:
@@ -78,6 +80,7 @@ class TaskResult:
             thresholds=raw.get("thresholds", {}), per_class=raw["per_class"],
             per_task=raw["per_task"], agnostic=raw["agnostic"],
             footprint=raw.get("footprint", {}),
+            test_selected=raw.get("test_selected_leaky", {}),
         )
 
 

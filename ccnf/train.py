@@ -9,6 +9,7 @@ is its own (:mod:`ccnf.models`); this module never asks which kind it holds.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import time
@@ -25,6 +26,7 @@ from ccnf.device import resolve_device
 from ccnf.errors import CcnfError
 from ccnf.features import FeatureMeta, FeatureSplit, load_inputs
 from ccnf.models import AnomalyModel, TaskInputs, create_model, read_checkpoint, restore_model
+from ccnf.models.base import CHECKPOINT_FORMAT, SNAPSHOTS
 from ccnf.seeding import seed_everything, stream_seed
 from ccnf.store import save_artifact
 
@@ -60,16 +62,56 @@ def write_log(path: Path, rows: list[dict[str, float]], leading: Sequence[str]) 
 
 def write_checkpoint(
     out_dir: Path, model: AnomalyModel, task: int, calibration: dict[str, Any],
-    rows: list[dict[str, float]] | None,
+    rows: list[dict[str, float]] | None, snapshots: dict[str, dict[str, Any]] | None = None,
 ) -> None:
-    """``out_dir``/model.pt and (unless rows is None) train_log.tsv, atomically (all or
-    nothing)."""
+    """``out_dir``/model.pt, (unless rows is None) train_log.tsv and (``eval.test_selected``)
+    ``snapshots/<name>/model.pt``, atomically (all or nothing)."""
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         save_artifact(tmp / "model.pt", model.checkpoint(task=task, calibration=calibration),
                       kind="checkpoint")
         if rows is not None:
             write_log(tmp / "train_log.tsv", rows, model.log_columns)
+        for name, ckpt in (snapshots or {}).items():
+            (tmp / SNAPSHOTS / name).mkdir(parents=True)
+            save_artifact(tmp / SNAPSHOTS / name / "model.pt", ckpt, kind="checkpoint")
+
+
+def snapshot_steps(total: int, n: int) -> set[int]:
+    """The step counts after which ``eval.test_selected = n`` keeps a snapshot: n - 1 evenly
+    spaced ones before the final model (which is evaluated anyway)."""
+    return {round(k * total / n) for k in range(1, n)} - {0, total}
+
+
+class _Snapshots:
+    """The model's state after chosen steps of a task (``eval.test_selected``), each turned
+    into a checkpoint with its own calibration for the task's classes."""
+
+    def __init__(self, model: AnomalyModel, n: int) -> None:
+        self.model, self.n = model, n
+        self.states: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, done: int, total: int) -> None:
+        if done in snapshot_steps(total, self.n):
+            self.states[f"step_{done:06d}"] = copy.deepcopy(self.model.state())
+
+    def checkpoints(
+        self, params: Params, meta: FeatureMeta, t: int, classes: list[str],
+        calibration: dict[str, Any], calib: dict[str, FeatureSplit],
+    ) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name, state in self.states.items():
+            ckpt = {"format": CHECKPOINT_FORMAT, "kind": self.model.kind, "classes": classes,
+                    "task": t, "calibration": {}, **state}
+            snap = restore_model(ckpt, params, meta, resolve_device(params.device),
+                                 where=f"snapshot {name}")
+            ckpt["calibration"] = dict(calibration) | {
+                cls: snap.patch_scores(split.features, [cls] * len(split),
+                                       params.eval.batch_images).to_record()
+                for cls, split in calib.items()
+            }
+            out[name] = ckpt
+        return out
 
 
 def train_task(
@@ -111,20 +153,23 @@ def train_task(
         fit_idx, calib_idx = calibration_split(len(split), params.eval.calib_fraction, params.seed)
         fit[cls], calib[cls] = split.subset(fit_idx), split.subset(calib_idx)
         fit_indices[cls] = fit_idx.tolist()
+    snapshots = _Snapshots(model, params.eval.test_selected)
     inputs = TaskInputs(
         task=t, name=task, classes=fit, fit_indices=fit_indices,
         load=lambda cls, idx: load_inputs(features_dir, cls, "train", k).subset(idx),
+        after_step=snapshots if params.eval.test_selected > 1 else None,
     )
     start = time.perf_counter()
     rows = model.learn_task(inputs, params, console=console) if new else []
     seconds = time.perf_counter() - start
+    kept = snapshots.checkpoints(params, meta, t, expected + new, ckpt["calibration"], calib)
     calibration = dict(ckpt["calibration"])
     for cls in new:
         feats = calib[cls].features
         calibration[cls] = model.patch_scores(
             feats, [cls] * len(calib[cls]), params.eval.batch_images
         ).to_record()
-    write_checkpoint(out_dir, model, t, calibration, rows)
+    write_checkpoint(out_dir, model, t, calibration, rows, kept)
     return {
         "steps": float(len(rows)),
         "seconds": seconds if new else 0.0,

@@ -17,7 +17,7 @@ Checkpoint (``models/<task>/model.pt``, pickle-free, :mod:`ccnf.store`)::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 # version of the checkpoint layout above; a file of another version is refused, not guessed at
 CHECKPOINT_FORMAT = 2
 RESERVED_KEYS = ("format", "kind", "classes", "task", "calibration")
+#: folder of a task's snapshots (``eval.test_selected``, leaky) inside its model folder
+SNAPSHOTS = "snapshots"
 
 
 @dataclass
@@ -48,7 +50,9 @@ class TaskInputs:
     task adds nothing (``joint`` after task 0);
     fit_indices: {class: train-split indices of its fit images};
     load: (class, train-split indices) -> those training images (a FeatureSplit), for a
-    strategy that revisits earlier classes' stored images (replay).
+    strategy that revisits earlier classes' stored images (replay);
+    after_step: called by a model that trains in steps after each one with (steps done,
+    total steps), e.g. to keep snapshots (``eval.test_selected``); None: nobody listens.
     """
 
     task: int
@@ -56,6 +60,7 @@ class TaskInputs:
     classes: dict[str, FeatureSplit]
     fit_indices: dict[str, list[int]]
     load: Any
+    after_step: Callable[[int, int], None] | None = None
 
 
 class AnomalyModel(ABC):

@@ -482,6 +482,8 @@ class CCNFModel(AnomalyModel):
                     if keep is not None:
                         keep.restore()
                     model.global_step += 1
+                    if inputs.after_step is not None:
+                        inputs.after_step(len(rows) + 1, schedule.total_steps)
                     rows.append(
                         {"step": step, "task": t, "epoch": schedule.budget.epoch_of(i),
                          "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
