@@ -123,6 +123,7 @@ def main() -> None:
     rows = [r for r in rows if r.exp.id in wanted]
     spec = ReportSpec(
         block="industrial12", roles=cat.targets, headline=params.score.headline,
+        strategies=cat.subsets.get("strategies", ()),
         data=f"industrial12 (real images, {root.name}, protocol {params.data.protocol}: "
         + ", ".join("[" + ", ".join(t) + "]" for t in params.split) + ")",
     )

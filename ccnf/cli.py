@@ -444,7 +444,8 @@ def _report_spec(cat: object, params: Path) -> object:
     from ccnf.study_report import ReportSpec, read_peers
 
     return ReportSpec(roles=cat.targets, headline=_headline(params),  # type: ignore[attr-defined]
-                      peers=read_peers())
+                      peers=read_peers(),
+                      strategies=cat.subsets.get("strategies", ()))  # type: ignore[attr-defined]
 
 
 @catalog_app.command("list")

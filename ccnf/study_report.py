@@ -209,6 +209,49 @@ def selection_table(rows: Sequence[Row], score: str = "nf") -> str:
     return "\n".join(lines)
 
 
+STRATEGY_COLUMNS = (
+    "final image", "final pixel", "A-AUROC image", "A-AUROC pixel", "forgetting image",
+    "forgetting pixel", "routing accuracy", "routed image", "added KB per task",
+    "stored images", "wall s",
+)
+
+
+def _param(row: Row, *path: str) -> Any:
+    node: Any = row.record.params if row.record is not None else {}
+    for p in path:
+        node = node.get(p) if isinstance(node, dict) else None
+    return node
+
+
+def strategy_table(rows: Sequence[Row], score: str, timing: dict[str, Any] | None) -> str:
+    """Strategy x protocol (issue 13): after the last task, the mean over steps of the seen-task
+    average (A-AUROC), forgetting, routing (class-selection) accuracy and the task-agnostic
+    image AUROC it yields, what each later task adds to the model, stored images, wall time."""
+    head = "| experiment | strategy | protocol | " + " | ".join(STRATEGY_COLUMNS) + " |"
+    lines = [head, "|---|---|---|" + "---:|" * len(STRATEGY_COLUMNS)]
+    per = (timing or {}).get("experiments", {})
+    for row in rows:
+        m = _metrics(row)
+        _, acc = _class_select(row)
+        added = _get(m, "memory", "added_bytes_per_task")
+        stored = _get(m, "memory", "stored_images")
+        seconds = per.get(row.exp.id, {}).get("seconds")
+        cells = [
+            *(_fmt(_get(m, score, key)) for key in (
+                "image_auroc", "pixel_auroc", "image_step_average", "pixel_step_average",
+                "image_forgetting", "pixel_forgetting")),
+            _fmt(acc),
+            _fmt(_get(m, "agnostic", score, "image_auroc")),
+            MISSING if added is None else f"{added / 1024:.1f}",
+            MISSING if stored is None else f"{stored:.0f}",
+            MISSING if seconds is None else f"{float(seconds):.0f}",
+        ]
+        strategy = _param(row, "train", "strategy") or MISSING
+        protocol = _param(row, "data", "protocol") or row.exp.protocol or MISSING
+        lines.append(f"| {row.exp.id} | {strategy} | {protocol} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table_block(
     rows: Sequence[Row],
     reference: str,
@@ -217,12 +260,16 @@ def table_block(
     headline: str = "nf",
     peers: dict[str, Any] | None = None,
     data: str = "the embedded synthetic data",
+    strategies: Sequence[str] = (),
+    timing: dict[str, Any] | None = None,
 ) -> str:
     """The generated table block of REPORT.md (all tables, and any record problems).
 
     roles: catalog.yaml's ``targets`` (which experiment is the Gaussian floor, the flow bank,
     joint and the sequential default); headline: the score the targets are read on; peers:
-    benchmarks/anomalib_peers.json (None: no anomalib figures on this data).
+    benchmarks/anomalib_peers.json (None: no anomalib figures on this data); strategies: the
+    ids of the strategy x protocol table (catalog.yaml's ``subsets.strategies``), timing:
+    the catalog timing file (its wall seconds per experiment).
     """
     parts = [
         f"Final averages after the last task, per score definition; forgetting = mean over "
@@ -242,6 +289,18 @@ def table_block(
         "The note's figures are its final nf image/pixel AUROC on MVTec AD (1 epoch per task); "
         f"ours are on {data}.\n\n" + selection_table(rows, headline)
     )
+    wanted = [r for r in rows if r.exp.id in set(strategies)]
+    if wanted:
+        parts.append(
+            f"#### continual strategies x protocols ({headline} score)\n\n"
+            "Final = after the last task (what the model is left with); A-AUROC = mean over "
+            "steps of the average over the tasks seen so far (what the IUF and CDAD tables "
+            "print); routing accuracy = how often the task-agnostic block picks the true "
+            "class (hence the adapter), routed image = the image AUROC with that pick; added "
+            "KB per task = growth of the model per later task; stored images = training "
+            "images of earlier tasks kept; wall s = the run's wall time in the catalog timing "
+            "file (training and evaluation).\n\n" + strategy_table(wanted, headline, timing)
+        )
     parts.append(
         "#### per-class baselines and anomalib's models on the same data\n\n"
         + ("anomalib 2.7.0 on the same images, backbone and weights "
@@ -491,6 +550,7 @@ class ReportSpec:
     headline: str = "nf"
     peers: dict[str, Any] | None = None
     data: str = "the embedded synthetic data"
+    strategies: tuple[str, ...] = ()
 
     @property
     def timing_file(self) -> Path:
@@ -498,7 +558,8 @@ class ReportSpec:
 
     def table(self, rows: Sequence[Row], reference: str) -> str:
         return table_block(rows, reference, roles=self.roles, headline=self.headline,
-                           peers=self.peers, data=self.data)
+                           peers=self.peers, data=self.data, strategies=self.strategies,
+                           timing=read_timing(self.timing_file))
 
 
 PEERS_FILE = Path("benchmarks/anomalib_peers.json")

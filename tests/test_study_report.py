@@ -241,3 +241,30 @@ def test_targets_table_compares_the_roles_records() -> None:
     assert worst.endswith("| 0.4900 | 0.5000 | -0.0100 | no |")
     missing = targets_table(rows[:2], roles, "latent")
     assert "| — | — |" in missing and "| — |\n" in missing + "\n"
+
+
+def test_strategy_table_reads_strategy_protocol_memory_and_time_from_the_records() -> None:
+    """One row per strategy x protocol record: strategy and protocol from the record's params,
+    A-AUROC, routing accuracy, KB added per later task and the catalog's wall seconds."""
+    from ccnf.catalog import Experiment, ExpRecord, Row
+
+    metrics = {
+        "nf": {"image_auroc": 0.9, "pixel_auroc": 0.95, "image_step_average": 0.93,
+               "pixel_step_average": 0.96, "image_forgetting": 0.001, "pixel_forgetting": 0.0},
+        "agnostic": {"nf": {"image_auroc": 0.8}},
+        "class_select": {"method": "prototype", "accuracy": 0.75},
+        "memory": {"added_bytes_per_task": 2048.0, "stored_images": 0},
+    }
+    params = {"train": {"strategy": "adapters"}, "data": {"protocol": "15x1"}}
+    rows = [Row(Experiment("adapters-15x1", "x", (), protocol="15x1"),
+                ExpRecord("adapters-15x1", "r", params, metrics)),
+            Row(Experiment("naive-3x5", "x", (), protocol="3x5"), None)]
+    timing = {"experiments": {"adapters-15x1": {"seconds": 612.4}}}
+    block = table_block(rows, "E11", strategies=["adapters-15x1", "naive-3x5"], timing=timing)
+    assert "#### continual strategies x protocols" in block
+    cells = _line(block, "continual strategies", "adapters-15x1")
+    assert cells == ["adapters", "15x1", "0.9000", "0.9500", "0.9300", "0.9600", "0.0010",
+                     "0.0000", "0.7500", "0.8000", "2.0", "0", "612"]
+    missing = _line(block, "continual strategies", "naive-3x5")
+    assert missing[:2] == ["—", "3x5"] and set(missing[2:]) == {"—"}
+    assert "continual strategies" not in table_block(rows, "E11")
