@@ -189,10 +189,11 @@ def summarize(mats: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, flo
 def summarize_memory(results: list[TaskResult], params: Params) -> dict[str, float]:
     """What the model keeps after the last task, and what each later task added to it.
 
-    bytes: every tensor of the final model; first_task_bytes: after task 0; added_bytes_per_task
-    / added_bytes_per_class: (bytes - first_task_bytes) over the later tasks / their classes
-    (parameter isolation's cost; a bank's per-class model); stored_images: training images of
-    earlier tasks kept (replay). Empty for records without footprints (older evaluations).
+    bytes / values: every tensor of the final model; first_task_bytes: after task 0;
+    added_bytes_per_task / added_bytes_per_class / added_values_per_task: (final - after task
+    0) over the later tasks / their classes (parameter isolation's cost; a bank's per-class
+    model); stored_images: training images of earlier tasks kept (replay). Empty for records
+    without footprints (older evaluations).
     """
     if not all(r.footprint for r in results):
         return {}
@@ -202,9 +203,12 @@ def summarize_memory(results: list[TaskResult], params: Params) -> dict[str, flo
     added = last["bytes"] - first["bytes"]
     return {
         "bytes": last["bytes"],
+        "values": last["values"],
         "first_task_bytes": first["bytes"],
         "added_bytes_per_task": round(added / later_tasks, 1) if later_tasks else 0.0,
         "added_bytes_per_class": round(added / later_classes, 1) if later_classes else 0.0,
+        "added_values_per_task": (round((last["values"] - first["values"]) / later_tasks, 1)
+                                  if later_tasks else 0.0),
         "stored_images": last["stored_images"],
     }
 

@@ -149,8 +149,9 @@ def test_memory_summary_arithmetic() -> None:
     for r, (b, n) in zip(results, [(100, 0), (160, 3), (190, 5)], strict=True):
         r.footprint = {"values": b // 4, "bytes": b, "stored_images": n}
     mem = summarize_memory(results, params)
-    assert mem == {"bytes": 190, "first_task_bytes": 100, "added_bytes_per_task": 45.0,
-                   "added_bytes_per_class": 30.0, "stored_images": 5}
+    assert mem == {"bytes": 190, "values": 47, "first_task_bytes": 100,
+                   "added_bytes_per_task": 45.0, "added_bytes_per_class": 30.0,
+                   "added_values_per_task": 11.0, "stored_images": 5}
     results[1].footprint = {}
     assert summarize_memory(results, params) == {}
 

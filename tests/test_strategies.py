@@ -157,3 +157,19 @@ def test_generative_replay_trains_on_generated_features_and_stores_none(three_ta
     col = header.split("\t").index("L_distill")
     assert all(float(r.split("\t")[col]) >= 0 for r in rows)
     assert "L_distill" not in (tmp / "naive_chain/t1/train_log.tsv").read_text()
+
+
+def test_replay_quality_compares_a_floor_on_generated_and_real_features(three_tasks) -> None:
+    from ccnf.bench.replay_quality import moment_gap, replay_quality
+
+    same = torch.randn(6, 3, 2, 2)
+    assert moment_gap(same, same) == {"mean_gap_in_std": 0.0, "std_ratio": 1.0}
+    assert moment_gap(same, same + same.std(dim=0))["mean_gap_in_std"] == pytest.approx(1.0)
+    tmp, raw = three_tasks
+    _chain(tmp, raw, "quality", tasks=1)
+    rows = replay_quality(parse_params(raw), raw, tmp / "quality/t0", tmp / "features", None,
+                          4, [0.5, 1.0])
+    assert [(r["class"], r["source"]) for r in rows] == [
+        ("a", "real"), ("a", "tau 0.5"), ("a", "tau 1.0")]
+    assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("image_auroc", "pixel_auroc"))
+    assert rows[1]["images"] == 4 and "level0_std_ratio" in rows[1]

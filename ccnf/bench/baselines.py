@@ -24,7 +24,7 @@ from ccnf.baselines.bank import ClassBank
 from ccnf.baselines.maps import bank_patch_scores
 from ccnf.catalog import apply_overrides
 from ccnf.config import Params, parse_params
-from ccnf.features import FeatureMeta, load_inputs
+from ccnf.features import FeatureMeta, FeatureSplit, load_inputs
 from ccnf.metrics import auroc
 from ccnf.models.bank import model_spec
 from ccnf.schedule import TrainSpec
@@ -33,52 +33,61 @@ from ccnf.seeding import class_seed
 from ccnf.train import calibration_split
 
 
-def measure_baseline(kind: str, cls: str, raw: dict, features_dir: Path
-                     ) -> dict[str, float | str]:
-    """Fit one bank model of ``kind`` on class ``cls`` and score its test images: times, AUROCs
-    and sizes (``raw``: the params as read from params.yaml, overrides applied)."""
-    # one class scored alone: no class selection happens, and a bank cannot select by prototype
-    params: Params = parse_params({
+def bank_params(raw: dict, kind: str) -> Params:
+    """Params for one bank model of ``kind`` scoring one class alone (no class selection
+    happens, and a bank cannot select by prototype)."""
+    return parse_params({
         **raw,
         "model": {**raw.get("model", {}), "kind": kind},
         "score": {**raw.get("score", {}), "class_select": "likelihood"},
     })
-    meta = FeatureMeta.load(features_dir)
-    train = load_inputs(features_dir, cls, "train", params.features.neighbourhood)
-    fit_idx, calib_idx = calibration_split(len(train), params.eval.calib_fraction, params.seed)
-    fit = train.subset(fit_idx)
-    test = load_inputs(features_dir, cls, "test", params.features.neighbourhood)
+
+
+def fit_and_score(
+    params: Params, meta: FeatureMeta, cls: str, fit: list[torch.Tensor],
+    calib: list[torch.Tensor], test: FeatureSplit,
+) -> dict[str, float | int]:
+    """Fit ``params.model.kind``'s per-class model on features ``fit`` (per level
+    (N, C_l, H_l, W_l)), calibrate on ``calib`` and score ``test``: times, steps, AUROCs of the
+    headline map (patch scores -> upsample -> level fusion -> blur -> pooling) and sizes."""
     bank = ClassBank(params.model.kind, model_spec(params, meta.channels, meta.grids))
     t0 = time.perf_counter()
-    rows = bank.add_class(cls, fit.features, TrainSpec.of(params.train),
-                          class_seed(params.seed, 0))
+    rows = bank.add_class(cls, fit, TrainSpec.of(params.train), class_seed(params.seed, 0))
     fit_s = time.perf_counter() - t0
     batch, size = params.eval.batch_images, params.data.mask_size
-    record = calibration_record(
-        bank_patch_scores(bank[cls], train.subset(calib_idx).features, batch).to_record(),
-        params.score, size, cls=cls,
-    )
+    record = calibration_record(bank_patch_scores(bank[cls], calib, batch).to_record(),
+                                params.score, size, cls=cls)
     t0 = time.perf_counter()
     scores = assemble(bank_patch_scores(bank[cls], test.features, batch), params.score, size,
                       level_stats_of(stack_stats({cls: record}, [cls] * len(test))))
     score_s = time.perf_counter() - t0
     headline = params.score.headline
-    maps, image = scores.maps[headline], scores.images[headline]
     assert test.masks is not None
     return {
-        "kind": kind,
-        "class": cls,
-        "fit_images": len(fit),
         "fit_s": round(fit_s, 3),
         "fit_s_per_epoch": round(fit_s / params.train.epochs, 3) if rows else 0.0,
         "steps": len(rows),
         "final_loss": round(rows[-1]["loss"], 4) if rows else float("nan"),
         "score_ms_per_image": round(1000 * score_s / len(test), 2),
-        "image_auroc": round(auroc(test.labels.numpy(), image), 4),
-        "pixel_auroc": round(auroc(test.masks.numpy(), maps), 4),
+        "image_auroc": round(auroc(test.labels.numpy(), scores.images[headline]), 4),
+        "pixel_auroc": round(auroc(test.masks.numpy(), scores.maps[headline]), 4),
         "n_parameters": bank.n_parameters(cls),
         "checkpoint_bytes": bank.checkpoint_nbytes(cls),
     }
+
+
+def measure_baseline(kind: str, cls: str, raw: dict, features_dir: Path
+                     ) -> dict[str, float | str]:
+    """Fit one bank model of ``kind`` on class ``cls`` and score its test images: times, AUROCs
+    and sizes (``raw``: the params as read from params.yaml, overrides applied)."""
+    params = bank_params(raw, kind)
+    meta = FeatureMeta.load(features_dir)
+    train = load_inputs(features_dir, cls, "train", params.features.neighbourhood)
+    fit_idx, calib_idx = calibration_split(len(train), params.eval.calib_fraction, params.seed)
+    test = load_inputs(features_dir, cls, "test", params.features.neighbourhood)
+    out = fit_and_score(params, meta, cls, train.subset(fit_idx).features,
+                        train.subset(calib_idx).features, test)
+    return {"kind": kind, "class": cls, "fit_images": len(fit_idx), **out}
 
 
 def main() -> None:
