@@ -267,6 +267,20 @@ def info(
         for s in scores:
             table.add_row(s, *(_fmt4(summary[s].get(k)) for k, _ in columns))
         console.print(table)
+    mem = summary.get("memory")
+    if mem:
+        console.print(
+            f"memory: the final model keeps {mem['bytes'] / 1024:.1f} KB ({mem['values']} "
+            f"values); each later task added {mem['added_bytes_per_task'] / 1024:.1f} KB "
+            f"({mem['added_bytes_per_class'] / 1024:.1f} KB per class); stored training images "
+            f"of earlier tasks: {mem['stored_images']}")
+    leaky = summary.get("test_selected_leaky")
+    if leaky:
+        console.print(
+            f"[yellow]LEAKY (eval.test_selected, model chosen on the test set, as UCAD, CDAD "
+            f"and IUF do; not our figure):[/] {leaky['score']} image / pixel AUROC after the "
+            f"last task {leaky['image_auroc']:.4f} / {leaky['pixel_auroc']:.4f}, mean over "
+            f"steps {leaky['image_step_average']:.4f} / {leaky['pixel_step_average']:.4f}")
     th = Table(title="automatic thresholds next to their chance levels (task-aware)")
     for col in ("score", "image AP", "AP of a random ranking", "F1 @ mean+k*std",
                 "F1 @ percentile", "F1 of flagging every image",

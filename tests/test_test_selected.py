@@ -81,3 +81,21 @@ def test_snapshots_are_checkpoints_of_the_task_with_their_own_calibration(studie
         assert set(ckpt["calibration"]) == {"a", "b", "c"}
         assert not (ckpt["calibration"]["c"]["nf"][0] == final["calibration"]["c"]["nf"][0]).all()
     assert not (tmp / "plain/models/t1/snapshots").exists()
+
+
+def test_ccnf_info_labels_the_leaky_figure_and_shows_memory(studies) -> None:
+    from typer.testing import CliRunner
+
+    from ccnf.cli import app
+
+    tmp, _, leaky = studies
+    for name, has_leaky in (("leaky", True), ("plain", False)):
+        out = CliRunner().invoke(app, ["info", "--metrics", str(tmp / name / "metrics"),
+                                       "--params", str(tmp / "none.yaml")], env={"COLUMNS": "200"})
+        assert out.exit_code == 0, out.output
+        assert ("LEAKY" in out.output) == has_leaky
+        assert "memory: the final model keeps" in out.output
+    block = leaky["test_selected_leaky"]
+    assert f"{block['image_auroc']:.4f}" in CliRunner().invoke(
+        app, ["info", "--metrics", str(tmp / "leaky/metrics"), "--params",
+              str(tmp / "none.yaml")], env={"COLUMNS": "200"}).output
