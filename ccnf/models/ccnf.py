@@ -426,7 +426,10 @@ class CCNFModel(AnomalyModel):
                 p.requires_grad_(True)
         keep = _RowKeeper(model, offset) if tc.strategy == "adapters" else None
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
+        # adapters: a task after the first trains only its adapter and its classes' rows, at
+        # their own learning rate (low-rank factors starting from B = 0 need larger steps)
+        lr = tc.adapter_lr if tc.strategy == "adapters" and t > 0 else tc.lr
+        optimizer = AdamW(trainable, lr=lr, weight_decay=tc.weight_decay)
         n_img = data.labels.numel()
         schedule = Schedule.for_task(params, t, n_img, len(names))
         gen = torch.Generator().manual_seed(stream_seed(params.seed, "batches", t))
@@ -456,7 +459,7 @@ class CCNFModel(AnomalyModel):
                     if at == 0:
                         order = torch.randperm(n_img, generator=gen)
                     for group in optimizer.param_groups:
-                        group["lr"] = tc.lr * schedule.lr_factor(i, tc)
+                        group["lr"] = lr * schedule.lr_factor(i, tc)
                     images = order[at * tc.images_per_step : (at + 1) * tc.images_per_step]
                     per_level = [
                         level_losses(
