@@ -358,10 +358,10 @@ class TrainConfig(_Section):
         ),
     )
     adapter_rank: int = Field(
-        4, ge=1, description="adapters: rank r of each task's adapter of every subnet layer"
+        3, ge=1, description="adapters: rank r of each task's adapter of every subnet layer"
     )
     adapter_lr: float = Field(
-        5.0e-3, gt=0,
+        2.0e-2, gt=0,
         description="adapters: learning rate of the tasks after the first (adapters and new "
         "class embeddings; task 0 trains the shared flow at train.lr)",
     )
