@@ -96,6 +96,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/ccnf-industrial12"))
     ap.add_argument("--report", type=Path, default=REPO / "REPORT.md")
+    ap.add_argument("--commits", type=int, default=3,
+                    help="how many of the clone's newest commits to read records from")
     ap.add_argument("--render-only", action="store_true",
                     help="only re-render REPORT.md from the clone's existing records")
     args = ap.parse_args()
@@ -118,7 +120,7 @@ def main() -> None:
               str(timing)], clone, env)
     cat = load_catalog(clone / "catalog.yaml", clone / "params.yaml")
     params = load_params(clone / "params.yaml")
-    rows = match_records(cat, load_records(clone, 3))
+    rows = match_records(cat, load_records(clone, args.commits))
     wanted = set(args.ids or cat.subsets.get("industrial12", ())) | {cat.reference}
     rows = [r for r in rows if r.exp.id in wanted]
     spec = ReportSpec(
