@@ -6,6 +6,7 @@ a check that each record's params are the catalog's.
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,11 +72,22 @@ def load_records(cwd: Path, commits: int = 1, rev: str | None = None) -> list[Ex
 
     DVC files experiments under the commit they derive from and shows HEAD's by default, so
     committing anything after a catalog run (REPORT.md, say) would hide them; looking a few
-    commits back finds them again (:func:`match_records` prefers the newest).
+    commits back finds them again (:func:`match_records` prefers the newest). The commits are
+    git's last ``commits`` ancestors of HEAD in date order, merge parents included.
     """
     args = ["exp", "show", "--json", "--no-pager", "-n", str(max(1, commits))]
     if rev:
         args += ["--rev", rev]
+    else:
+        # every commit among the last ``commits``, merged branches included (``-n`` alone
+        # follows first parents, so a catalog clone's commit merged back would be missed)
+        listed = subprocess.run(["git", "rev-list", f"--max-count={max(1, commits)}", "HEAD"],
+                                cwd=cwd, capture_output=True, text=True)
+        revs = listed.stdout.split() if listed.returncode == 0 else []
+        if revs:
+            args = ["exp", "show", "--json", "--no-pager", "-n", "1"]
+            for r in revs:
+                args += ["--rev", r]
     out = dvc(args, cwd).stdout
     try:
         data = json.loads(out)
