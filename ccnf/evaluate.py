@@ -352,13 +352,6 @@ def _evaluate_classes(
     return ev, done
 
 
-def _seen_mean(per_class: dict[str, Any], params: Params, seen_tasks: list[str],
-               score: str, metric: str) -> float:
-    """Mean over seen tasks of the task's mean over classes (the final-average definition)."""
-    means = _task_means(per_class, params.split, seen_tasks)
-    return float(np.mean([means[tk][score][metric] for tk in seen_tasks]))
-
-
 def test_selected_block(
     params: Params, task: str, features_dir: Path, model_dir: Path,
     per_class: dict[str, Any], console: Console | None = None,
@@ -372,8 +365,10 @@ def test_selected_block(
     score = params.score.headline
 
     def figures(name: str, classes: dict[str, Any]) -> dict[str, Any]:
+        """Mean over the seen tasks of each task's class mean (the final-average definition)."""
+        means = _task_means(classes, params.split, seen_tasks)
         return {"model": name} | {
-            m: _round(_seen_mean(classes, params, seen_tasks, score, m))
+            m: _round(np.mean([means[tk][score][m] for tk in seen_tasks]))
             for m in ("image_auroc", "pixel_auroc")
         }
 

@@ -26,7 +26,7 @@ from ccnf.device import resolve_device
 from ccnf.errors import CcnfError
 from ccnf.features import FeatureMeta, FeatureSplit, load_inputs
 from ccnf.models import AnomalyModel, TaskInputs, create_model, read_checkpoint, restore_model
-from ccnf.models.base import CHECKPOINT_FORMAT, SNAPSHOTS
+from ccnf.models.base import SNAPSHOTS
 from ccnf.seeding import seed_everything, stream_seed
 from ccnf.store import save_artifact
 
@@ -83,6 +83,13 @@ def snapshot_steps(total: int, n: int) -> set[int]:
     return {round(k * total / n) for k in range(1, n)} - {0, total}
 
 
+def calibrate(model: AnomalyModel, calib: dict[str, FeatureSplit], batch_images: int
+              ) -> dict[str, Any]:
+    """{class: the model's patch scores of its calibration images}, for the checkpoint."""
+    return {cls: model.patch_scores(split.features, [cls] * len(split), batch_images).to_record()
+            for cls, split in calib.items()}
+
+
 class _Snapshots:
     """The model's state after chosen steps of a task (``eval.test_selected``), each turned
     into a checkpoint with its own calibration for the task's classes."""
@@ -90,9 +97,12 @@ class _Snapshots:
     def __init__(self, model: AnomalyModel, n: int) -> None:
         self.model, self.n = model, n
         self.states: dict[str, dict[str, Any]] = {}
+        self._steps: tuple[int, set[int]] = (-1, set())  # (total, its snapshot steps)
 
     def __call__(self, done: int, total: int) -> None:
-        if done in snapshot_steps(total, self.n):
+        if self._steps[0] != total:
+            self._steps = (total, snapshot_steps(total, self.n))
+        if done in self._steps[1]:
             self.states[f"step_{done:06d}"] = copy.deepcopy(self.model.state())
 
     def checkpoints(
@@ -101,15 +111,11 @@ class _Snapshots:
     ) -> dict[str, dict[str, Any]]:
         out = {}
         for name, state in self.states.items():
-            ckpt = {"format": CHECKPOINT_FORMAT, "kind": self.model.kind, "classes": classes,
-                    "task": t, "calibration": {}, **state}
+            ckpt = self.model.checkpoint_of(state, classes=classes, task=t, calibration={})
             snap = restore_model(ckpt, params, meta, resolve_device(params.device),
                                  where=f"snapshot {name}")
-            ckpt["calibration"] = dict(calibration) | {
-                cls: snap.patch_scores(split.features, [cls] * len(split),
-                                       params.eval.batch_images).to_record()
-                for cls, split in calib.items()
-            }
+            ckpt["calibration"] = dict(calibration) | calibrate(snap, calib,
+                                                                params.eval.batch_images)
             out[name] = ckpt
         return out
 
@@ -163,12 +169,7 @@ def train_task(
     rows = model.learn_task(inputs, params, console=console) if new else []
     seconds = time.perf_counter() - start
     kept = snapshots.checkpoints(params, meta, t, expected + new, ckpt["calibration"], calib)
-    calibration = dict(ckpt["calibration"])
-    for cls in new:
-        feats = calib[cls].features
-        calibration[cls] = model.patch_scores(
-            feats, [cls] * len(calib[cls]), params.eval.batch_images
-        ).to_record()
+    calibration = dict(ckpt["calibration"]) | calibrate(model, calib, params.eval.batch_images)
     write_checkpoint(out_dir, model, t, calibration, rows, kept)
     return {
         "steps": float(len(rows)),

@@ -14,15 +14,37 @@ map unchanged until it is trained; A_k ~ N(0, 1/in) from the global RNG.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 
+@dataclass(frozen=True)
+class AdapterRoute:
+    """Which adapter each vector of a batch uses, resolved once per flow pass (every layer of
+    every coupling reads it): ``whole`` = the one adapter of the whole batch (-1: none), or
+    ``groups`` = (adapter k, row indices) for a batch that mixes them.
+    """
+
+    whole: int | None
+    groups: tuple[tuple[int, torch.Tensor], ...] = ()
+
+    @staticmethod
+    def of(index: torch.Tensor) -> AdapterRoute:
+        """The route of ``index`` (N,) long, the adapter of each vector (-1: none)."""
+        present = torch.unique(index).tolist()
+        if len(present) == 1:
+            return AdapterRoute(present[0])
+        return AdapterRoute(None, tuple((k, torch.nonzero(index == k).squeeze(1))
+                                        for k in present if k >= 0))
+
+
 class LowRankAdapters(nn.Module):
     """The adapters of one linear map R^in -> R^out, one per task that added one.
 
-    forward(x (N, in), index (N,) long) -> delta (N, out): zero rows where index < 0.
+    forward(x (N, in), route) -> delta (N, out): zero rows of vectors without an adapter;
+    ``route`` is an :class:`AdapterRoute` or the (N,) long index it is made of.
     """
 
     def __init__(self, in_dim: int, out_dim: int, rank: int, count: int = 0) -> None:
@@ -50,13 +72,13 @@ class LowRankAdapters(nn.Module):
         """The two tensors of adapter k."""
         return [self.a[k], self.b[k]]
 
-    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        present = [k for k in torch.unique(index).tolist() if k >= 0]
-        if len(present) == 1 and bool((index == present[0]).all()):
-            k = present[0]  # the whole batch uses adapter k: no gather
+    def forward(self, x: torch.Tensor, route: AdapterRoute | torch.Tensor) -> torch.Tensor:
+        if isinstance(route, torch.Tensor):
+            route = AdapterRoute.of(route)
+        if route.whole is not None and route.whole >= 0:
+            k = route.whole  # the whole batch uses adapter k: no gather
             return (x @ self.a[k].t()) @ self.b[k].t()
         delta = x.new_zeros(x.shape[0], self.out_dim)
-        for k in present:
-            rows = torch.nonzero(index == k).squeeze(1)
+        for k, rows in route.groups:
             delta = delta.index_add(0, rows, (x[rows] @ self.a[k].t()) @ self.b[k].t())
         return delta

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ccnf.errors import CcnfError
+from ccnf.flows.adapters import AdapterRoute
 from ccnf.flows.flow import ConditionalFlow
 from ccnf.flows.gaussian import log_normal
 from ccnf.flows.log_scale import warmup_factor
@@ -165,7 +166,6 @@ class CCNF(nn.Module):
         self.register_buffer("global_step", torch.tensor(0, dtype=torch.long))
         # loss-specific heads (E4 L_proto, E5 L_mi_feat), created by the loss that needs them
         self.heads = nn.ModuleDict()
-        self.adapter_rank = adapter_rank
         for _ in range(n_adapters):
             self.add_adapter(adapter_rank, [])
 
@@ -204,7 +204,14 @@ class CCNF(nn.Module):
 
     @property
     def n_adapters(self) -> int:
-        return len(self.flows[0].couplings[0].lora_hidden or []) if self.has_adapters else 0
+        lora = self.flows[0].couplings[0].lora_hidden
+        return len(lora) if lora is not None else 0
+
+    @property
+    def adapter_rank(self) -> int:
+        """Rank of the adapters (0: none yet)."""
+        lora = self.flows[0].couplings[0].lora_hidden
+        return lora.rank if lora is not None else 0
 
     def add_adapter(self, rank: int, class_ids: list[int]) -> list[nn.Parameter]:
         """A new rank-``rank`` adapter in every coupling of every level, used from now on by
@@ -212,16 +219,16 @@ class CCNF(nn.Module):
         if not self.has_adapters:
             self.register_buffer("class_adapter", torch.full(
                 (self.n_classes,), -1, dtype=torch.long, device=self.embedding.device))
-        elif rank != self.adapter_rank:
+        elif self.n_adapters and rank != self.adapter_rank:
             raise ValueError(f"adapters of rank {self.adapter_rank} exist; cannot add rank {rank}")
-        self.adapter_rank = rank
         new = [p for flow in self.flows for p in flow.add_adapter(rank)]
         self.class_adapter[torch.as_tensor(class_ids, dtype=torch.long)] = self.n_adapters - 1
         return new
 
-    def adapter_index(self, y: torch.Tensor) -> torch.Tensor | None:
-        """(N,) adapter of each vector's class, or None for a flow without adapters."""
-        return self.class_adapter[y] if self.has_adapters else None
+    def adapter_route(self, y: torch.Tensor) -> AdapterRoute | None:
+        """The adapter of each vector's class (y (N,)), resolved once for the whole pass; None
+        for a flow without adapters."""
+        return AdapterRoute.of(self.class_adapter[y]) if self.has_adapters else None
 
     # -- stabilizer switches -----------------------------------------------------------------
     def warm(self) -> float:
@@ -323,6 +330,26 @@ class CCNF(nn.Module):
         frozen = self.proto_frozen[y]
         return torch.where(frozen[:, None], getattr(self, f"proto_fixed_{level}")[y], mu)
 
+    def _flow_inputs(
+        self, level: int, y: torch.Tensor, pos_index: torch.Tensor, sigma: torch.Tensor | None
+    ) -> dict[str, Any]:
+        """What level ``level``'s flow takes besides x (or z), forward and inverse alike: the
+        condition, warm-up, FiLM table and index, class ActNorm, adapter route."""
+        # FiLM from the embedding table, indexed after the linear map: once per class, not per
+        # vector (a batch holds a few classes and thousands of vectors)
+        actnorm = None
+        if self.cfg.class_actnorm:
+            per_class = getattr(self, f"actnorm_{level}")[y]  # (N, K, 2, D)
+            actnorm = (per_class[:, :, 0], per_class[:, :, 1])
+        return {
+            "cond": self.condition(level, y, pos_index, sigma),
+            "warm": self.warm(),
+            "film": self.embedding if self.uses_film else None,
+            "actnorm": actnorm,
+            "film_index": y if self.uses_film else None,
+            "route": self.adapter_route(y),
+        }
+
     def forward_level(
         self,
         level: int,
@@ -342,17 +369,7 @@ class CCNF(nn.Module):
             means, stds = self.class_stats(level)
             std = stds[y]
             x = (x - means[y]) / std
-        cond = self.condition(level, y, pos_index, sigma)
-        # FiLM from the embedding table, indexed after the linear map: once per class, not per
-        # vector (a batch holds a few classes and thousands of vectors)
-        film = self.embedding if self.uses_film else None
-        film_index = y if self.uses_film else None
-        actnorm = None
-        if self.cfg.class_actnorm:
-            per_class = getattr(self, f"actnorm_{level}")[y]  # (N, K, 2, D)
-            actnorm = (per_class[:, :, 0], per_class[:, :, 1])
-        z, logdet, scale_sq = self.flows[level](x, cond, self.warm(), film, actnorm, film_index,
-                                                self.adapter_index(y))
+        z, logdet, scale_sq = self.flows[level](x, **self._flow_inputs(level, y, pos_index, sigma))
         if self.cfg.feature_norm:
             logdet = logdet - std.log().sum()
         elif self.cfg.class_norm:
@@ -370,15 +387,7 @@ class CCNF(nn.Module):
         The inverse of :meth:`forward_level`'s map (normalization undone too), for clean data
         (no noise level).
         """
-        cond = self.condition(level, y, pos_index)
-        film = self.embedding if self.uses_film else None
-        film_index = y if self.uses_film else None
-        actnorm = None
-        if self.cfg.class_actnorm:
-            per_class = getattr(self, f"actnorm_{level}")[y]
-            actnorm = (per_class[:, :, 0], per_class[:, :, 1])
-        x = self.flows[level].inverse(z, cond, self.warm(), film, actnorm, film_index,
-                                      self.adapter_index(y))
+        x = self.flows[level].inverse(z, **self._flow_inputs(level, y, pos_index, None))
         if self.cfg.feature_norm:
             mean, std = self.feature_stats(level)
             return x * std + mean

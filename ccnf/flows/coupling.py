@@ -15,8 +15,9 @@ the class changes the subnet's function rather than only its bias. gamma and bet
 linear map initialized to zero: at initialization the coupling ignores e.
 
 Adapters (``train.strategy: adapters``): :meth:`add_adapter` gives both subnet layers a new
-low-rank delta (:mod:`ccnf.flows.adapters`); ``adapter_index`` (N,) picks each vector's adapter
-(-1: the shared weights alone). A coupling that never got one has no adapter tensors at all.
+low-rank delta (:mod:`ccnf.flows.adapters`); ``route`` (an :class:`AdapterRoute`) says which
+adapter each vector uses (-1: the shared weights alone). A coupling that never got one has no
+adapter tensors at all.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ccnf.flows.adapters import LowRankAdapters
+from ccnf.flows.adapters import AdapterRoute, LowRankAdapters
 from ccnf.flows.affine import coupling_forward, coupling_inverse
 from ccnf.flows.log_scale import clamped_log_scale
 from ccnf.flows.spectral import SNLinear
@@ -33,7 +34,7 @@ from ccnf.flows.spectral import SNLinear
 class ConditionalAffineCoupling(nn.Module):
     """One affine coupling block.
 
-    forward(x (N, D), cond (N, K), warm in [0, 1], film, film_index, adapter_index)
+    forward(x (N, D), cond (N, K), warm in [0, 1], film, film_index, route)
         -> (y (N, D), logdet (N,), s (N, D - D//2)).
     ``film_dim`` F > 0 enables FiLM modulation by ``film``: (N, F), one row per vector, or a
     table (C, F) with ``film_index`` (N,) picking each vector's row (gamma and beta are then
@@ -86,13 +87,13 @@ class ConditionalAffineCoupling(nn.Module):
         warm: float,
         film: torch.Tensor | None,
         film_index: torch.Tensor | None = None,
-        adapter_index: torch.Tensor | None = None,
+        route: AdapterRoute | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         inp = torch.cat([x_a, cond], dim=-1)
         h = self.hidden(inp)
-        lora = self.lora_hidden is not None and adapter_index is not None
+        lora = self.lora_hidden is not None and route is not None
         if lora:
-            h = h + self.lora_hidden(inp, adapter_index)
+            h = h + self.lora_hidden(inp, route)
         if self.film is not None:
             if film is None:
                 raise ValueError("this coupling uses FiLM: pass the film condition")
@@ -104,7 +105,7 @@ class ConditionalAffineCoupling(nn.Module):
         h = self.act(h)
         out = self.out(h)
         if lora:
-            out = out + self.lora_out(h, adapter_index)
+            out = out + self.lora_out(h, route)
         s_raw, t = out.chunk(2, dim=-1)
         return clamped_log_scale(s_raw, self.clamp_alpha, warm), t
 
@@ -115,11 +116,11 @@ class ConditionalAffineCoupling(nn.Module):
         warm: float = 1.0,
         film: torch.Tensor | None = None,
         film_index: torch.Tensor | None = None,
-        adapter_index: torch.Tensor | None = None,
+        route: AdapterRoute | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         y, s = coupling_forward(
             x, self.dim_a,
-            lambda x_a: self._scale_shift(x_a, cond, warm, film, film_index, adapter_index),
+            lambda x_a: self._scale_shift(x_a, cond, warm, film, film_index, route),
         )
         return y, s.sum(dim=-1), s
 
@@ -130,9 +131,9 @@ class ConditionalAffineCoupling(nn.Module):
         warm: float = 1.0,
         film: torch.Tensor | None = None,
         film_index: torch.Tensor | None = None,
-        adapter_index: torch.Tensor | None = None,
+        route: AdapterRoute | None = None,
     ) -> torch.Tensor:
         return coupling_inverse(
             y, self.dim_a,
-            lambda y_a: self._scale_shift(y_a, cond, warm, film, film_index, adapter_index),
+            lambda y_a: self._scale_shift(y_a, cond, warm, film, film_index, route),
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ccnf.flows.adapters import AdapterRoute
 from ccnf.flows.coupling import ConditionalAffineCoupling
 from ccnf.flows.permutation import half_swap_permutations
 
@@ -17,9 +18,9 @@ class ConditionalFlow(nn.Module):
     log-scales (for L_scale_penalty); ``film`` modulates every coupling's subnet when
     ``film_dim`` > 0. ``actnorm`` = (log_scale, shift), each (N, n_couplings, D): a per-sample
     elementwise affine x <- x * exp(log_scale_k) + shift_k before coupling k (log-det
-    sum(log_scale_k)); CCNF feeds it per class (``flow.class_actnorm``). ``adapter_index``
-    (N,) picks each vector's low-rank adapter in every coupling (-1: none; see
-    :meth:`add_adapter`).
+    sum(log_scale_k)); CCNF feeds it per class (``flow.class_actnorm``). ``route``
+    (:class:`ccnf.flows.adapters.AdapterRoute`) picks each vector's low-rank adapter in every
+    coupling (see :meth:`add_adapter`).
     """
 
     def __init__(
@@ -59,7 +60,7 @@ class ConditionalFlow(nn.Module):
         film: torch.Tensor | None = None,
         actnorm: tuple[torch.Tensor, torch.Tensor] | None = None,
         film_index: torch.Tensor | None = None,
-        adapter_index: torch.Tensor | None = None,
+        route: AdapterRoute | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logdet = x.new_zeros(x.shape[0])
         scale_sq = x.new_zeros(x.shape[0])
@@ -68,7 +69,7 @@ class ConditionalFlow(nn.Module):
                 log_scale = actnorm[0][:, k]
                 x = x * log_scale.exp() + actnorm[1][:, k]
                 logdet = logdet + log_scale.sum(dim=-1)
-            x, ld, s = coupling(x, cond, warm, film, film_index, adapter_index)
+            x, ld, s = coupling(x, cond, warm, film, film_index, route)
             # index_select, not x[:, perm]: same values (and gradients: perm is a bijection, so
             # every gradient entry is a single copied value), ~4x cheaper than advanced indexing
             x = x.index_select(1, perm)
@@ -84,11 +85,11 @@ class ConditionalFlow(nn.Module):
         film: torch.Tensor | None = None,
         actnorm: tuple[torch.Tensor, torch.Tensor] | None = None,
         film_index: torch.Tensor | None = None,
-        adapter_index: torch.Tensor | None = None,
+        route: AdapterRoute | None = None,
     ) -> torch.Tensor:
         for k in reversed(range(len(self.couplings))):
             z = self.couplings[k].inverse(z.index_select(1, self.inv_perms[k]), cond, warm, film,
-                                          film_index, adapter_index)
+                                          film_index, route)
             if actnorm is not None:
                 z = (z - actnorm[1][:, k]) * (-actnorm[0][:, k]).exp()
         return z

@@ -149,14 +149,21 @@ class AnomalyModel(ABC):
     # -- checkpoint --------------------------------------------------------------------------
     def checkpoint(self, *, task: int, calibration: dict[str, Any]) -> dict[str, Any]:
         """The whole checkpoint dict (layout in the module docstring)."""
-        state = self.state()
+        return self.checkpoint_of(self.state(), classes=self.classes, task=task,
+                                  calibration=calibration)
+
+    def checkpoint_of(
+        self, state: dict[str, Any], *, classes: list[str], task: int,
+        calibration: dict[str, Any],
+    ) -> dict[str, Any]:
+        """The checkpoint dict of ``state`` (this kind's keys, e.g. a snapshot's)."""
         clash = [k for k in RESERVED_KEYS if k in state]
         if clash:
             raise ValueError(f"{self.kind} state uses reserved checkpoint keys {clash}")
         return {
             "format": CHECKPOINT_FORMAT,
             "kind": self.kind,
-            "classes": list(self.classes),
+            "classes": list(classes),
             "task": task,
             "calibration": calibration,
             **state,

@@ -120,20 +120,21 @@ GENERATION_CHUNK = 65536
 @torch.no_grad()
 def generate_task_data(
     model: CCNF, class_ids: list[int], per_class: int, tau: float, gen: torch.Generator,
+    *, targets: bool = True,
 ) -> TaskData:
     """Generated feature maps of ``class_ids`` (``per_class`` each) from the model as it is.
 
     Per level l and generated image: z ~ N(mu_y, tau^2 I) at every grid position (mu_y = 0
-    under the standard prior), x~ = f_l^{-1}(z; y, position) in raw feature units, and the
-    model's own log p(x~ | y) as the distillation target. Latents are drawn on the CPU
-    generator ``gen`` (same values on every device).
+    under the standard prior), x~ = f_l^{-1}(z; y, position) in raw feature units, and (with
+    ``targets``: one more flow pass, only L_distill reads it) the model's own log p(x~ | y).
+    Latents are drawn on the CPU generator ``gen`` (same values on every device).
     """
     was_training = model.training
     model.eval()
     device = model.embedding.device
     labels = torch.as_tensor(class_ids, dtype=torch.long).repeat_interleave(per_class)
     n = labels.numel()
-    feats, targets = [], []
+    feats, logps_all = [], []
     for lvl in range(model.n_levels):
         hw, dim = model.positions(lvl).shape[0], model.channels[lvl]
         y = labels.repeat_interleave(hw).to(device)
@@ -147,7 +148,8 @@ def generate_task_data(
                 zc = zc + model.prototype(lvl, y[sl])
             x = model.inverse_level(lvl, zc, y[sl], pos[sl])
             xs.append(x)
-            logps.append(model.forward_level(lvl, x, y[sl], pos[sl]).log_prob)
+            if targets:
+                logps.append(model.forward_level(lvl, x, y[sl], pos[sl]).log_prob)
         x_all = torch.cat(xs)
         if not torch.isfinite(x_all).all():
             raise NonFiniteLossError(
@@ -156,9 +158,10 @@ def generate_task_data(
                 fix="lower train.generation_tau (or flow.clamp_alpha)",
             )
         feats.append(x_all.reshape(n, hw, dim))
-        targets.append(torch.cat(logps).reshape(n, hw))
+        if targets:
+            logps_all.append(torch.cat(logps).reshape(n, hw))
     model.train(was_training)
-    return TaskData(feats, labels.to(device), targets)
+    return TaskData(feats, labels.to(device), logps_all if targets else None)
 
 
 def _stack_task(splits: dict[int, FeatureSplit]) -> TaskData:
@@ -415,7 +418,8 @@ class CCNFModel(AnomalyModel):
         if tc.strategy == "generative_replay" and offset > 0:
             gen_z = torch.Generator().manual_seed(stream_seed(params.seed, "generate", t))
             data = data + generate_task_data(
-                model, list(range(offset)), tc.generated_per_class, tc.generation_tau, gen_z)
+                model, list(range(offset)), tc.generated_per_class, tc.generation_tau, gen_z,
+                targets=params.loss.lambda_distill > 0)
         if params.flow.feature_norm and t == 0:
             _set_feature_stats(model, data)
 
@@ -424,7 +428,7 @@ class CCNFModel(AnomalyModel):
         if tc.strategy == "adapters" and t > 0:
             for p in model.add_adapter(tc.adapter_rank, class_ids):
                 p.requires_grad_(True)
-        keep = _RowKeeper(model, offset) if tc.strategy == "adapters" else None
+        keep = _RowKeeper(model, offset) if tc.strategy == "adapters" and offset else None
         trainable = [p for p in model.parameters() if p.requires_grad]
         # adapters: a task after the first trains only its adapter and its classes' rows, at
         # their own learning rate (low-rank factors starting from B = 0 need larger steps)
