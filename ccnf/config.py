@@ -358,7 +358,17 @@ class TrainConfig(_Section):
         ),
     )
     adapter_rank: int = Field(
-        3, ge=1, description="adapters: rank r of each task's adapter of every subnet layer"
+        6, ge=1, description="adapters: rank r of each task's adapter of every subnet layer"
+    )
+    adapter_film_rank: int = Field(
+        0, ge=0,
+        description="adapters: rank of each task's adapter of the FiLM map (class embedding -> "
+        "gamma, beta of the subnets' hidden units); 0: the FiLM map stays frozen",
+    )
+    adapter_storage: Literal["float32", "float16"] = Field(
+        "float16",
+        description="adapters: dtype their weights are stored in (float16 halves the bytes per "
+        "task; the weights are rounded to it after the task, so scores use what is stored)",
     )
     adapter_lr: float = Field(
         2.0e-2, gt=0,

@@ -64,11 +64,28 @@ def protocol_of(split: list[list[str]]) -> str:
     return "-".join(str(s) for s in sizes)
 
 
+def shrink(p: dict[str, Any]) -> dict[str, Any]:
+    """Make params (a params.yaml dict) small and fast, in place: tiny images, a small flow, a
+    few optimizer steps, one evaluation process. The tests exercise the code paths, not the
+    competence budget (the default's per-class step floor alone is 200 steps per class)."""
+    p["data"].update(image_size=64, mask_size=32)
+    p["backbone"]["batch_size"] = 8
+    p["flow"].update(n_couplings=2, hidden_dim=16, hidden_ratio=None, embedding_dim=8, pos_dim=8,
+                     warmup_steps=4)
+    p["train"].update(epochs=1, images_per_step=4, patches_per_image=16, min_steps_per_class=2,
+                      lr_warmup_steps=0)
+    p["loss"]["entropy_samples"] = 16
+    # one process: the worker pool's start-up costs more than tiny evaluations (equal metrics
+    # for any worker count: tests/test_evaluate.py)
+    p["eval"].update(batch_images=4, workers=1)
+    return p
+
+
 def tiny_params(root: Path, classes: list[list[str]]) -> dict[str, Any]:
     """Params for a fast run on a tiny MVTec-layout root (source folder) with this task split."""
-    p = default_params()
+    p = shrink(default_params())
     p["data"].update(
-        source="folder", root=str(root), image_size=64, mask_size=32,
+        source="folder", root=str(root),
         classes=[c for task in classes for c in task], protocol=protocol_of(classes),
         generate=[],
     )
@@ -76,14 +93,6 @@ def tiny_params(root: Path, classes: list[list[str]]) -> dict[str, Any]:
         f"t{i}": {"prev": "models/init" if i == 0 else f"models/t{i - 1}"}
         for i in range(len(classes))
     }
-    p["backbone"]["batch_size"] = 8
-    # small and fast: the tests exercise the code paths, not the competence budget
-    p["flow"].update(n_couplings=2, hidden_dim=16, hidden_ratio=None, embedding_dim=8, pos_dim=8,
-                     warmup_steps=4)
-    p["train"].update(epochs=1, images_per_step=4, patches_per_image=16, min_steps_per_class=2,
-                      lr_warmup_steps=0)
-    p["loss"]["entropy_samples"] = 16
-    p["eval"]["batch_images"] = 4
     return p
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, make_mvtec_root
+from conftest import REPO, make_mvtec_root, shrink
 from test_pipeline import _dvc, _run
 
 # industrial12's class names (../shared/realdata/industrial12); the images are generated
@@ -33,15 +33,7 @@ def _project(work: Path) -> Path:
             shutil.copytree(src, work / item, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, work / item)
-    raw = yaml.safe_load((work / "params.yaml").read_text())
-    # the tiny settings of tests/conftest.py:tiny_params (data keys untouched)
-    raw["data"].update(image_size=64, mask_size=32)
-    raw["backbone"]["batch_size"] = 8
-    raw["flow"].update(n_couplings=2, hidden_dim=16, embedding_dim=8, pos_dim=8,
-                       warmup_steps=4)
-    raw["train"].update(epochs=1, images_per_step=4, patches_per_image=16)
-    raw["loss"]["entropy_samples"] = 16
-    raw["eval"]["batch_images"] = 4
+    raw = shrink(yaml.safe_load((work / "params.yaml").read_text()))  # data keys kept
     (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     _run(["git", "init", "-q"], work)
     _dvc("init", "-q", cwd=work)

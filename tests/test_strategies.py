@@ -50,12 +50,20 @@ def _net(ckpt: dict, raw: dict) -> CCNF:
     return CCNF.from_checkpoint(ckpt, ccnf_spec(parse_params(raw).flow, ckpt["channels"])).eval()
 
 
-def test_adapters_keep_the_base_and_earlier_adapters_bit_identical(three_tasks) -> None:
+@pytest.mark.parametrize("film_rank", [0, 2])
+def test_adapters_keep_the_base_and_earlier_adapters_bit_identical(
+    three_tasks, film_rank: int
+) -> None:
     tmp, raw = three_tasks
-    raw = _with(raw, "train", strategy="adapters", adapter_rank=2)
-    t0, t1, t2 = _chain(tmp, raw, "adapters")
-    assert "adapters" not in t0 and t1["adapters"] == {"count": 1, "rank": 2}
-    assert t2["adapters"] == {"count": 2, "rank": 2}
+    raw = _with(raw, "train", strategy="adapters", adapter_rank=2, adapter_film_rank=film_rank)
+    t0, t1, t2 = _chain(tmp, raw, f"adapters-film{film_rank}")
+    film = {"film_rank": film_rank} if film_rank else {}
+    layout = {"rank": 2, **film, "storage": "float16"}  # params.yaml's adapter_storage
+    assert "adapters" not in t0 and t1["adapters"] == {"count": 1, **layout}
+    assert t2["adapters"] == {"count": 2, **layout}
+    assert any(".lora_film." in k for k in t2["state_dict"]) == bool(film_rank)
+    lora = [k for k in t2["state_dict"] if ".lora_" in k]
+    assert {t2["state_dict"][k].dtype for k in lora} == {torch.float16}
     assert t2["state_dict"]["class_adapter"].tolist() == [-1, 0, 1]
     base = [k for k in t0["state_dict"] if k.startswith("flows.")]
     assert base
@@ -104,7 +112,7 @@ def test_inverse_level_undoes_forward_level() -> None:
     spec = CCNFSpec(n_couplings=(3,), hidden_dims=(16,), embedding_dim=4, pos_dim=4)
     net = CCNF([6], [[3, 3]], spec, n_classes=2).eval()
     net.global_step.fill_(100)  # past the additive warm-up: the affine couplings
-    net.add_adapter(2, [1])
+    net.add_adapter(2, [1], film_rank=2)
     for p in net.parameters():
         p.data.add_(0.05 * torch.randn_like(p))
     net.set_class_stats(0, 1, torch.randn(6), torch.rand(6) + 0.5)
@@ -173,3 +181,28 @@ def test_replay_quality_compares_a_floor_on_generated_and_real_features(three_ta
         ("a", "real"), ("a", "tau 0.5"), ("a", "tau 1.0")]
     assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("image_auroc", "pixel_auroc"))
     assert rows[1]["images"] == 4 and "level0_std_ratio" in rows[1]
+
+
+def test_float16_adapters_score_exactly_as_their_checkpoint() -> None:
+    """train.adapter_storage float16: after rounding, the model in memory (which calibrates)
+    and the one read back from its checkpoint give the same log p, bit for bit."""
+    torch.manual_seed(0)
+    spec = CCNFSpec(n_couplings=(2,), hidden_dims=(16,), embedding_dim=4, pos_dim=4)
+    net = CCNF([6], [[3, 3]], spec, n_classes=2).eval()
+    net.add_adapter(2, [1], film_rank=1, storage="float16")
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if ".lora_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    x, y, pos = torch.randn(9, 6), torch.ones(9, dtype=torch.long), torch.arange(9)
+    unrounded = net.forward_level(0, x, y, pos).log_prob
+    net.round_adapters()
+    ckpt = net.checkpoint()
+    assert ckpt["adapters"]["storage"] == "float16"
+    back = CCNF.from_checkpoint(ckpt, spec).eval()
+    with torch.no_grad():
+        rounded = net.forward_level(0, x, y, pos).log_prob
+        assert torch.equal(back.forward_level(0, x, y, pos).log_prob, rounded)
+    assert not torch.equal(rounded, unrounded)  # rounding did change the weights
+    with pytest.raises(ValueError, match="cannot add rank 2"):
+        net.add_adapter(2, [0], film_rank=1, storage="float32")

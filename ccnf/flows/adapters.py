@@ -24,20 +24,25 @@ from torch import nn
 class AdapterRoute:
     """Which adapter each vector of a batch uses, resolved once per flow pass (every layer of
     every coupling reads it): ``whole`` = the one adapter of the whole batch (-1: none), or
-    ``groups`` = (adapter k, row indices) for a batch that mixes them.
+    ``groups`` = (adapter k, row indices) for a batch that mixes them. ``table`` is the route
+    of a per-class table's rows (the FiLM map reads the class-embedding table, one row per
+    class, not one per vector); None where no table is read.
     """
 
     whole: int | None
     groups: tuple[tuple[int, torch.Tensor], ...] = ()
+    table: AdapterRoute | None = None
 
     @staticmethod
-    def of(index: torch.Tensor) -> AdapterRoute:
-        """The route of ``index`` (N,) long, the adapter of each vector (-1: none)."""
+    def of(index: torch.Tensor, table: torch.Tensor | None = None) -> AdapterRoute:
+        """The route of ``index`` (N,) long, the adapter of each vector (-1: none); ``table``
+        (C,) long, the adapter of each row of a per-class table, gives :attr:`table`."""
+        table_route = AdapterRoute.of(table) if table is not None else None
         present = torch.unique(index).tolist()
         if len(present) == 1:
-            return AdapterRoute(present[0])
+            return AdapterRoute(present[0], table=table_route)
         return AdapterRoute(None, tuple((k, torch.nonzero(index == k).squeeze(1))
-                                        for k in present if k >= 0))
+                                        for k in present if k >= 0), table_route)
 
 
 class LowRankAdapters(nn.Module):

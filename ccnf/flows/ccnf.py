@@ -21,8 +21,9 @@ buffer when its task ends and read from there afterwards, so later tasks cannot 
 ``flow.class_conditioning: false`` drops e_y from c (position-only flow); the embedding then
 feeds only the prototype head.
 With ``train.strategy: adapters`` each task after the first adds a low-rank adapter to every
-coupling's subnet (:mod:`ccnf.flows.adapters`); ``class_adapter`` (C,) names the adapter each
-class is scored with (-1 for the first task's classes: the shared flow alone). A flow that never
+coupling's subnet (and FiLM map, ``train.adapter_film_rank``; :mod:`ccnf.flows.adapters`);
+``class_adapter`` (C,) names the adapter each class is scored with (-1 for the first task's
+classes: the shared flow alone). A flow that never
 got an adapter has neither the buffer nor adapter tensors, so its checkpoint is the plain one.
 :meth:`inverse_level` maps latents back to features (``train.strategy: generative_replay``).
 """
@@ -45,6 +46,9 @@ from ccnf.flows.gaussian import log_normal
 from ccnf.flows.log_scale import warmup_factor
 from ccnf.flows.positional import positional_encoding_2d
 from ccnf.flows.spectral import SNLinear
+
+# train.adapter_storage -> the dtype adapters are checkpointed in
+ADAPTER_STORAGE: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
 
 
 @dataclass
@@ -114,7 +118,8 @@ class CCNF(nn.Module):
 
     def __init__(
         self, channels: list[int], grids: list[list[int]], cfg: CCNFSpec, n_classes: int = 0,
-        *, n_adapters: int = 0, adapter_rank: int = 0,
+        *, n_adapters: int = 0, adapter_rank: int = 0, adapter_film_rank: int = 0,
+        adapter_storage: str = "float32",
     ) -> None:
         super().__init__()
         self.channels = list(channels)
@@ -166,8 +171,9 @@ class CCNF(nn.Module):
         self.register_buffer("global_step", torch.tensor(0, dtype=torch.long))
         # loss-specific heads (E4 L_proto, E5 L_mi_feat), created by the loss that needs them
         self.heads = nn.ModuleDict()
+        self.adapter_storage = adapter_storage
         for _ in range(n_adapters):
-            self.add_adapter(adapter_rank, [])
+            self.add_adapter(adapter_rank, [], adapter_film_rank, adapter_storage)
 
     # -- classes -----------------------------------------------------------------------------
     @property
@@ -213,22 +219,53 @@ class CCNF(nn.Module):
         lora = self.flows[0].couplings[0].lora_hidden
         return lora.rank if lora is not None else 0
 
-    def add_adapter(self, rank: int, class_ids: list[int]) -> list[nn.Parameter]:
-        """A new rank-``rank`` adapter in every coupling of every level, used from now on by
-        ``class_ids``; returns its parameters (the only flow tensors the task may train)."""
+    @property
+    def adapter_film_rank(self) -> int:
+        """Rank of the adapters' FiLM part (0: none)."""
+        lora = self.flows[0].couplings[0].lora_film
+        return lora.rank if lora is not None else 0
+
+    def add_adapter(
+        self, rank: int, class_ids: list[int], film_rank: int = 0, storage: str = "float32"
+    ) -> list[nn.Parameter]:
+        """A new rank-``rank`` adapter in every coupling of every level (FiLM map: rank
+        ``film_rank``, 0: none), used from now on by ``class_ids``; returns its parameters
+        (the only flow tensors the task may train). ``storage``: the dtype the checkpoint keeps
+        the adapters in (float16 halves their bytes; :meth:`round_adapters` makes the
+        float32 weights equal to what is stored)."""
+        if storage not in ADAPTER_STORAGE:
+            raise ValueError(f"adapter storage must be one of {sorted(ADAPTER_STORAGE)}, "
+                             f"got {storage!r}")
         if not self.has_adapters:
             self.register_buffer("class_adapter", torch.full(
                 (self.n_classes,), -1, dtype=torch.long, device=self.embedding.device))
-        elif self.n_adapters and rank != self.adapter_rank:
-            raise ValueError(f"adapters of rank {self.adapter_rank} exist; cannot add rank {rank}")
-        new = [p for flow in self.flows for p in flow.add_adapter(rank)]
+        elif self.n_adapters and (rank, film_rank, storage) != (
+                self.adapter_rank, self.adapter_film_rank, self.adapter_storage):
+            raise ValueError(
+                f"adapters of rank {self.adapter_rank} (FiLM {self.adapter_film_rank}, "
+                f"{self.adapter_storage}) exist; cannot add rank {rank} (FiLM {film_rank}, "
+                f"{storage})")
+        self.adapter_storage = storage
+        new = [p for flow in self.flows for p in flow.add_adapter(rank, film_rank)]
         self.class_adapter[torch.as_tensor(class_ids, dtype=torch.long)] = self.n_adapters - 1
         return new
+
+    @torch.no_grad()
+    def round_adapters(self) -> None:
+        """Round every adapter weight to its storage dtype (and back to float32), so the model
+        that is calibrated and scored is exactly the one its checkpoint holds."""
+        dtype = ADAPTER_STORAGE[self.adapter_storage]
+        for name, p in self.named_parameters():
+            if ".lora_" in name:
+                p.copy_(p.to(dtype).to(p.dtype))
 
     def adapter_route(self, y: torch.Tensor) -> AdapterRoute | None:
         """The adapter of each vector's class (y (N,)), resolved once for the whole pass; None
         for a flow without adapters."""
-        return AdapterRoute.of(self.class_adapter[y]) if self.has_adapters else None
+        if not self.has_adapters:
+            return None
+        table = self.class_adapter if self.adapter_film_rank else None
+        return AdapterRoute.of(self.class_adapter[y], table)
 
     # -- stabilizer switches -----------------------------------------------------------------
     def warm(self) -> float:
@@ -399,9 +436,16 @@ class CCNF(nn.Module):
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint(self, **extra: Any) -> dict[str, Any]:
         if self.has_adapters:
-            extra = {"adapters": {"count": self.n_adapters, "rank": self.adapter_rank}, **extra}
+            adapters = {"count": self.n_adapters, "rank": self.adapter_rank}
+            if self.adapter_film_rank:
+                adapters["film_rank"] = self.adapter_film_rank
+            if self.adapter_storage != "float32":
+                adapters["storage"] = self.adapter_storage
+            extra = {"adapters": adapters, **extra}
+        lora = ADAPTER_STORAGE[self.adapter_storage]
         return {
-            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+            "state_dict": {k: v.detach().cpu().to(lora) if ".lora_" in k else v.detach().cpu()
+                           for k, v in self.state_dict().items()},
             "channels": self.channels,
             "grids": self.grids,
             "n_classes": self.n_classes,
@@ -421,7 +465,9 @@ class CCNF(nn.Module):
         with torch.random.fork_rng(devices=[]):
             adapters = ckpt.get("adapters", {"count": 0, "rank": 0})
             model = CCNF(ckpt["channels"], ckpt["grids"], cfg, n_classes=ckpt["n_classes"],
-                         n_adapters=adapters["count"], adapter_rank=adapters["rank"])
+                         n_adapters=adapters["count"], adapter_rank=adapters["rank"],
+                         adapter_film_rank=adapters.get("film_rank", 0),
+                         adapter_storage=adapters.get("storage", "float32"))
             for name, shapes in ckpt.get("heads", {}).items():
                 model.heads[name] = _head_from_shapes(shapes)
         try:

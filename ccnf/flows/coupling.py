@@ -15,9 +15,11 @@ the class changes the subnet's function rather than only its bias. gamma and bet
 linear map initialized to zero: at initialization the coupling ignores e.
 
 Adapters (``train.strategy: adapters``): :meth:`add_adapter` gives both subnet layers a new
-low-rank delta (:mod:`ccnf.flows.adapters`); ``route`` (an :class:`AdapterRoute`) says which
-adapter each vector uses (-1: the shared weights alone). A coupling that never got one has no
-adapter tensors at all.
+low-rank delta (:mod:`ccnf.flows.adapters`), and with ``film_rank`` > 0 the FiLM map too
+(gamma, beta) = (W_f + B_k A_k) e + b_f: a frozen FiLM map trained on the first task's few
+classes spans only the modulations those classes needed, so a new class's embedding alone
+cannot reach others. ``route`` (an :class:`AdapterRoute`) says which adapter each vector uses
+(-1: the shared weights alone). A coupling that never got one has no adapter tensors at all.
 """
 
 from __future__ import annotations
@@ -68,17 +70,31 @@ class ConditionalAffineCoupling(nn.Module):
             nn.init.zeros_(self.film.bias)
         self.lora_hidden: LowRankAdapters | None = None
         self.lora_out: LowRankAdapters | None = None
+        self.lora_film: LowRankAdapters | None = None
 
-    def add_adapter(self, rank: int) -> list[nn.Parameter]:
-        """A new adapter on both subnet layers; returns its parameters."""
+    def add_adapter(self, rank: int, film_rank: int = 0) -> list[nn.Parameter]:
+        """A new adapter on both subnet layers (and of rank ``film_rank`` on the FiLM map when
+        > 0); returns its parameters."""
+        if film_rank > 0 and self.film is None:
+            raise ValueError("FiLM adapters need FiLM conditioning (flow.conditioning: film)")
+        device = self.out.weight.device
         if self.lora_hidden is None or self.lora_out is None:
-            device = self.out.weight.device
             (h_out, h_in), (o_out, o_in) = self.hidden.weight.shape, self.out.weight.shape
             self.lora_hidden = LowRankAdapters(h_in, h_out, rank).to(device)
             self.lora_out = LowRankAdapters(o_in, o_out, rank).to(device)
+        if film_rank > 0 and self.lora_film is None and self.film is not None:
+            f_out, f_in = self.film.weight.shape
+            self.lora_film = LowRankAdapters(f_in, f_out, film_rank).to(device)
+        if (self.lora_film is not None) != (film_rank > 0) or (
+                self.lora_film is not None and len(self.lora_film) != len(self.lora_hidden)):
+            raise ValueError("every adapter of a coupling has a FiLM part or none has")
         k = self.lora_hidden.add()
         self.lora_out.add()
-        return [*self.lora_hidden.adapter_parameters(k), *self.lora_out.adapter_parameters(k)]
+        new = [*self.lora_hidden.adapter_parameters(k), *self.lora_out.adapter_parameters(k)]
+        if self.lora_film is not None:
+            self.lora_film.add()
+            new += self.lora_film.adapter_parameters(k)
+        return new
 
     def _scale_shift(
         self,
@@ -98,6 +114,11 @@ class ConditionalAffineCoupling(nn.Module):
             if film is None:
                 raise ValueError("this coupling uses FiLM: pass the film condition")
             mod = self.film(film)
+            if self.lora_film is not None and route is not None:
+                rows = route if film_index is None else route.table
+                if rows is None:
+                    raise ValueError("FiLM adapters on a class table need route.table")
+                mod = mod + self.lora_film(film, rows)
             if film_index is not None:
                 mod = mod[film_index]
             gamma, beta = mod.chunk(2, dim=-1)

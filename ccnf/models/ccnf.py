@@ -426,7 +426,8 @@ class CCNFModel(AnomalyModel):
         build_heads(model, params.loss)
         frozen = _freeze(model, params, t)
         if tc.strategy == "adapters" and t > 0:
-            for p in model.add_adapter(tc.adapter_rank, class_ids):
+            for p in model.add_adapter(tc.adapter_rank, class_ids, tc.adapter_film_rank,
+                                       tc.adapter_storage):
                 p.requires_grad_(True)
         keep = _RowKeeper(model, offset) if tc.strategy == "adapters" and offset else None
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -500,6 +501,8 @@ class CCNFModel(AnomalyModel):
         for p in model.parameters():
             if not torch.isfinite(p).all():
                 raise NonFiniteLossError(f"non-finite weights after task {task}; nothing written")
+        if model.n_adapters:
+            model.round_adapters()
         if params.flow.prototypes == "fixed":
             model.freeze_prototypes(class_ids)
         self._classes += names
