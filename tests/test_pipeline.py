@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, make_mvtec_root, tiny_params
+from conftest import REPO, make_mvtec_root, run_stages_here, tiny_params
+from typer.testing import CliRunner
+
+from ccnf.cli import app
 
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -152,6 +155,66 @@ def test_editing_the_optimizer_marks_the_train_stages_changed(study: Path) -> No
     finally:
         optim.write_text(original)
     assert _stale(study) == set()
+
+
+def _add_toy_model(work: Path) -> None:
+    """What adding a model kind takes: one module and one registry line."""
+    shutil.copy(REPO / "tests/toy_model.py", work / "ccnf/models/toy.py")
+    registry = work / "ccnf/models/registry.py"
+    text = registry.read_text()
+    anchor = "MODELS: dict[str, str] = {\n"
+    assert anchor in text
+    registry.write_text(text.replace(anchor, anchor + '    "toy": "ccnf.models.toy:ToyModel",\n'))
+
+
+def _cli(work: Path, *args: str, in_process: bool) -> str:
+    """``ccnf ARGS`` run in ``work`` (the current directory when ``in_process``); its output."""
+    if in_process:
+        assert Path.cwd() == work
+        res = CliRunner().invoke(app, list(args))
+        assert res.exit_code == 0, res.output
+        return res.output
+    proc = _run([sys.executable, "-m", "ccnf.cli", *args], work)
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "flow_bank", "fastflow", "toy"])
+def test_every_model_kind_runs_the_pipeline_and_the_cli(
+    study: Path, tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """init/train/evaluate/aggregate, then ccnf info, score and report, for each kind; the
+    pipeline never asks which kind it holds (DESIGN.md section 9). The toy kind exists only in
+    the copy (one module, one registry line) and goes through `dvc repro` and the CLI as
+    subprocesses; the built-in kinds run the same stage scripts and CLI in this process."""
+    work = tmp_path / kind
+    shutil.copytree(study, work, symlinks=True)
+    raw = yaml.safe_load((work / "params.yaml").read_text())
+    raw["model"]["kind"] = kind
+    raw["score"]["class_select"] = "likelihood"
+    # the copy's own images (a path outside the repository is hashed as an external dep)
+    raw["data"]["root"] = "external/ds"
+    (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    in_process = kind != "toy"
+    if in_process:
+        monkeypatch.chdir(work)
+        ran = run_stages_here(work)
+    else:
+        _add_toy_model(work)
+        ran = set(re.findall(r"Running stage '([^']+)'", _dvc("repro", cwd=work).stdout))
+    assert {"init", "train@t1", "evaluate@t1", "aggregate"} <= ran
+    summary = json.loads((work / "metrics/summary.json").read_text())
+    assert set(summary) >= {"nf", "latent"} and "proto" not in summary
+    assert 0.0 <= summary["nf"]["image_auroc"] <= 1.0
+    assert "final averages" in _cli(work, "info", in_process=in_process)
+    image = work / "external/ds/c/test/hole/000.png"
+    scored = _cli(work, "score", str(image), "--cls", "c", "--out", str(tmp_path / "map.png"),
+                  in_process=in_process)
+    assert "latent" in scored and "hybrid" not in scored
+    assert (tmp_path / "map.png").stat().st_size > 1000
+    readme = work / "README.md"
+    readme.write_text("# study\n<!-- results:begin -->\n<!-- results:end -->\n")
+    _cli(work, "report", "readme", in_process=in_process)
+    assert "nf" in readme.read_text().split("begin")[1]
 
 
 def test_exp_run_loss_change_reruns_training_but_not_extraction(study: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, make_mvtec_root, shrink
+from conftest import REPO, make_mvtec_root, run_stages_here, shrink
 from test_pipeline import _dvc, _run
 
 # industrial12's class names (../shared/realdata/industrial12); the images are generated
@@ -78,13 +78,17 @@ def test_one_custom_class_in_one_task_and_synth_only_for_synthetic(tmp_path: Pat
 
 @pytest.fixture(scope="module")
 def industrial(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """industrial12 in five tasks: `ccnf data use ...` then `dvc repro`."""
+    """industrial12 in five tasks: `ccnf data use ...`, DVC runs prepare and extract, the
+    model's stages run in this process (as `dvc repro` would run them: tests/test_pipeline.py
+    shows that it does) and `dvc commit` records them."""
     base = tmp_path_factory.mktemp("industrial12")
     root = make_mvtec_root(base / "data" / "industrial12", INDUSTRIAL12, n_train=5, n_good=2,
                            n_bad=2, size=40)
     work = _project(base / "study")
     _ccnf(work, "data", "use", "folder", "--root", str(root), "--protocol", "3-3-2-2-2")
-    _dvc("repro", cwd=work)
+    _dvc("repro", "extract", cwd=work)
+    assert {"init", "train@t4", "evaluate@t4", "aggregate"} <= run_stages_here(work)
+    _dvc("commit", "--force", cwd=work)
     return work
 
 
