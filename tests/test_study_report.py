@@ -259,12 +259,20 @@ def test_strategy_table_reads_strategy_protocol_memory_and_time_from_the_records
     rows = [Row(Experiment("adapters-15x1", "x", (), protocol="15x1"),
                 ExpRecord("adapters-15x1", "r", params, metrics)),
             Row(Experiment("naive-3x5", "x", (), protocol="3x5"), None)]
+    leaky = {"score": "nf", "image_auroc": 0.92, "pixel_auroc": 0.96}
+    rows.append(Row(Experiment("E11-leaky", "x", ()),
+                    ExpRecord("E11-leaky", "r", {}, {**metrics, "test_selected_leaky": leaky})))
     timing = {"experiments": {"adapters-15x1": {"seconds": 612.4}}}
-    block = table_block(rows, "E11", strategies=["adapters-15x1", "naive-3x5"], timing=timing)
+    block = table_block(rows, "E11", strategies=["adapters-15x1", "naive-3x5", "E11-leaky"],
+                        timing=timing)
     assert "#### continual strategies x protocols" in block
     cells = _line(block, "continual strategies", "adapters-15x1")
     assert cells == ["adapters", "15x1", "0.9000", "0.9500", "0.9300", "0.9600", "0.0010",
-                     "0.0000", "0.7500", "0.8000", "2.0", "0", "612"]
+                     "0.0000", "0.7500", "0.8000", "2.0", "0", "612", "—"]
+    # the leaky figure only where the run asked for it, and only for the table's score
+    assert _line(block, "continual strategies", "E11-leaky")[-1] == "0.9200"
+    other = table_block(rows, "E11", strategies=["E11-leaky"], headline="latent")
+    assert _line(other, "continual strategies", "E11-leaky")[-1] == "—"
     missing = _line(block, "continual strategies", "naive-3x5")
     assert missing[:2] == ["—", "3x5"] and set(missing[2:]) == {"—"}
     assert "continual strategies" not in table_block(rows, "E11")
