@@ -232,12 +232,15 @@ def strategy_table(rows: Sequence[Row], score: str, timing: dict[str, Any] | Non
     head = "| experiment | strategy | protocol | " + " | ".join(STRATEGY_COLUMNS) + " |"
     lines = [head, "|---|---|---|" + "---:|" * len(STRATEGY_COLUMNS)]
     per = (timing or {}).get("experiments", {})
+    timed_commit = str((timing or {}).get("commit") or "")[:7]
     for row in rows:
         m = _metrics(row)
         _, acc = _class_select(row)
         added = _get(m, "memory", "added_bytes_per_task")
         stored = _get(m, "memory", "stored_images")
         seconds = per.get(row.exp.id, {}).get("seconds")
+        if timed_commit and (row.record is None or row.record.baseline[:7] != timed_commit):
+            seconds = None  # timed on another commit: not this record's run
         leaky = m.get("test_selected_leaky") or {}
         cells = [
             *(_fmt(_get(m, score, key)) for key in (
@@ -303,10 +306,11 @@ def table_block(
             "class (hence the adapter), routed image = the image AUROC with that pick; added "
             "KB per task = growth of the model per later task; stored images = training "
             "images of earlier tasks kept; wall s = the run's wall time in the catalog timing "
-            "file (training and evaluation); LEAKY test-selected image = the final image AUROC "
-            "when each task keeps the best of `eval.test_selected` snapshots chosen on the "
-            "test data, as UCAD, CDAD and IUF report (only for a run that asked for it; never "
-            "our figure).\n\n" + strategy_table(wanted, headline, timing)
+            "file (training and evaluation; shown only for records of the commit it timed); "
+            "LEAKY test-selected image = the final image AUROC when each task keeps the best "
+            "of `eval.test_selected` snapshots chosen on the test data, as UCAD, CDAD and "
+            "IUF report (only for a run that asked for it; never our figure).\n\n"
+            + strategy_table(wanted, headline, timing)
         )
     parts.append(
         "#### per-class baselines and anomalib's models on the same data\n\n"

@@ -273,6 +273,14 @@ def test_strategy_table_reads_strategy_protocol_memory_and_time_from_the_records
     assert _line(block, "continual strategies", "E11-leaky")[-1] == "0.9200"
     other = table_block(rows, "E11", strategies=["E11-leaky"], headline="latent")
     assert _line(other, "continual strategies", "E11-leaky")[-1] == "—"
+    # wall seconds only for a record of the commit the timing file timed
+    timed = {**timing, "commit": "abc1234def"}
+    stale = table_block(rows, "E11", strategies=["adapters-15x1"], timing=timed)
+    assert _line(stale, "continual strategies", "adapters-15x1")[-2] == "—"
+    rows[0] = Row(rows[0].exp, ExpRecord("adapters-15x1", "r", params, metrics,
+                                         baseline="abc1234def"))
+    same = table_block(rows, "E11", strategies=["adapters-15x1"], timing=timed)
+    assert _line(same, "continual strategies", "adapters-15x1")[-2] == "612"
     missing = _line(block, "continual strategies", "naive-3x5")
     assert missing[:2] == ["—", "3x5"] and set(missing[2:]) == {"—"}
     assert "continual strategies" not in table_block(rows, "E11")
