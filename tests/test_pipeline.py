@@ -33,6 +33,12 @@ def _dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProce
     return _run([sys.executable, "-m", "dvc", *args], cwd, check)
 
 
+def _ccnf(work: Path, *args: str) -> str:
+    """``ccnf ARGS`` as a subprocess in ``work``; its stdout and stderr."""
+    proc = _run([sys.executable, "-m", "ccnf.cli", *args], work)
+    return proc.stdout + proc.stderr
+
+
 def build_study(work: Path) -> Path:
     """A copy of the project in ``work`` with tiny params, after one full `dvc repro`."""
     for item in ("ccnf", "stages", "dvc.yaml"):
@@ -174,8 +180,7 @@ def _cli(work: Path, *args: str, in_process: bool) -> str:
         res = CliRunner().invoke(app, list(args))
         assert res.exit_code == 0, res.output
         return res.output
-    proc = _run([sys.executable, "-m", "ccnf.cli", *args], work)
-    return proc.stdout + proc.stderr
+    return _ccnf(work, *args)
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "flow_bank", "fastflow", "toy"])

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import REPO, make_mvtec_root, run_stages_here, shrink
-from test_pipeline import _dvc, _run
+from test_pipeline import _ccnf, _dvc, _run
 
 # industrial12's class names (../shared/realdata/industrial12); the images are generated
 INDUSTRIAL12 = [
@@ -38,11 +37,6 @@ def _project(work: Path) -> Path:
     _run(["git", "init", "-q"], work)
     _dvc("init", "-q", cwd=work)
     return work
-
-
-def _ccnf(work: Path, *args: str) -> str:
-    proc = _run([sys.executable, "-m", "ccnf.cli", *args], work)
-    return proc.stdout + proc.stderr
 
 
 def _planned(work: Path) -> set[str]:
