@@ -334,7 +334,24 @@ def table_block(
                         f"{' '.join(missing)}`)")
     if problems:
         parts.append("Record problems:\n\n" + "\n".join(problems))
+    earlier = earlier_defaults_notes(rows)
+    if earlier:
+        parts.append("Records made under earlier defaults (params.yaml changed after they "
+                     "were run; a key the run never reads, e.g. train.adapter_rank outside "
+                     "train.strategy=adapters, leaves its figures as they are):\n\n"
+                     + "\n".join(earlier))
     return "\n\n".join(parts)
+
+
+def earlier_defaults_notes(rows: Sequence[Row]) -> list[str]:
+    """One line per (commit, difference): the ids whose record ran under other defaults."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        if r.record is not None and r.earlier_defaults:
+            key = (r.record.baseline[:7], r.earlier_defaults)
+            groups.setdefault(key, []).append(f"`{r.exp.id}`")
+    return [f"- {', '.join(ids)} ({commit}): {diff}"
+            for (commit, diff), ids in groups.items()]
 
 
 # ----------------------------------------------------------------------------- check

@@ -2,7 +2,9 @@
 # Create .venv (Python >= 3.11) and install ccnf with its test tools. Idempotent.
 # pip runs only when the install inputs changed since the last successful setup (a stamp in
 # .venv holds their hash): a second call is instant and never reinstalls ccnf under a running
-# study or test suite (.ci/run runs both at once).
+# study or test suite (.ci/run runs both at once). The checkout's path is part of the hash: the
+# editable install points at one checkout, so a .venv moved or shared with another clone is
+# re-pointed here instead of silently running the other clone's ccnf.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -10,7 +12,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.ccnf-setup
-want=$(cat pyproject.toml requirements/constraints.txt | sha256sum | cut -d' ' -f1)
+want=$( (pwd -P; cat pyproject.toml requirements/constraints.txt) | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi

@@ -210,6 +210,29 @@ def test_records_of_an_older_baseline_are_found_newest_first(sample) -> None:
     assert f"experiments derived from commit {commit['rev'][:7]}" in block
 
 
+def test_records_made_under_earlier_defaults_are_marked_with_the_change(sample) -> None:
+    """A record that matches its own commit's params.yaml but not today's (a default changed
+    since) is listed with the change; an option merely added since is not a change."""
+    cat, _ = _rows(sample)
+    commit = next(c for c in sample if c["rev"] != "workspace")
+    newer = copy.deepcopy(commit)
+    newer["rev"], newer["experiments"] = "f" * 40, None
+    today = newer["data"]["params"]["params.yaml"]["data"]
+    today["loss"]["lambda_mi"] = 0.25  # a default changed after the runs
+    today["train"]["a_new_option"] = 7  # an option added after the runs
+    rows = {r.exp.id: r for r in match_records(cat, parse_exp_show([newer, commit]))}
+    assert rows["E0"].record.baseline == commit["rev"] and rows["E0"].problem is None
+    then = commit["data"]["params"]["params.yaml"]["data"]["loss"]["lambda_mi"]
+    assert rows["E0"].earlier_defaults == f"loss.lambda_mi: now 0.25, then {then!r}"
+    block = table_block(list(rows.values()), cat.reference)
+    assert "Records made under earlier defaults" in block
+    assert f"({commit['rev'][:7]}): loss.lambda_mi: now 0.25, then {then!r}" in block
+    assert "a_new_option" not in block
+    same = {r.exp.id: r for r in match_records(cat, parse_exp_show([commit]))}
+    assert same["E0"].earlier_defaults is None
+    assert "earlier defaults" not in table_block(list(same.values()), cat.reference)
+
+
 def test_targets_table_compares_the_roles_records() -> None:
     """Each competence target: both sides read from the named experiments' records, the gap,
     and whether it is met (>= with its margin); a missing record is '—', never 'yes'."""

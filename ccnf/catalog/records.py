@@ -19,6 +19,7 @@ from ccnf.names import SCORES
 
 SUMMARY_FILE = "metrics/summary.json"
 SCORE_DEFS = SCORES
+MISSING_KEY = "<missing>"
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,9 @@ class Row:
     exp: Experiment
     record: ExpRecord | None
     problem: str | None = None  # e.g. the record's params differ from the catalog's
+    # how the record's params differ from today's params.yaml plus the overrides, for a record
+    # made on an earlier commit whose defaults have changed since (None: same params)
+    earlier_defaults: str | None = None
 
 
 def match_records(catalog: Catalog, records: Sequence[ExpRecord]) -> list[Row]:
@@ -112,7 +116,9 @@ def match_records(catalog: Catalog, records: Sequence[ExpRecord]) -> list[Row]:
     Without one, the reference (no overrides) is the default study itself: the workspace when
     its params are the newest commit's (after ``dvc repro`` its metrics are the fresh ones),
     else that commit's record. A record whose params differ from its own baseline's params.yaml
-    plus the catalog's overrides (a stale run, an edited catalog) is flagged.
+    plus the catalog's overrides (a stale run, an edited catalog) is flagged as a problem; one
+    that matches its baseline but not the newest commit's params.yaml (a default changed after
+    it was run) carries the difference in ``earlier_defaults``.
     """
     baselines = [r for r in records if r.kind == "baseline"]
     head = baselines[0] if baselines else None
@@ -129,13 +135,30 @@ def match_records(catalog: Catalog, records: Sequence[ExpRecord]) -> list[Row]:
             fresh = (workspace is not None and head is not None and workspace.metrics
                      and workspace.params == head.params)
             rec = workspace if fresh else head
-        problem = None
+        problem = earlier = None
         if rec is not None:
             params = base_params.get(rec.baseline) or (head.params if head else None)
             if params:
                 problem = params_mismatch(params, exp, rec.params)
-        rows.append(Row(exp, rec, problem))
+            if problem is None and head is not None and params is not head.params:
+                earlier = defaults_changed(head.params, exp, rec.params)
+        rows.append(Row(exp, rec, problem, earlier))
     return rows
+
+
+def defaults_changed(today: dict[str, Any], exp: Experiment, got: dict[str, Any]) -> str | None:
+    """How a record's params ``got`` differ from ``today``'s params.yaml plus the experiment's
+    overrides, as "key: now X, then Y" (None: the same).
+
+    Keys the record lacks (options added after it ran) are left out: an option added since
+    would otherwise be listed beside every older record. Most such options default to the
+    earlier behaviour; where one did not, it came with a change of an existing key, which is
+    listed.
+    """
+    diffs = [f"{key}: now {now!r}, then {then!r}"
+             for key, now, then in _differences(exp.expected_params(today), got, "")
+             if then != MISSING_KEY]
+    return "; ".join(diffs) or None
 
 
 def record_baselines(rows: Sequence[Row]) -> list[str]:
@@ -149,21 +172,20 @@ def record_baselines(rows: Sequence[Row]) -> list[str]:
 
 def params_mismatch(base: dict[str, Any], exp: Experiment, got: dict[str, Any]) -> str | None:
     """Describe how ``got`` differs from ``base`` + the experiment's overrides (None: same)."""
-    expected = exp.expected_params(base)
-    diffs = _diff(expected, got, "")
+    diffs = [f"{key}: expected {want!r}, recorded {then!r}"
+             for key, want, then in _differences(exp.expected_params(base), got, "")]
     if not diffs:
         return None
     return "params differ from the catalog: " + "; ".join(diffs[:4]) + (
         f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else "")
 
 
-def _diff(a: Any, b: Any, prefix: str) -> list[str]:
+def _differences(a: Any, b: Any, prefix: str) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value in a, value in b) for every leaf where a and b differ."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b), key=str):
-            out += _diff(a.get(k, "<missing>"), b.get(k, "<missing>"),
-                         f"{prefix}.{k}" if prefix else str(k))
+            out += _differences(a.get(k, MISSING_KEY), b.get(k, MISSING_KEY),
+                                f"{prefix}.{k}" if prefix else str(k))
         return out
-    if a != b:
-        return [f"{prefix}: expected {a!r}, recorded {b!r}"]
-    return []
+    return [(prefix, a, b)] if a != b else []
