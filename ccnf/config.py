@@ -171,6 +171,17 @@ class FlowConfig(_Section):
             "change of variables"
         ),
     )
+    class_norm_mean: Literal["channel", "position"] = Field(
+        "channel",
+        description=(
+            "with class_norm, what is subtracted: channel = one mean per channel; position = "
+            "the class's mean feature map (one mean vector per position of the level's grid, "
+            "H_l x W_l x D_l values per class, e.g. 47,040 for the default backbone at 224 px), "
+            "so the flow models each class's deviation from its own layout: objects whose "
+            "parts sit at fixed places need no position-by-class interaction in the shared "
+            "subnets"
+        ),
+    )
     class_actnorm: bool = Field(
         False,
         description=(
@@ -241,6 +252,8 @@ class FlowConfig(_Section):
         ratios = self.hidden_ratio if isinstance(self.hidden_ratio, list) else [self.hidden_ratio]
         if not ratios or any(r is not None and r <= 0 for r in ratios):
             raise ValueError(f"flow.hidden_ratio must be > 0 per level (got {self.hidden_ratio})")
+        if self.class_norm_mean == "position" and not self.class_norm:
+            raise ValueError("flow.class_norm_mean: position needs flow.class_norm: true")
         if self.feature_norm and self.class_norm:
             raise ValueError(
                 "flow.feature_norm (task 0's statistics for every class) and flow.class_norm "

@@ -279,6 +279,24 @@ def test_class_norm_stats_are_each_class_own_and_fixed(prepared) -> None:
         assert not torch.equal(t1["state_dict"][key][2:3], t0["state_dict"][key][:1])
 
 
+def test_positional_class_mean_is_each_class_own_mean_map(prepared) -> None:
+    """flow.class_norm_mean: position: the class's mean over its fit images at every position,
+    and the std of the deviations from that map; fixed by later tasks."""
+    tmp, raw = prepared
+    cn = _variant(raw, "flow", class_norm=True, class_norm_mean="position")
+    init_model(parse_params(cn), tmp / "features", tmp / "pm/init")
+    t0 = read_checkpoint(_train(tmp, cn, "pm/t0", prev="../pm/init"))
+    fit, _ = calibration_split(5, cn["eval"]["calib_fraction"], cn["seed"])
+    for cid, cls in enumerate("ab"):
+        f = load_split(tmp / "features", cls, "train").subset(fit).features[1].float()
+        maps = f.flatten(2).transpose(1, 2)
+        torch.testing.assert_close(t0["state_dict"]["class_mean_1"][cid], maps.mean(0))
+        dev = (maps - maps.mean(0)).reshape(-1, f.shape[1])
+        torch.testing.assert_close(t0["state_dict"]["class_std_1"][cid], dev.std(0))
+    t1 = read_checkpoint(_train(tmp, cn, "pm/t1", task="t1", prev="../pm/t0"))
+    assert torch.equal(t1["state_dict"]["class_mean_0"][:2], t0["state_dict"]["class_mean_0"])
+
+
 @pytest.mark.parametrize("prototypes", ["fixed", "shared"])
 def test_finished_class_prototype_is_unchanged_by_later_tasks(prepared, prototypes) -> None:
     """flow.prototypes: fixed freezes mu_y = P e_y when y's task ends; the shared projection P

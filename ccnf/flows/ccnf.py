@@ -3,7 +3,9 @@
 Per level l (patch features x in R^{D_l}):
     x' = (x - m) / s                         fixed feature normalization: m, s of task 0 (E1,
                                              ``flow.feature_norm``) or of class y itself
-                                             (``flow.class_norm``); identity if both are off
+                                             (``flow.class_norm``); identity if both are off;
+                                             m = m_y(position), class y's mean feature map,
+                                             with ``flow.class_norm_mean: position``
     c = [e_y, PE(position), phi(sigma)]      class embedding (grows with classes), 2-D PE,
                                              noise-level embedding (P6; only if noise_dim > 0)
     z = f_l(x'; c)
@@ -99,6 +101,7 @@ class CCNFSpec:
     conditioning: str = "film"
     class_conditioning: bool = True
     class_norm: bool = True
+    class_norm_mean: str = "channel"
     class_actnorm: bool = False
     feature_norm: bool = False
     prior: str = "standard"
@@ -156,8 +159,10 @@ class CCNF(nn.Module):
             # E1 feature normalization; identity until set_feature_stats (and when it is off)
             self.register_buffer(f"feat_mean_{lvl}", torch.zeros(self.channels[lvl]))
             self.register_buffer(f"feat_std_{lvl}", torch.ones(self.channels[lvl]))
-            # flow.class_norm: per-class mean/std rows (C, D_l), set when the class is learned
-            self.register_buffer(f"class_mean_{lvl}", torch.zeros(n_classes, self.channels[lvl]))
+            # flow.class_norm: per-class mean/std rows (C, D_l), set when the class is learned;
+            # with class_norm_mean: position the mean is a map (C, H_l * W_l, D_l)
+            self.register_buffer(f"class_mean_{lvl}", torch.zeros(
+                n_classes, *self._mean_shape(lvl)))
             self.register_buffer(f"class_std_{lvl}", torch.ones(n_classes, self.channels[lvl]))
             # flow.prototypes: fixed: mu_{y,l} copied here when class y's task ends
             self.register_buffer(f"proto_fixed_{lvl}", torch.zeros(n_classes, self.channels[lvl]))
@@ -193,7 +198,7 @@ class CCNF(nn.Module):
             for name, fill in (("class_mean", 0.0), ("class_std", 1.0), ("proto_fixed", 0.0)):
                 old = getattr(self, f"{name}_{lvl}")
                 setattr(self, f"{name}_{lvl}",
-                        torch.cat([old, old.new_full((n, old.shape[1]), fill)]))
+                        torch.cat([old, old.new_full((n, *old.shape[1:]), fill)]))
             if self.cfg.class_actnorm:
                 old = getattr(self, f"actnorm_{lvl}").detach()
                 setattr(self, f"actnorm_{lvl}", nn.Parameter(
@@ -294,17 +299,38 @@ class CCNF(nn.Module):
         s.copy_(std)
 
     # -- flow.class_norm ----------------------------------------------------------------------
+    @property
+    def positional_mean(self) -> bool:
+        """Whether class_norm subtracts a mean map per class (``class_norm_mean: position``)."""
+        return self.cfg.class_norm_mean == "position"
+
+    def _mean_shape(self, level: int) -> tuple[int, ...]:
+        """Shape of one class's mean at ``level``: (D_l,) or (H_l * W_l, D_l)."""
+        h, w = self.grids[level]
+        d = self.channels[level]
+        return (h * w, d) if self.positional_mean else (d,)
+
     def class_stats(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean (C, D_l), std (C, D_l)) of every class, for ``flow.class_norm``."""
+        """(mean (C, D_l) or (C, H_l * W_l, D_l), std (C, D_l)) of every class, for
+        ``flow.class_norm``."""
         return getattr(self, f"class_mean_{level}"), getattr(self, f"class_std_{level}")
 
     def set_class_stats(
         self, level: int, class_id: int, mean: torch.Tensor, std: torch.Tensor
     ) -> None:
-        """Fix class ``class_id``'s normalization at ``level`` (once, when it is learned)."""
+        """Fix class ``class_id``'s normalization at ``level`` (once, when it is learned):
+        mean (D_l,) or, with ``class_norm_mean: position``, (H_l * W_l, D_l); std (D_l,)."""
         m, s = self.class_stats(level)
+        if tuple(mean.shape) != tuple(m.shape[1:]):
+            raise ValueError(f"class mean of level {level} must be {tuple(m.shape[1:])}, "
+                             f"got {tuple(mean.shape)}")
         m[class_id].copy_(mean)
         s[class_id].copy_(std)
+
+    def _class_mean(self, level: int, y: torch.Tensor, pos_index: torch.Tensor) -> torch.Tensor:
+        """The mean subtracted from each vector: (N, D_l) for y, pos_index (N,)."""
+        means = self.class_stats(level)[0]
+        return means[y, pos_index] if self.positional_mean else means[y]
 
     # -- flow.prototypes: fixed -------------------------------------------------------------
     @torch.no_grad()
@@ -403,9 +429,8 @@ class CCNF(nn.Module):
             mean, std = self.feature_stats(level)
             x = (x - mean) / std
         elif self.cfg.class_norm:
-            means, stds = self.class_stats(level)
-            std = stds[y]
-            x = (x - means[y]) / std
+            std = self.class_stats(level)[1][y]
+            x = (x - self._class_mean(level, y, pos_index)) / std
         z, logdet, scale_sq = self.flows[level](x, **self._flow_inputs(level, y, pos_index, sigma))
         if self.cfg.feature_norm:
             logdet = logdet - std.log().sum()
@@ -429,8 +454,7 @@ class CCNF(nn.Module):
             mean, std = self.feature_stats(level)
             return x * std + mean
         if self.cfg.class_norm:
-            means, stds = self.class_stats(level)
-            return x * stds[y] + means[y]
+            return x * self.class_stats(level)[1][y] + self._class_mean(level, y, pos_index)
         return x
 
     # -- checkpoints -------------------------------------------------------------------------

@@ -55,7 +55,8 @@ def ccnf_spec(cfg: FlowConfig, channels: list[int]) -> CCNFSpec:
         hidden_dims=tuple(cfg.hidden_at(lvl, n, int(d)) for lvl, d in enumerate(channels)),
         embedding_dim=cfg.embedding_dim, pos_dim=cfg.pos_dim, noise_dim=cfg.noise_dim,
         conditioning=cfg.conditioning, class_conditioning=cfg.class_conditioning,
-        class_norm=cfg.class_norm, class_actnorm=cfg.class_actnorm,
+        class_norm=cfg.class_norm, class_norm_mean=cfg.class_norm_mean,
+        class_actnorm=cfg.class_actnorm,
         feature_norm=cfg.feature_norm, prior=cfg.prior, prototypes=cfg.prototypes,
         clamp_alpha=cfg.clamp_alpha, spectral_norm=cfg.spectral_norm,
         warmup_steps=cfg.warmup_steps,
@@ -283,11 +284,20 @@ class Schedule:
 
 
 def _set_class_stats(model: CCNF, fit: dict[int, FeatureSplit]) -> None:
-    """flow.class_norm: each new class's per-channel mean/std over all its fit patches."""
+    """flow.class_norm: each new class's per-channel mean/std over all its fit patches; with
+    ``class_norm_mean: position`` the mean is the class's mean map over its fit images (one
+    mean per position) and the std is that of the deviations from it."""
     for cid, split in fit.items():
         for lvl, f in enumerate(split.features):
-            flat = f.float().flatten(2).transpose(1, 2).reshape(-1, f.shape[1])
-            model.set_class_stats(lvl, cid, flat.mean(dim=0), flat.std(dim=0).clamp_min(1e-6))
+            maps = f.float().flatten(2).transpose(1, 2)  # (N, H*W, D)
+            if model.positional_mean:
+                mean = maps.mean(dim=0)  # (H*W, D)
+                dev = (maps - mean).reshape(-1, f.shape[1])
+                model.set_class_stats(lvl, cid, mean, dev.std(dim=0).clamp_min(1e-6))
+            else:
+                flat = maps.reshape(-1, f.shape[1])
+                model.set_class_stats(lvl, cid, flat.mean(dim=0),
+                                      flat.std(dim=0).clamp_min(1e-6))
 
 
 class _RowKeeper:

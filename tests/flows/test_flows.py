@@ -237,6 +237,34 @@ def test_class_norm_is_a_change_of_variables_in_log_p() -> None:
     assert not torch.allclose(a, b)
 
 
+def test_positional_class_mean_subtracts_the_map_at_each_vectors_position() -> None:
+    """flow.class_norm_mean: position: a vector at position p of class y is normalized with
+    m_y(p), so it scores as a per-channel model whose mean is m_y(p) (same weights), and the
+    inverse puts the map back."""
+    torch.manual_seed(0)
+    kw = dict(n_couplings=2, hidden_dim=8, embedding_dim=2, pos_dim=4, warmup_steps=0,
+              class_norm=True)
+    pos_cfg = FlowConfig(**kw, class_norm_mean="position")
+    model = CCNF([3], [[2, 2]], ccnf_spec(pos_cfg, [3]), n_classes=2).double().eval()
+    maps, std = torch.randn(4, 3, dtype=torch.double) * 3, torch.rand(3).double() + 0.5
+    model.set_class_stats(0, 1, maps, std)
+    with pytest.raises(ValueError, match="class mean of level 0"):
+        model.set_class_stats(0, 0, torch.zeros(3), std)
+    x = torch.randn(4, 3, dtype=torch.double)
+    y, pos = torch.ones(4, dtype=torch.long), torch.arange(4)
+    got = model.forward_level(0, x, y, pos)
+    torch.testing.assert_close(model.inverse_level(0, got.z, y, pos), x)
+    channel = CCNF([3], [[2, 2]], ccnf_spec(FlowConfig(**kw), [3]), n_classes=2).double().eval()
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("class_mean")}
+    channel.load_state_dict(state, strict=False)
+    for p in range(4):
+        channel.set_class_stats(0, 1, maps[p], std)
+        want = channel.forward_level(0, x[p : p + 1], y[:1], pos[p : p + 1]).log_prob
+        torch.testing.assert_close(got.log_prob[p : p + 1], want)
+    with pytest.raises(ValueError, match="class_norm_mean: position needs"):
+        FlowConfig(class_norm=False, class_norm_mean="position")
+
+
 def test_class_actnorm_logdet_inverse_and_identity_start() -> None:
     """flow.class_actnorm: a per-class affine in front of every coupling; log p stays exact
     (autograd Jacobian), the flow inverts, and zero parameters are the identity."""
