@@ -19,6 +19,10 @@ def main() -> None:
     stats = train_task(
         params, args.task, Path(args.features), prev, Path("models") / args.task, console=console
     )
+    if stats["steps"] == 0:  # e.g. joint: every class was learned at task 0
+        console.print(f"task {args.task}: no training steps (train.strategy "
+                      f"{params.train.strategy}); checkpoint passed on")
+        return
     console.print(
         f"task {args.task}: {stats['steps']:.0f} steps in {stats['seconds']:.1f} s, "
         f"final loss {stats['final_loss']:.4f}"
