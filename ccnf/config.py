@@ -744,6 +744,29 @@ def format_validation_error(err: ValidationError, source: str) -> CcnfError:
     )
 
 
+NO_DEFAULT = object()
+
+
+def schema_default(key: str) -> Any:
+    """The value a params.yaml without the dotted ``key`` gets (its field's default), or
+    :data:`NO_DEFAULT` when the key is required or unknown. Options are added with the
+    default that keeps the earlier behaviour, so this is also what a params.yaml written
+    before the key existed meant."""
+    model: Any = Params
+    *sections, leaf = key.split(".")
+    for name in sections:
+        field = model.model_fields.get(name)
+        annotation = getattr(field, "annotation", None)
+        if field is None or not isinstance(annotation, type) or not issubclass(
+                annotation, BaseModel):
+            return NO_DEFAULT
+        model = annotation
+    field = model.model_fields.get(leaf)
+    if field is None or field.is_required():
+        return NO_DEFAULT
+    return field.get_default(call_default_factory=True)
+
+
 def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
     if isinstance(raw, dict) and "splits" in raw:
         # params.yaml from before the split became data.classes + data.protocol

@@ -219,15 +219,24 @@ def test_records_made_under_earlier_defaults_are_marked_with_the_change(sample) 
     newer["rev"], newer["experiments"] = "f" * 40, None
     today = newer["data"]["params"]["params.yaml"]["data"]
     today["loss"]["lambda_mi"] = 0.25  # a default changed after the runs
-    today["train"]["a_new_option"] = 7  # an option added after the runs
+    today["train"]["a_new_option"] = 7  # an option added after the runs (no schema field)
+    # an option added after the runs whose value today is not its schema default: the runs
+    # meant the default (what an absent key reads as), so it is listed
+    assert "class_norm_mean" not in commit["data"]["params"]["params.yaml"]["data"]["flow"]
+    today["flow"]["class_norm_mean"] = "position"
     rows = {r.exp.id: r for r in match_records(cat, parse_exp_show([newer, commit]))}
     assert rows["E0"].record.baseline == commit["rev"] and rows["E0"].problem is None
     then = commit["data"]["params"]["params.yaml"]["data"]["loss"]["lambda_mi"]
-    assert rows["E0"].earlier_defaults == f"loss.lambda_mi: now 0.25, then {then!r}"
+    assert rows["E0"].earlier_defaults == (
+        "flow.class_norm_mean: now 'position', then absent ('channel' by default); "
+        f"loss.lambda_mi: now 0.25, then {then!r}")
     block = table_block(list(rows.values()), cat.reference)
     assert "Records made under earlier defaults" in block
-    assert f"({commit['rev'][:7]}): loss.lambda_mi: now 0.25, then {then!r}" in block
+    assert f"({commit['rev'][:7]}): flow.class_norm_mean" in block
     assert "a_new_option" not in block
+    today["flow"]["class_norm_mean"] = "channel"  # today's value is the default: not listed
+    rows = {r.exp.id: r for r in match_records(cat, parse_exp_show([newer, commit]))}
+    assert rows["E0"].earlier_defaults == f"loss.lambda_mi: now 0.25, then {then!r}"
     same = {r.exp.id: r for r in match_records(cat, parse_exp_show([commit]))}
     assert same["E0"].earlier_defaults is None
     assert "earlier defaults" not in table_block(list(same.values()), cat.reference)

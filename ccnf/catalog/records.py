@@ -14,6 +14,7 @@ from typing import Any
 
 from ccnf.catalog.commands import dvc
 from ccnf.catalog.schema import PARAMS_FILE, Catalog, Experiment
+from ccnf.config import NO_DEFAULT, schema_default
 from ccnf.errors import CcnfError
 from ccnf.names import SCORES
 
@@ -150,14 +151,20 @@ def defaults_changed(today: dict[str, Any], exp: Experiment, got: dict[str, Any]
     """How a record's params ``got`` differ from ``today``'s params.yaml plus the experiment's
     overrides, as "key: now X, then Y" (None: the same).
 
-    Keys the record lacks (options added after it ran) are left out: an option added since
-    would otherwise be listed beside every older record. Most such options default to the
-    earlier behaviour; where one did not, it came with a change of an existing key, which is
-    listed.
+    A key the record lacks (an option added after it ran) meant its schema default
+    (:func:`ccnf.config.schema_default`: what today's code reads for an absent key, and the
+    behaviour from before the option existed); it is listed only when today's value differs.
     """
-    diffs = [f"{key}: now {now!r}, then {then!r}"
-             for key, now, then in _differences(exp.expected_params(today), got, "")
-             if then != MISSING_KEY]
+    diffs = []
+    for key, now, then in _differences(exp.expected_params(today), got, ""):
+        if then == MISSING_KEY:
+            default = schema_default(key)
+            if default is NO_DEFAULT or default == now:
+                continue
+            then = f"absent ({default!r} by default)"
+        else:
+            then = repr(then)
+        diffs.append(f"{key}: now {now!r}, then {then}")
     return "; ".join(diffs) or None
 
 
