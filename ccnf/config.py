@@ -752,16 +752,9 @@ def schema_default(key: str) -> Any:
     :data:`NO_DEFAULT` when the key is required or unknown. Options are added with the
     default that keeps the earlier behaviour, so this is also what a params.yaml written
     before the key existed meant."""
-    model: Any = Params
-    *sections, leaf = key.split(".")
-    for name in sections:
-        field = model.model_fields.get(name)
-        annotation = getattr(field, "annotation", None)
-        if field is None or not isinstance(annotation, type) or not issubclass(
-                annotation, BaseModel):
-            return NO_DEFAULT
-        model = annotation
-    field = model.model_fields.get(leaf)
+    loc = tuple(key.split("."))
+    model = _model_at(loc)
+    field = model.model_fields.get(loc[-1]) if model is not None else None
     if field is None or field.is_required():
         return NO_DEFAULT
     return field.get_default(call_default_factory=True)

@@ -141,7 +141,7 @@ def match_records(catalog: Catalog, records: Sequence[ExpRecord]) -> list[Row]:
             params = base_params.get(rec.baseline) or (head.params if head else None)
             if params:
                 problem = params_mismatch(params, exp, rec.params)
-            if problem is None and head is not None and params is not head.params:
+            if problem is None and head is not None and rec.baseline not in ("", head.rev):
                 earlier = defaults_changed(head.params, exp, rec.params)
         rows.append(Row(exp, rec, problem, earlier))
     return rows

@@ -292,12 +292,11 @@ def _set_class_stats(model: CCNF, fit: dict[int, FeatureSplit]) -> None:
             maps = f.float().flatten(2).transpose(1, 2)  # (N, H*W, D)
             if model.positional_mean:
                 mean = maps.mean(dim=0)  # (H*W, D)
-                dev = (maps - mean).reshape(-1, f.shape[1])
-                model.set_class_stats(lvl, cid, mean, dev.std(dim=0).clamp_min(1e-6))
+                std = (maps - mean).reshape(-1, f.shape[1]).std(dim=0)
             else:
                 flat = maps.reshape(-1, f.shape[1])
-                model.set_class_stats(lvl, cid, flat.mean(dim=0),
-                                      flat.std(dim=0).clamp_min(1e-6))
+                mean, std = flat.mean(dim=0), flat.std(dim=0)
+            model.set_class_stats(lvl, cid, mean, std.clamp_min(1e-6))
 
 
 class _RowKeeper:
