@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from conftest import REPO
@@ -82,3 +83,19 @@ def test_rewriting_the_code_deps_keeps_the_data_deps_and_fixes_the_gap(tmp_path:
     assert "    - ccnf/a.py\n    - ccnf/d.py\n    - stages/run.py\n    - features\n" \
         "    - ${item.prev}\n" in out
     assert rewrite_code_deps(out, {"run": ["ccnf/a.py", "ccnf/d.py", "stages/run.py"]}) == out
+
+
+def test_bytecode_caches_are_not_part_of_a_code_dependency(tmp_path: Path) -> None:
+    """A checkout where Python wrote __pycache__ next to the code must hash ccnf/ as a clean
+    clone does, or a dvc.lock made there is stale everywhere else (it happened: .dvcignore)."""
+    from dvc.repo import Repo
+
+    shutil.copy(REPO / ".dvcignore", tmp_path / ".dvcignore")
+    repo = Repo.init(str(tmp_path), no_scm=True)
+    code = tmp_path / "ccnf" / "flows"
+    (code / "__pycache__").mkdir(parents=True)
+    (code / "__pycache__" / "flow.cpython-311.pyc").write_bytes(b"\x00")
+    (code / "flow.py").write_text("x = 1\n")
+    assert repo.dvcignore.is_ignored(repo.fs, str(code / "__pycache__"))
+    assert repo.dvcignore.is_ignored(repo.fs, str(code / "__pycache__" / "flow.cpython-311.pyc"))
+    assert not repo.dvcignore.is_ignored(repo.fs, str(code / "flow.py"))
