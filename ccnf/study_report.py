@@ -344,14 +344,17 @@ def table_block(
 
 
 def earlier_defaults_notes(rows: Sequence[Row]) -> list[str]:
-    """One line per (commit, difference): the ids whose record ran under other defaults."""
-    groups: dict[tuple[str, str], list[str]] = {}
+    """One line per difference: the ids whose record ran under those other defaults, and the
+    commits their records derive from (a default switched once flags many commits alike)."""
+    groups: dict[str, tuple[list[str], list[str]]] = {}
     for r in rows:
         if r.record is not None and r.earlier_defaults:
-            key = (r.record.baseline[:7], r.earlier_defaults)
-            groups.setdefault(key, []).append(f"`{r.exp.id}`")
-    return [f"- {', '.join(ids)} ({commit}): {diff}"
-            for (commit, diff), ids in groups.items()]
+            ids, commits = groups.setdefault(r.earlier_defaults, ([], []))
+            ids.append(f"`{r.exp.id}`")
+            if r.record.baseline[:7] not in commits:
+                commits.append(r.record.baseline[:7])
+    return [f"- {', '.join(ids)} ({', '.join(commits)}): {diff}"
+            for diff, (ids, commits) in groups.items()]
 
 
 # ----------------------------------------------------------------------------- check

@@ -242,6 +242,27 @@ def test_records_made_under_earlier_defaults_are_marked_with_the_change(sample) 
     assert "earlier defaults" not in table_block(list(same.values()), cat.reference)
 
 
+def test_one_default_switch_is_one_line_over_every_commit_it_flags() -> None:
+    """A default switched once flags records of many commits alike: one line per difference,
+    naming every id and every commit; a different difference gets its own line."""
+    from ccnf.catalog import Experiment, ExpRecord, Row
+    from ccnf.study_report import earlier_defaults_notes
+
+    def row(exp_id: str, commit: str, diff: str | None) -> Row:
+        rec = ExpRecord(exp_id, "r", {}, {}, baseline=commit * 40)
+        return Row(Experiment(exp_id, "x", ()), rec, None, diff)
+
+    switch = "flow.class_norm_mean: now 'position', then absent ('channel' by default)"
+    lines = earlier_defaults_notes([
+        row("E0", "a", switch), row("E4", "b", switch), row("E6", "a", switch),
+        row("adapters", "c", "train.adapter_rank: now 6, then 3"), row("E11", "d", None),
+    ])
+    assert lines == [
+        f"- `E0`, `E4`, `E6` ({'a' * 7}, {'b' * 7}): {switch}",
+        f"- `adapters` ({'c' * 7}): train.adapter_rank: now 6, then 3",
+    ]
+
+
 def test_targets_table_compares_the_roles_records() -> None:
     """Each competence target: both sides read from the named experiments' records, the gap,
     and whether it is met (>= with its margin); a missing record is '—', never 'yes'."""
