@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -468,3 +469,20 @@ def test_a_command_that_leaves_children_returns_without_waiting_for_them(tmp_pat
     proc = run_leaving_children([sys.executable, "-c", code], tmp_path)
     assert time.monotonic() - start < 30  # a pipe would have kept it waiting for 60 s
     assert proc.returncode == 0 and proc.stdout.strip() == "workers started"
+
+
+def test_an_override_pinning_a_later_default_matches_records_from_before_the_key() -> None:
+    """A row that pins a key added later (``flow.class_norm_mean=channel`` after ``position``
+    became the default) matches its records made before the key existed when the pinned value
+    is the key's schema default (what the older code did); any other value cannot have run
+    there and is a problem, never an error that stops the report."""
+    from ccnf.catalog.records import params_mismatch
+
+    older = {"flow": {"class_norm": True}, "loss": {"lambda_mi": 0.1}}  # no class_norm_mean
+    ran = copy.deepcopy(older)
+    pin = Experiment("C-channel-mean", "x", ("flow.class_norm_mean=channel",))
+    assert params_mismatch(older, pin, ran) is None
+    other = params_mismatch(older, Experiment("P", "x", ("flow.class_norm_mean=position",)), ran)
+    assert other is not None and "flow.class_norm_mean=position" in other
+    both = Experiment("Q", "x", ("flow.class_norm_mean=channel", "loss.lambda_mi=0.2"))
+    assert "loss.lambda_mi: expected 0.2, recorded 0.1" in str(params_mismatch(older, both, ran))

@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ccnf.catalog.commands import dvc
+from ccnf.catalog.overrides import parse_override
 from ccnf.catalog.schema import PARAMS_FILE, Catalog, Experiment
 from ccnf.config import NO_DEFAULT, schema_default
 from ccnf.errors import CcnfError
@@ -177,8 +178,38 @@ def record_baselines(rows: Sequence[Row]) -> list[str]:
     return seen
 
 
+def _has_key(raw: dict[str, Any], key: str) -> bool:
+    node: Any = raw
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def as_of(base: dict[str, Any], exp: Experiment) -> tuple[Experiment, list[str]]:
+    """``exp`` as it applies to ``base``, an older params.yaml: an override of a key that did
+    not exist yet, set to that key's schema default, asks for what the older code did anyway
+    and is dropped (e.g. a row pinning ``flow.class_norm_mean=channel`` after ``position``
+    became the default); one set to anything else could not have run there and is returned
+    in the second list."""
+    kept, impossible = [], []
+    for text in exp.overrides:
+        key, value = parse_override(text)
+        if _has_key(base, key):
+            kept.append(text)
+        elif schema_default(key) is NO_DEFAULT or schema_default(key) != value:
+            impossible.append(text)
+    return replace(exp, overrides=tuple(kept)), impossible
+
+
 def params_mismatch(base: dict[str, Any], exp: Experiment, got: dict[str, Any]) -> str | None:
-    """Describe how ``got`` differs from ``base`` + the experiment's overrides (None: same)."""
+    """Describe how ``got`` differs from ``base`` + the experiment's overrides (None: same).
+    ``base`` may be an older params.yaml than the catalog's (:func:`as_of`)."""
+    exp, impossible = as_of(base, exp)
+    if impossible:
+        return ("the catalog's overrides " + ", ".join(impossible) + " name keys its commit's "
+                "params.yaml did not have: run it again (ccnf catalog run " + exp.id + ")")
     diffs = [f"{key}: expected {want!r}, recorded {then!r}"
              for key, want, then in _differences(exp.expected_params(base), got, "")]
     if not diffs:
