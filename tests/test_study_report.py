@@ -242,6 +242,25 @@ def test_records_made_under_earlier_defaults_are_marked_with_the_change(sample) 
     assert "earlier defaults" not in table_block(list(same.values()), cat.reference)
 
 
+def test_the_reference_is_the_newest_default_study_not_an_older_run_of_its_name(sample) -> None:
+    """A run named after the reference (E11) on an older commit predates whatever default
+    changed since: the newest commit's own results are the reference row (and a fresh
+    workspace, after dvc repro, before both)."""
+    cat, _ = _rows(sample)
+    head = next(c for c in sample if c["rev"] != "workspace")
+    older = copy.deepcopy(head)
+    older["rev"] = "a" * 40
+    run = older["experiments"][0]
+    run["name"] = run["revs"][0]["name"] = cat.reference
+    stale = copy.deepcopy(sample[0])  # a workspace whose params are not the head's
+    stale["data"]["params"]["params.yaml"]["data"]["seed"] = 12345
+    rows = {r.exp.id: r for r in match_records(cat, parse_exp_show([stale, head, older]))}
+    assert rows[cat.reference].record.kind == "baseline"
+    assert rows[cat.reference].record.rev == head["rev"]
+    fresh = {r.exp.id: r for r in match_records(cat, parse_exp_show([sample[0], head, older]))}
+    assert fresh[cat.reference].record.kind == "workspace"
+
+
 def test_one_default_switch_is_one_line_over_every_commit_it_flags() -> None:
     """A default switched once flags records of many commits alike: one line per difference,
     naming every id and every commit; a different difference gets its own line."""

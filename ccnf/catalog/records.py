@@ -115,12 +115,14 @@ def match_records(catalog: Catalog, records: Sequence[ExpRecord]) -> list[Row]:
     """One row per catalog experiment, with DVC's record of it.
 
     An experiment is found by name, on the newest baseline commit that has one of that name.
-    Without one, the reference (no overrides) is the default study itself: the workspace when
-    its params are the newest commit's (after ``dvc repro`` its metrics are the fresh ones),
-    else that commit's record. A record whose params differ from its own baseline's params.yaml
-    plus the catalog's overrides (a stale run, an edited catalog) is flagged as a problem; one
-    that matches its baseline but not the newest commit's params.yaml (a default changed after
-    it was run) carries the difference in ``earlier_defaults``.
+    The reference (no overrides) is the default study itself: the workspace when its params
+    are the newest commit's (after ``dvc repro`` its metrics are the fresh ones), else that
+    commit's record when it has results (a run named after the reference on an older commit
+    may predate a changed default), else the newest run of that name. A record whose params
+    differ from its own baseline's params.yaml plus the catalog's overrides (a stale run, an
+    edited catalog) is flagged as a problem; one that matches its baseline but not the newest
+    commit's params.yaml (a default changed after it was run) carries the difference in
+    ``earlier_defaults``.
     """
     baselines = [r for r in records if r.kind == "baseline"]
     head = baselines[0] if baselines else None
@@ -133,10 +135,15 @@ def match_records(catalog: Catalog, records: Sequence[ExpRecord]) -> list[Row]:
     rows = []
     for exp in catalog.experiments.values():
         rec = by_name.get(exp.id)
-        if rec is None and exp.id == catalog.reference:
+        if exp.id == catalog.reference:
+            # the default study itself: the fresh workspace, else the newest commit's own
+            # (committed) results, which are newer than any run named after the reference
             fresh = (workspace is not None and head is not None and workspace.metrics
                      and workspace.params == head.params)
-            rec = workspace if fresh else head
+            if fresh:
+                rec = workspace
+            elif head is not None and (head.metrics or rec is None):
+                rec = head
         problem = earlier = None
         if rec is not None:
             params = base_params.get(rec.baseline) or (head.params if head else None)
