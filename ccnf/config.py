@@ -179,7 +179,7 @@ class FlowConfig(_Section):
             "H_l x W_l x D_l values per class, e.g. 47,040 for the default backbone at 224 px), "
             "so the flow models each class's deviation from its own layout: objects whose "
             "parts sit at fixed places need no position-by-class interaction in the shared "
-            "subnets"
+            "subnets. Not read when class_norm is false (nothing is subtracted then)"
         ),
     )
     class_actnorm: bool = Field(
@@ -252,8 +252,6 @@ class FlowConfig(_Section):
         ratios = self.hidden_ratio if isinstance(self.hidden_ratio, list) else [self.hidden_ratio]
         if not ratios or any(r is not None and r <= 0 for r in ratios):
             raise ValueError(f"flow.hidden_ratio must be > 0 per level (got {self.hidden_ratio})")
-        if self.class_norm_mean == "position" and not self.class_norm:
-            raise ValueError("flow.class_norm_mean: position needs flow.class_norm: true")
         if self.feature_norm and self.class_norm:
             raise ValueError(
                 "flow.feature_norm (task 0's statistics for every class) and flow.class_norm "

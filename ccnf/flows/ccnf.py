@@ -301,8 +301,9 @@ class CCNF(nn.Module):
     # -- flow.class_norm ----------------------------------------------------------------------
     @property
     def positional_mean(self) -> bool:
-        """Whether class_norm subtracts a mean map per class (``class_norm_mean: position``)."""
-        return self.cfg.class_norm_mean == "position"
+        """Whether class_norm subtracts a mean map per class (``class_norm_mean: position``;
+        without class_norm nothing is subtracted and no map is kept)."""
+        return self.cfg.class_norm and self.cfg.class_norm_mean == "position"
 
     def _mean_shape(self, level: int) -> tuple[int, ...]:
         """Shape of one class's mean at ``level``: (D_l,) or (H_l * W_l, D_l)."""

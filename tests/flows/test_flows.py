@@ -261,8 +261,11 @@ def test_positional_class_mean_subtracts_the_map_at_each_vectors_position() -> N
         channel.set_class_stats(0, 1, maps[p], std)
         want = channel.forward_level(0, x[p : p + 1], y[:1], pos[p : p + 1]).log_prob
         torch.testing.assert_close(got.log_prob[p : p + 1], want)
-    with pytest.raises(ValueError, match="class_norm_mean: position needs"):
-        FlowConfig(class_norm=False, class_norm_mean="position")
+    # without class_norm nothing is subtracted: the key is not read and no map is kept, so
+    # switching class_norm off needs no second override
+    off = FlowConfig(**{**kw, "class_norm": False}, class_norm_mean="position")
+    plain = CCNF([3], [[2, 2]], ccnf_spec(off, [3]), n_classes=2)
+    assert not plain.positional_mean and plain.class_mean_0.shape == (2, 3)
 
 
 def test_class_actnorm_logdet_inverse_and_identity_start() -> None:
