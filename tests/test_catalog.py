@@ -486,3 +486,7 @@ def test_an_override_pinning_a_later_default_matches_records_from_before_the_key
     assert other is not None and "flow.class_norm_mean=position" in other
     both = Experiment("Q", "x", ("flow.class_norm_mean=channel", "loss.lambda_mi=0.2"))
     assert "loss.lambda_mi: expected 0.2, recorded 0.1" in str(params_mismatch(older, both, ran))
+    listed = {"data": {"classes": ["a", "b"]}}  # an index into a list is a key that exists
+    first = Experiment("L", "x", ("data.classes.0=c",))
+    got = str(params_mismatch(listed, first, listed))
+    assert "data.classes: expected ['c', 'b'], recorded ['a', 'b']" in got

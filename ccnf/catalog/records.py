@@ -186,11 +186,15 @@ def record_baselines(rows: Sequence[Row]) -> list[str]:
 
 
 def _has_key(raw: dict[str, Any], key: str) -> bool:
+    """Whether the dotted ``key`` (an integer part indexes a list) exists in ``raw``."""
     node: Any = raw
     for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
             return False
-        node = node[part]
     return True
 
 
