@@ -263,8 +263,10 @@ def test_step_budget_floor_and_cosine_schedule() -> None:
 
 
 def test_class_norm_stats_are_each_class_own_and_fixed(prepared) -> None:
+    """flow.class_norm_mean: channel: one mean and std per channel of each class's fit
+    images; fixed by later tasks (the position mean: the test below)."""
     tmp, raw = prepared
-    cn = _variant(raw, "flow", class_norm=True)
+    cn = _variant(raw, "flow", class_norm=True, class_norm_mean="channel")
     init_model(parse_params(cn), tmp / "features", tmp / "cn/init")
     t0 = read_checkpoint(_train(tmp, cn, "cn/t0", prev="../cn/init"))
     fit, _ = calibration_split(5, cn["eval"]["calib_fraction"], cn["seed"])
