@@ -99,6 +99,42 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _index(node: Any, parts: list[str], depth: int, text: str) -> Any:
+    """The index of ``parts[depth]`` in ``node`` (a mapping key or a list position); an absent
+    one raises CcnfError naming ``text`` (the override)."""
+    part, here = parts[depth], ".".join(parts[: depth + 1])
+    if isinstance(node, dict):
+        if part not in node:
+            hint = close_match(part, [str(k) for k in node])
+            raise CcnfError(
+                f"override '{text}': params has no key '{here}'"
+                + (f" (did you mean '{'.'.join([*parts[:depth], hint[0]])}'?)" if hint else ""),
+                fix="overrides change existing keys only (see params.yaml)",
+            )
+        return part
+    if isinstance(node, list):
+        if not part.isdigit() or int(part) >= len(node):
+            raise CcnfError(
+                f"override '{text}': '{here}' is not an index of a list of {len(node)} items",
+                fix="index lists from 0: key.0=value",
+            )
+        return int(part)
+    raise CcnfError(
+        f"override '{text}': '{'.'.join(parts[:depth])}' is a value, not a section",
+        fix="override the key itself, not a sub-key of it",
+    )
+
+
+def locate(raw: dict[str, Any], key: str, text: str) -> tuple[Any, Any]:
+    """The container and index of the dotted ``key`` in ``raw`` (an integer part indexes a
+    list); a key that is not already there raises CcnfError naming ``text`` (the override)."""
+    parts = key.split(".")
+    node: Any = raw
+    for depth in range(len(parts) - 1):
+        node = node[_index(node, parts, depth, text)]
+    return node, _index(node, parts, len(parts) - 1, text)
+
+
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """A deep copy of ``raw`` with each ``key=value`` applied, as ``dvc exp run -S`` would.
 
@@ -108,40 +144,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     out = copy.deepcopy(raw)
     for text in overrides:
         key, value = parse_override(text)
-        parts = key.split(".")
-        node: Any = out
-        for depth, part in enumerate(parts):
-            last = depth == len(parts) - 1
-            here = ".".join(parts[: depth + 1])
-            if isinstance(node, dict):
-                if part not in node:
-                    hint = close_match(part, [str(k) for k in node])
-                    raise CcnfError(
-                        f"override '{text}': params has no key '{here}'"
-                        + (f" (did you mean '{'.'.join([*parts[:depth], hint[0]])}'?)"
-                           if hint else ""),
-                        fix="overrides change existing keys only (see params.yaml)",
-                    )
-                if last:
-                    node[part] = value
-                else:
-                    node = node[part]
-            elif isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise CcnfError(
-                        f"override '{text}': '{here}' is not an index of a list of "
-                        f"{len(node)} items",
-                        fix="index lists from 0: key.0=value",
-                    )
-                if last:
-                    node[int(part)] = value
-                else:
-                    node = node[int(part)]
-            else:
-                raise CcnfError(
-                    f"override '{text}': '{'.'.join(parts[:depth])}' is a value, not a section",
-                    fix="override the key itself, not a sub-key of it",
-                )
+        container, index = locate(out, key, text)
+        container[index] = value
     return out
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ccnf.catalog.commands import dvc
-from ccnf.catalog.overrides import parse_override
+from ccnf.catalog.overrides import locate, parse_override
 from ccnf.catalog.schema import PARAMS_FILE, Catalog, Experiment
 from ccnf.config import NO_DEFAULT, schema_default
 from ccnf.errors import CcnfError
@@ -185,19 +185,6 @@ def record_baselines(rows: Sequence[Row]) -> list[str]:
     return seen
 
 
-def _has_key(raw: dict[str, Any], key: str) -> bool:
-    """Whether the dotted ``key`` (an integer part indexes a list) exists in ``raw``."""
-    node: Any = raw
-    for part in key.split("."):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return False
-    return True
-
-
 def as_of(base: dict[str, Any], exp: Experiment) -> tuple[Experiment, list[str]]:
     """``exp`` as it applies to ``base``, an older params.yaml: an override of a key that did
     not exist yet, set to that key's schema default, asks for what the older code did anyway
@@ -207,10 +194,14 @@ def as_of(base: dict[str, Any], exp: Experiment) -> tuple[Experiment, list[str]]
     kept, impossible = [], []
     for text in exp.overrides:
         key, value = parse_override(text)
-        if _has_key(base, key):
+        try:
+            locate(base, key, text)
+        except CcnfError:
+            default = schema_default(key)
+            if default is NO_DEFAULT or default != value:
+                impossible.append(text)
+        else:
             kept.append(text)
-        elif schema_default(key) is NO_DEFAULT or schema_default(key) != value:
-            impossible.append(text)
     return replace(exp, overrides=tuple(kept)), impossible
 
 
