@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ccnf.catalog import load_catalog, load_records, match_records  # noqa: E402
+from ccnf.catalog.archive import load_archive, merge, save_archive  # noqa: E402
 from ccnf.config import load_params  # noqa: E402
 from ccnf.console import console  # noqa: E402
 from ccnf.errors import CcnfError  # noqa: E402
@@ -120,16 +121,20 @@ def main() -> None:
               str(timing)], clone, env)
     cat = load_catalog(clone / "catalog.yaml", clone / "params.yaml")
     params = load_params(clone / "params.yaml")
-    rows = match_records(cat, load_records(clone, args.commits))
-    wanted = set(args.ids or cat.subsets.get("industrial12", ())) | {cat.reference}
-    rows = [r for r in rows if r.exp.id in wanted]
     spec = ReportSpec(
         block="industrial12", roles=cat.targets, headline=params.score.headline,
         strategies=cat.subsets.get("strategies", ()),
         data=f"industrial12 (real images, {root.name}, protocol {params.data.protocol}: "
         + ", ".join("[" + ", ".join(t) + "]" for t in params.split) + ")",
     )
+    # the clone's records and those archived in main (an earlier clone's, another machine's)
+    archive = REPO / spec.records_file
+    records = merge(load_records(clone, args.commits), load_archive(archive))
+    rows = match_records(cat, records)
+    wanted = set(args.ids or cat.subsets.get("industrial12", ())) | {cat.reference}
+    rows = [r for r in rows if r.exp.id in wanted]
     plots = write_report(rows, cat.reference, args.report, REPO / REPORT_DIR, spec=spec)
+    save_archive(archive, rows, records)
     done = sum(r.record is not None for r in rows)
     console.print(f"{args.report}: industrial12 block from {done}/{len(rows)} records; "
                   f"{len(plots)} plot(s)")

@@ -446,10 +446,15 @@ COMMITS = typer.Option(
 
 
 def _catalog_rows(catalog_path: Path, params: Path, commits: int = 10) -> tuple:
-    from ccnf.catalog import load_catalog, load_records, match_records
+    """(catalog, its rows, every record read): DVC's records of the last ``commits`` commits
+    and those archived beside REPORT.md (docs/report/catalog_records.json)."""
+    from ccnf.catalog import load_catalog, match_records
+    from ccnf.catalog.archive import load_with_archive
+    from ccnf.study_report import ReportSpec
 
     cat = load_catalog(catalog_path, params)
-    return cat, match_records(cat, load_records(Path.cwd(), commits))
+    records = load_with_archive(Path.cwd(), commits, ReportSpec().records_file)
+    return cat, match_records(cat, records), records
 
 
 def _report_spec(cat: object, params: Path) -> object:
@@ -614,10 +619,11 @@ def catalog_table(
     catalog: Path = CATALOG,
     params: Path = PARAMS,
 ) -> None:
-    """The comparison tables (markdown) from DVC's experiment records (dvc exp show --json)."""
+    """The comparison tables (markdown) from DVC's experiment records (dvc exp show --json)
+    and those archived in docs/report/catalog_records.json."""
     from ccnf.atomic import write_text
 
-    cat, rows = _catalog_rows(catalog, params, commits)
+    cat, rows, _ = _catalog_rows(catalog, params, commits)
     text = _report_spec(cat, params).table(rows, cat.reference) + "\n"
     if out is None:
         typer.echo(text, nl=False)
@@ -636,14 +642,17 @@ def catalog_report(
     params: Path = PARAMS,
 ) -> None:
     """Rewrite REPORT.md's generated blocks (tables, plots, timing); the rest is kept."""
+    from ccnf.catalog.archive import save_archive
     from ccnf.study_report import write_report
 
-    cat, rows = _catalog_rows(catalog, params, commits)
-    written = write_report(rows, cat.reference, report, make_plots=plots,
-                           spec=_report_spec(cat, params))
+    cat, rows, records = _catalog_rows(catalog, params, commits)
+    spec = _report_spec(cat, params)
+    written = write_report(rows, cat.reference, report, make_plots=plots, spec=spec)
+    save_archive(spec.records_file, rows, records)  # type: ignore[attr-defined]
     done = sum(r.record is not None for r in rows)
     console.print(f"{report}: {done}/{len(rows)} experiments with results; "
-                  f"{len(written)} plot(s) written")
+                  f"{len(written)} plot(s) written; their records kept in "
+                  f"{spec.records_file}")  # type: ignore[attr-defined]
 
 
 @catalog_app.command("check")
@@ -660,7 +669,7 @@ def catalog_check(
     """Fail if REPORT.md's table differs from DVC's current experiment records."""
     from ccnf.study_report import check_report
 
-    cat, rows = _catalog_rows(catalog, params, commits)
+    cat, rows, _ = _catalog_rows(catalog, params, commits)
     wanted: list[str] | None = None
     if ids or ci:
         wanted = [e.id for e in cat.select(ids or [], ci=ci)]

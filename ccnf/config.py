@@ -182,6 +182,16 @@ class FlowConfig(_Section):
             "subnets. Not read when class_norm is false (nothing is subtracted then)"
         ),
     )
+    class_mean_rank: int | None = Field(
+        None, ge=0,
+        description=(
+            "with class_norm_mean: position, how each class's mean map is kept: null = whole "
+            "(H_l x W_l x D_l float32 values); r = its channel mean plus the r leading singular "
+            "components of the rest, r (H_l W_l + D_l) + D_l values per level in float16 (r = 1: "
+            "1,220 values, 2.4 KB per class for the default backbone, against 184 KB whole): "
+            "what parameter isolation (train.strategy: adapters) can afford per task"
+        ),
+    )
     class_actnorm: bool = Field(
         False,
         description=(

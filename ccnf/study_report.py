@@ -587,6 +587,11 @@ class ReportSpec:
     def timing_file(self) -> Path:
         return TIMING_FILE if self.block == "catalog" else REPORT_DIR / f"{self.block}_timing.json"
 
+    @property
+    def records_file(self) -> Path:
+        """The archive of the records behind the block's table (:mod:`ccnf.catalog.archive`)."""
+        return REPORT_DIR / f"{self.block}_records.json"
+
     def table(self, rows: Sequence[Row], reference: str) -> str:
         return table_block(rows, reference, roles=self.roles, headline=self.headline,
                            peers=self.peers, data=self.data, strategies=self.strategies,

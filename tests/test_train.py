@@ -12,7 +12,7 @@ from ccnf.errors import CcnfError, NonFiniteLossError
 from ccnf.evaluate import evaluate_task
 from ccnf.features import extract_features, load_split
 from ccnf.models import read_checkpoint
-from ccnf.models.ccnf import ccnf_spec
+from ccnf.models.ccnf import CCNFModel, ccnf_spec
 from ccnf.train import calibration_split, init_model, train_task
 
 
@@ -297,6 +297,28 @@ def test_positional_class_mean_is_each_class_own_mean_map(prepared) -> None:
         torch.testing.assert_close(t0["state_dict"]["class_std_1"][cid], dev.std(0))
     t1 = read_checkpoint(_train(tmp, cn, "pm/t1", task="t1", prev="../pm/t0"))
     assert torch.equal(t1["state_dict"]["class_mean_0"][:2], t0["state_dict"]["class_mean_0"])
+
+
+def test_low_rank_class_mean_keeps_factors_and_the_std_of_what_it_subtracts(prepared) -> None:
+    """flow.class_mean_rank: the std is that of the deviations from the low-rank map the
+    flow subtracts (not from the whole map), and later tasks leave the factors bit-identical."""
+    tmp, raw = prepared
+    cn = _variant(raw, "flow", class_norm=True, class_norm_mean="position", class_mean_rank=1)
+    init_model(parse_params(cn), tmp / "features", tmp / "lr/init")
+    t0_dir = _train(tmp, cn, "lr/t0", prev="../lr/init")
+    t0 = read_checkpoint(t0_dir)
+    net = CCNFModel.restore(t0, parse_params(cn), None, torch.device("cpu")).net
+    fit, _ = calibration_split(5, cn["eval"]["calib_fraction"], cn["seed"])
+    for cid, cls in enumerate("ab"):
+        f = load_split(tmp / "features", cls, "train").subset(fit).features[1].float()
+        maps = f.flatten(2).transpose(1, 2)
+        kept = net.class_mean_map(1, cid)
+        assert not torch.allclose(kept, maps.mean(0))  # rank 1 is not the whole map
+        dev = (maps - kept).reshape(-1, f.shape[1])
+        torch.testing.assert_close(t0["state_dict"]["class_std_1"][cid], dev.std(0))
+    t1 = read_checkpoint(_train(tmp, cn, "lr/t1", task="t1", prev="../lr/t0"))
+    for key in ("class_mean_0", "class_mean_basis_0", "class_mean_loading_1"):
+        assert torch.equal(t1["state_dict"][key][:2], t0["state_dict"][key]), key
 
 
 @pytest.mark.parametrize("prototypes", ["fixed", "shared"])

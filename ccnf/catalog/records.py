@@ -34,6 +34,7 @@ class ExpRecord:
     metrics: dict[str, Any]
     kind: str = "experiment"  # "workspace" | "baseline" | "experiment"
     baseline: str = ""  # the commit an experiment derives from (a baseline: its own rev)
+    timestamp: str = ""  # DVC's ISO time of the run (a baseline: of its commit); "" unknown
 
     @property
     def is_baseline(self) -> bool:
@@ -52,7 +53,8 @@ def parse_exp_show(data: list[dict[str, Any]]) -> list[ExpRecord]:
         params = ((d.get("params") or {}).get(PARAMS_FILE) or {}).get("data") or {}
         metrics = ((d.get("metrics") or {}).get(SUMMARY_FILE) or {}).get("data") or {}
         records.append(ExpRecord(name or str(entry.get("rev", "?")), str(entry.get("rev", "")),
-                                 params, metrics, kind, baseline))
+                                 params, metrics, kind, baseline,
+                                 str(d.get("timestamp") or "")))
 
     for commit in data:
         rev = str(commit.get("rev", ""))

@@ -5,7 +5,9 @@ Per level l (patch features x in R^{D_l}):
                                              ``flow.feature_norm``) or of class y itself
                                              (``flow.class_norm``); identity if both are off;
                                              m = m_y(position), class y's mean feature map,
-                                             with ``flow.class_norm_mean: position``
+                                             with ``flow.class_norm_mean: position``; kept
+                                             whole, or as its channel mean plus r leading
+                                             singular components (``flow.class_mean_rank``)
     c = [e_y, PE(position), phi(sigma)]      class embedding (grows with classes), 2-D PE,
                                              noise-level embedding (P6; only if noise_dim > 0)
     z = f_l(x'; c)
@@ -49,6 +51,8 @@ from ccnf.flows.log_scale import warmup_factor
 from ccnf.flows.positional import positional_encoding_2d
 from ccnf.flows.spectral import SNLinear
 
+# flow.class_mean_rank: the dtype a low-rank mean map's factors are kept in
+MEAN_FACTOR_DTYPE = torch.float16
 # train.adapter_storage -> the dtype adapters are checkpointed in
 ADAPTER_STORAGE: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
 
@@ -102,6 +106,7 @@ class CCNFSpec:
     class_conditioning: bool = True
     class_norm: bool = True
     class_norm_mean: str = "channel"
+    class_mean_rank: int | None = None
     class_actnorm: bool = False
     feature_norm: bool = False
     prior: str = "standard"
@@ -160,9 +165,17 @@ class CCNF(nn.Module):
             self.register_buffer(f"feat_mean_{lvl}", torch.zeros(self.channels[lvl]))
             self.register_buffer(f"feat_std_{lvl}", torch.ones(self.channels[lvl]))
             # flow.class_norm: per-class mean/std rows (C, D_l), set when the class is learned;
-            # with class_norm_mean: position the mean is a map (C, H_l * W_l, D_l)
+            # with class_norm_mean: position the mean is a map (C, H_l * W_l, D_l), or with
+            # class_mean_rank r the channel mean (C, D_l) plus float16 factors
+            # basis (C, H_l * W_l, r) @ loading (C, r, D_l)
             self.register_buffer(f"class_mean_{lvl}", torch.zeros(
                 n_classes, *self._mean_shape(lvl)))
+            if self.low_rank_mean:
+                r = cfg.class_mean_rank
+                self.register_buffer(f"class_mean_basis_{lvl}", torch.zeros(
+                    n_classes, h * w, r, dtype=MEAN_FACTOR_DTYPE))
+                self.register_buffer(f"class_mean_loading_{lvl}", torch.zeros(
+                    n_classes, r, self.channels[lvl], dtype=MEAN_FACTOR_DTYPE))
             self.register_buffer(f"class_std_{lvl}", torch.ones(n_classes, self.channels[lvl]))
             # flow.prototypes: fixed: mu_{y,l} copied here when class y's task ends
             self.register_buffer(f"proto_fixed_{lvl}", torch.zeros(n_classes, self.channels[lvl]))
@@ -194,8 +207,11 @@ class CCNF(nn.Module):
         every per-class buffer by n neutral rows (mean 0, std 1, prototype not frozen)."""
         new = torch.randn(n, self.embedding.shape[1]).to(self.embedding.device)
         self.embedding = nn.Parameter(torch.cat([self.embedding.detach(), new], dim=0))
+        per_class = [("class_mean", 0.0), ("class_std", 1.0), ("proto_fixed", 0.0)]
+        if self.low_rank_mean:
+            per_class += [("class_mean_basis", 0.0), ("class_mean_loading", 0.0)]
         for lvl in range(self.n_levels):
-            for name, fill in (("class_mean", 0.0), ("class_std", 1.0), ("proto_fixed", 0.0)):
+            for name, fill in per_class:
                 old = getattr(self, f"{name}_{lvl}")
                 setattr(self, f"{name}_{lvl}",
                         torch.cat([old, old.new_full((n, *old.shape[1:]), fill)]))
@@ -305,11 +321,18 @@ class CCNF(nn.Module):
         without class_norm nothing is subtracted and no map is kept)."""
         return self.cfg.class_norm and self.cfg.class_norm_mean == "position"
 
+    @property
+    def low_rank_mean(self) -> bool:
+        """Whether the mean map is kept as channel mean + rank-r factors
+        (``flow.class_mean_rank``)."""
+        return self.positional_mean and self.cfg.class_mean_rank is not None
+
     def _mean_shape(self, level: int) -> tuple[int, ...]:
-        """Shape of one class's mean at ``level``: (D_l,) or (H_l * W_l, D_l)."""
+        """Shape of one class's mean buffer row at ``level``: (H_l * W_l, D_l) for a whole
+        map, else (D_l,) (the channel mean; a low-rank map keeps its factors apart)."""
         h, w = self.grids[level]
         d = self.channels[level]
-        return (h * w, d) if self.positional_mean else (d,)
+        return (h * w, d) if self.positional_mean and not self.low_rank_mean else (d,)
 
     def class_stats(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean (C, D_l) or (C, H_l * W_l, D_l), std (C, D_l)) of every class, for
@@ -320,18 +343,42 @@ class CCNF(nn.Module):
         self, level: int, class_id: int, mean: torch.Tensor, std: torch.Tensor
     ) -> None:
         """Fix class ``class_id``'s normalization at ``level`` (once, when it is learned):
-        mean (D_l,) or, with ``class_norm_mean: position``, (H_l * W_l, D_l); std (D_l,)."""
+        mean (D_l,) or, with ``class_norm_mean: position``, the map (H_l * W_l, D_l); std
+        (D_l,). With ``class_mean_rank`` r the map is kept as its channel mean mu plus the
+        r leading singular components of M - mu (:meth:`class_mean_map` gives it back)."""
         m, s = self.class_stats(level)
-        if tuple(mean.shape) != tuple(m.shape[1:]):
-            raise ValueError(f"class mean of level {level} must be {tuple(m.shape[1:])}, "
+        h, w = self.grids[level]
+        want = (h * w, self.channels[level]) if self.positional_mean else tuple(m.shape[1:])
+        if tuple(mean.shape) != want:
+            raise ValueError(f"class mean of level {level} must be {want}, "
                              f"got {tuple(mean.shape)}")
+        if self.low_rank_mean:
+            basis, loading = _low_rank(mean, self.cfg.class_mean_rank or 0)
+            mean = mean.mean(dim=0)
+            getattr(self, f"class_mean_basis_{level}")[class_id].copy_(basis)
+            getattr(self, f"class_mean_loading_{level}")[class_id].copy_(loading)
         m[class_id].copy_(mean)
         s[class_id].copy_(std)
+
+    def class_mean_map(self, level: int, class_id: int) -> torch.Tensor:
+        """The mean map subtracted for class ``class_id``: (H_l * W_l, D_l) (positional mean
+        only)."""
+        if not self.positional_mean:
+            raise ValueError("class_mean_map needs flow.class_norm_mean: position")
+        pos = torch.arange(self.grids[level][0] * self.grids[level][1],
+                           device=self.embedding.device)
+        return self._class_mean(level, torch.full_like(pos, class_id), pos)
 
     def _class_mean(self, level: int, y: torch.Tensor, pos_index: torch.Tensor) -> torch.Tensor:
         """The mean subtracted from each vector: (N, D_l) for y, pos_index (N,)."""
         means = self.class_stats(level)[0]
-        return means[y, pos_index] if self.positional_mean else means[y]
+        if not self.positional_mean:
+            return means[y]
+        if not self.low_rank_mean:
+            return means[y, pos_index]
+        basis = getattr(self, f"class_mean_basis_{level}")[y, pos_index].float()  # (N, r)
+        loading = getattr(self, f"class_mean_loading_{level}")[y].float()  # (N, r, D_l)
+        return means[y] + torch.einsum("nr,nrd->nd", basis, loading)
 
     # -- flow.prototypes: fixed -------------------------------------------------------------
     @torch.no_grad()
@@ -512,3 +559,18 @@ def _head_shapes(head: nn.Module) -> list[list[int]]:
 
 def _head_from_shapes(shapes: list[list[int]]) -> nn.Module:
     return nn.ModuleList(nn.Linear(i, o, bias=False) for o, i in shapes)
+
+
+def _low_rank(mean_map: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``rank`` leading singular components of a mean map less its channel mean:
+    M - mu ~= B L with B = U_r S_r^(1/2) (P, r) and L = S_r^(1/2) V_r^T (r, D), in
+    :data:`MEAN_FACTOR_DTYPE` (zero columns beyond min(P, D))."""
+    centred = (mean_map - mean_map.mean(dim=0)).double()
+    u, s, vh = torch.linalg.svd(centred, full_matrices=False)
+    k = min(rank, s.shape[0])
+    root = s[:k].sqrt()
+    basis = mean_map.new_zeros(mean_map.shape[0], rank, dtype=torch.float64)
+    loading = mean_map.new_zeros(rank, mean_map.shape[1], dtype=torch.float64)
+    basis[:, :k] = u[:, :k] * root
+    loading[:k] = root[:, None] * vh[:k]
+    return basis.to(MEAN_FACTOR_DTYPE), loading.to(MEAN_FACTOR_DTYPE)

@@ -56,7 +56,7 @@ def ccnf_spec(cfg: FlowConfig, channels: list[int]) -> CCNFSpec:
         embedding_dim=cfg.embedding_dim, pos_dim=cfg.pos_dim, noise_dim=cfg.noise_dim,
         conditioning=cfg.conditioning, class_conditioning=cfg.class_conditioning,
         class_norm=cfg.class_norm, class_norm_mean=cfg.class_norm_mean,
-        class_actnorm=cfg.class_actnorm,
+        class_mean_rank=cfg.class_mean_rank, class_actnorm=cfg.class_actnorm,
         feature_norm=cfg.feature_norm, prior=cfg.prior, prototypes=cfg.prototypes,
         clamp_alpha=cfg.clamp_alpha, spectral_norm=cfg.spectral_norm,
         warmup_steps=cfg.warmup_steps,
@@ -286,13 +286,17 @@ class Schedule:
 def _set_class_stats(model: CCNF, fit: dict[int, FeatureSplit]) -> None:
     """flow.class_norm: each new class's per-channel mean/std over all its fit patches; with
     ``class_norm_mean: position`` the mean is the class's mean map over its fit images (one
-    mean per position) and the std is that of the deviations from it."""
+    mean per position; low-rank with ``class_mean_rank``) and the std is that of the
+    deviations from the map the flow keeps."""
     for cid, split in fit.items():
         for lvl, f in enumerate(split.features):
             maps = f.float().flatten(2).transpose(1, 2)  # (N, H*W, D)
             if model.positional_mean:
                 mean = maps.mean(dim=0)  # (H*W, D)
-                std = (maps - mean).reshape(-1, f.shape[1]).std(dim=0)
+                model.set_class_stats(lvl, cid, mean, torch.ones(f.shape[1]))
+                # the map the flow will subtract: the mean itself, or its low-rank form
+                kept = model.class_mean_map(lvl, cid).to(maps.device)
+                std = (maps - kept).reshape(-1, f.shape[1]).std(dim=0)
             else:
                 flat = maps.reshape(-1, f.shape[1])
                 mean, std = flat.mean(dim=0), flat.std(dim=0)

@@ -268,6 +268,49 @@ def test_positional_class_mean_subtracts_the_map_at_each_vectors_position() -> N
     assert not plain.positional_mean and plain.class_mean_0.shape == (2, 3)
 
 
+def test_low_rank_class_mean_is_the_channel_mean_plus_the_leading_singular_components() -> None:
+    """flow.class_mean_rank r: the map subtracted is mu + the best rank-r approximation of
+    M - mu (Eckart-Young: the truncated SVD), kept as float16 factors; a vector at position p
+    scores as the whole-map flow would with that map; full rank gives the map back."""
+    torch.manual_seed(0)
+    kw = dict(n_couplings=2, hidden_dim=8, embedding_dim=2, pos_dim=4, warmup_steps=0,
+              class_norm=True, class_norm_mean="position")
+    grid, d = [[3, 4]], 5
+    maps, std = torch.randn(12, d) * 3, torch.rand(d) + 0.5
+    mu = maps.mean(0)
+    u, s, vh = torch.linalg.svd((maps - mu).double(), full_matrices=False)
+    for rank in (1, 2, 5, 7):
+        net = CCNF([d], grid, ccnf_spec(FlowConfig(**kw, class_mean_rank=rank), [d]),
+                   n_classes=2).eval()
+        net.set_class_stats(0, 1, maps, std)
+        k = min(rank, d)
+        best = (mu.double() + (u[:, :k] * s[:k]) @ vh[:k]).float()
+        torch.testing.assert_close(net.class_mean_map(0, 1), best, atol=3e-3, rtol=2e-3)
+        assert net.class_mean_basis_0.dtype == torch.float16 and net.class_mean_0.shape == (2, d)
+        assert net.class_mean_basis_0.shape == (2, 12, rank)
+        assert net.class_mean_loading_0.shape == (2, rank, d)
+        if rank >= d:
+            torch.testing.assert_close(net.class_mean_map(0, 1), maps, atol=1e-2, rtol=1e-2)
+        # the same weights with the whole map set to what the low-rank flow keeps
+        whole = CCNF([d], grid, ccnf_spec(FlowConfig(**kw), [d]), n_classes=2).eval()
+        state = {k: v for k, v in net.state_dict().items() if not k.startswith("class_mean")}
+        whole.load_state_dict(state, strict=False)
+        whole.set_class_stats(0, 1, net.class_mean_map(0, 1), std)
+        x, y, pos = torch.randn(12, d), torch.ones(12, dtype=torch.long), torch.arange(12)
+        got = net.forward_level(0, x, y, pos)
+        torch.testing.assert_close(got.log_prob, whole.forward_level(0, x, y, pos).log_prob)
+        torch.testing.assert_close(net.inverse_level(0, got.z, y, pos), x, atol=1e-4, rtol=1e-4)
+    # a later class's rows start neutral; the stored bytes are the factors' (2 per value)
+    net.add_classes(1)
+    assert net.class_mean_basis_0.shape == (3, 12, 7) and not net.class_mean_basis_0[2].any()
+    with pytest.raises(ValueError, match=r"class mean of level 0 must be \(12, 5\)"):
+        net.set_class_stats(0, 2, mu, std)
+    restored = CCNF.from_checkpoint(net.checkpoint(), net.cfg)
+    torch.testing.assert_close(restored.class_mean_map(0, 1), net.class_mean_map(0, 1))
+    with pytest.raises(ValueError, match="greater than or equal"):
+        FlowConfig(**kw, class_mean_rank=-1)
+
+
 def test_class_actnorm_logdet_inverse_and_identity_start() -> None:
     """flow.class_actnorm: a per-class affine in front of every coupling; log p stays exact
     (autograd Jacobian), the flow inverts, and zero parameters are the identity."""
