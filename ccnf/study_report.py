@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,6 +269,7 @@ def table_block(
     data: str = "the embedded synthetic data",
     strategies: Sequence[str] = (),
     timing: dict[str, Any] | None = None,
+    earlier: str | None = None,
 ) -> str:
     """The generated table block of REPORT.md (all tables, and any record problems).
 
@@ -276,7 +277,9 @@ def table_block(
     joint and the sequential default); headline: the score the targets are read on; peers:
     benchmarks/anomalib_peers.json (None: no anomalib figures on this data); strategies: the
     ids of the strategy x protocol table (catalog.yaml's ``subsets.strategies``), timing:
-    the catalog timing file (its wall seconds per experiment).
+    the catalog timing file (its wall seconds per experiment); earlier: the block as
+    committed, whose rows stand in, marked :data:`KEPT`, for experiments without a record
+    (:func:`keep_earlier_rows`).
     """
     parts = [
         f"Final averages after the last task, per score definition; forgetting = mean over "
@@ -329,6 +332,17 @@ def table_block(
         parts.append("Records: " + "; ".join(origin) + ".")
     problems = [f"- `{r.exp.id}`: {r.problem}" for r in rows if r.problem]
     missing = [r.exp.id for r in rows if r.record is None]
+    kept: list[str] = []
+    if earlier is not None and missing:
+        body, kept = keep_earlier_rows("\n\n".join(parts), earlier, missing)
+        parts = [body]
+        missing = [m for m in missing if m not in kept]
+    if kept:
+        problems.append(
+            f"- {KEPT} kept from the committed REPORT.md, no record of them here (DVC's "
+            f"records stay on the machine that ran them; measured before "
+            f"docs/report/*_records.json kept them): {', '.join(kept)} (`ccnf catalog run "
+            f"{' '.join(kept)}` measures them again)")
     if missing:
         problems.append(f"- not run: {', '.join(missing)} (`ccnf catalog run "
                         f"{' '.join(missing)}`)")
@@ -355,6 +369,50 @@ def earlier_defaults_notes(rows: Sequence[Row]) -> list[str]:
                 commits.append(r.record.baseline[:7])
     return [f"- {', '.join(ids)} ({', '.join(commits)}): {diff}"
             for diff, (ids, commits) in groups.items()]
+
+
+KEPT = "†"
+
+
+def _bare_id(exp_id: str) -> str:
+    return exp_id.removesuffix(f" {KEPT}")
+
+
+def keep_earlier_rows(block: str, earlier: str, ids: Sequence[str]) -> tuple[str, list[str]]:
+    """``block`` with each table line of an experiment in ``ids`` (those without a record)
+    replaced by the same table's line of that experiment in ``earlier`` (the committed block),
+    its id marked :data:`KEPT`, when that experiment was measured there (a figure in one of
+    the score tables); returns the block and the ids kept. Figures are never computed or
+    edited here: a line is taken whole or not at all."""
+    old: dict[tuple[str, str], str] = {}
+    measured: set[str] = set()
+    score_titles = tuple(SCORE_TITLES.values())
+    for title, cells, line in _lines(earlier):
+        if cells:
+            old[(title, _bare_id(cells[0]))] = line.strip()
+            if title in score_titles and any(NUMBER.fullmatch(c) for c in cells[1:]):
+                measured.add(_bare_id(cells[0]))
+    wanted, kept, out = set(ids) & measured, [], []
+    for title, cells, line in _lines(block):
+        prior = old.get((title, cells[0])) if cells else None
+        if cells and cells[0] in wanted and prior is not None:
+            first, rest = prior.strip("|").split("|", 1)
+            line = f"| {_bare_id(first.strip())} {KEPT} |{rest}|"
+            if cells[0] not in kept:
+                kept.append(cells[0])
+        out.append(line)
+    return "\n".join(out), kept
+
+
+def _lines(block: str) -> Iterator[tuple[str, list[str], str]]:
+    """(title of the ``####`` table it is under, its cells if a table line else [], line)."""
+    title = ""
+    for line in block.splitlines():
+        s = line.strip()
+        if s.startswith("#### "):
+            title = s[5:].strip()
+        cells = [c.strip() for c in s.strip("|").split("|")] if s.startswith("|") else []
+        yield title, cells, line
 
 
 # ----------------------------------------------------------------------------- check
@@ -592,10 +650,10 @@ class ReportSpec:
         """The archive of the records behind the block's table (:mod:`ccnf.catalog.archive`)."""
         return REPORT_DIR / f"{self.block}_records.json"
 
-    def table(self, rows: Sequence[Row], reference: str) -> str:
+    def table(self, rows: Sequence[Row], reference: str, earlier: str | None = None) -> str:
         return table_block(rows, reference, roles=self.roles, headline=self.headline,
                            peers=self.peers, data=self.data, strategies=self.strategies,
-                           timing=read_timing(self.timing_file))
+                           timing=read_timing(self.timing_file), earlier=earlier)
 
 
 PEERS_FILE = Path("benchmarks/anomalib_peers.json")
@@ -629,11 +687,18 @@ def write_report(
     plots = plot_all(rows, plot_dir, prefix, spec.headline) if make_plots else []
     rel_plots = [_relative(p, report) for p in plots]
     timing = read_timing(timing_file or spec.timing_file)
-    text = set_block(text, f"{spec.block}-table", spec.table(rows, reference), report)
+    earlier = _existing_block(text, f"{spec.block}-table", report)
+    text = set_block(text, f"{spec.block}-table", spec.table(rows, reference, earlier), report)
     text = set_block(text, f"{spec.block}-plots", plots_block(rel_plots, report), report)
     text = set_block(text, f"{spec.block}-timing", timing_block(timing, len(rows)), report)
     write_text(report, text)
     return plots
+
+
+def _existing_block(text: str, name: str, path: Path) -> str | None:
+    """The committed block ``name`` of the report text, None when it has none yet."""
+    begin, end = _markers(name)
+    return get_block(text, name, path) if begin in text and end in text else None
 
 
 def _relative(p: Path, report: Path) -> Path:
@@ -650,10 +715,17 @@ def check_report(rows: Sequence[Row], reference: str, report: Path, tolerance: f
     if not report.is_file():
         raise CcnfError(f"{report} not found", fix="ccnf catalog report (after catalog run)")
     committed = get_block(report.read_text(encoding="utf-8"), f"{spec.block}-table", report)
-    fresh = spec.table(rows, reference)
+    # only the lines already marked stand in: an unmarked figure without a record is a
+    # difference (a lost or unrun record), not something to carry over silently
+    marked = "\n".join(ln for ln in committed.splitlines()
+                       if ln.startswith("#### ") or f" {KEPT} |" in ln)
+    fresh = spec.table(rows, reference, marked)
     problems = compare_tables(committed, fresh, tolerance, ids)
     selected = [r for r in rows if ids is None or r.exp.id in set(ids)]
     problems += [f"{r.exp.id}: {r.problem}" for r in selected if r.problem]
+    kept = {_bare_id(r.exp_id) for r in parse_tables(committed) if r.exp_id.endswith(KEPT)}
+    problems += [f"{r.exp.id}: no record to check its {KEPT} row against (ccnf catalog run "
+                 f"{r.exp.id})" for r in selected if r.record is None and r.exp.id in kept]
     return problems
 
 

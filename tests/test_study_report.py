@@ -356,3 +356,28 @@ def test_strategy_table_reads_strategy_protocol_memory_and_time_from_the_records
     missing = _line(block, "continual strategies", "naive-3x5")
     assert missing[:2] == ["—", "3x5"] and set(missing[2:]) == {"—"}
     assert "continual strategies" not in table_block(rows, "E11")
+
+
+def test_rows_without_a_record_keep_their_committed_figures_marked_and_unchecked(
+        sample, tmp_path) -> None:
+    """A new machine has none of DVC's records: re-rendering keeps each such experiment's
+    committed lines whole, marked †, and says so; `catalog check` cannot verify them and says
+    that too, while rows with records are still compared number by number."""
+    cat, rows = _rows(sample)
+    report = tmp_path / "REPORT.md"
+    write_report(rows, cat.reference, report, tmp_path, tmp_path / "t.json", make_plots=False)
+    before = _line(get_block(report.read_text(), "catalog-table", report), "nf", "E0")
+    lost = [replace(r, record=None) if r.exp.id == "E0" else r for r in rows]
+    write_report(lost, cat.reference, report, tmp_path, tmp_path / "t.json", make_plots=False)
+    block = get_block(report.read_text(), "catalog-table", report)
+    assert _line(block, "nf", "E0 †") == before  # the same figures, marked
+    assert "† kept from the committed REPORT.md" in block and "E0 (`ccnf catalog run E0`" in block
+    never = [r for r in parse_tables(block) if r.exp_id.startswith("E1 ")]
+    assert not never and "not run: " in block  # a row never measured stays empty
+    problems = check_report(lost, cat.reference, report, 0.002)
+    assert "E0: no record to check its † row against (ccnf catalog run E0)" in problems
+    assert check_report(lost, cat.reference, report, 0.002, ["E9-cal", "E11"]) == []
+    # a record measured again replaces the kept line and is compared as usual
+    write_report(rows, cat.reference, report, tmp_path, tmp_path / "t.json", make_plots=False)
+    block = get_block(report.read_text(), "catalog-table", report)
+    assert _line(block, "nf", "E0") == before and "E0 †" not in block
