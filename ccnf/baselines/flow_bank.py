@@ -14,7 +14,10 @@ additive-to-affine warm-up of the CCNF couplings (``flow.*``). Capacity per leve
 With ``flow.feature_norm`` or ``flow.class_norm`` each channel is first standardised with this
 class's own training mean/std (for a one-class model the two are the same), stored with the
 model; log p then includes the standardisation's log-det -sum_c log std_c, so likelihoods stay
-comparable across classes (class selection).
+comparable across classes (class selection). With ``flow.class_norm_mean: position`` (and
+class_norm) the mean is the class's mean feature map m(p), one mean vector per grid position,
+and std that of the deviations from it, as CCNF does: the two then model the same normalized
+features, so the joint-vs-bank comparison measures sharing, not a different normalization.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class FlowBankModel(PerClassModel):
         pos_dim: int,
         warmup_steps: int,
         feature_norm: bool,
+        position_mean: bool = False,
     ) -> None:
         super().__init__(channels, grids)
         self._spec = {
@@ -59,9 +63,11 @@ class FlowBankModel(PerClassModel):
             "pos_dim": pos_dim,
             "warmup_steps": warmup_steps,
             "feature_norm": feature_norm,
+            "position_mean": position_mean,
         }
         self.warmup_steps = warmup_steps
         self.feature_norm = feature_norm
+        self.position_mean = feature_norm and position_mean
         self.flows = nn.ModuleList(
             ConditionalFlow(
                 c,
@@ -78,7 +84,9 @@ class FlowBankModel(PerClassModel):
             self.register_buffer(
                 f"pos_{lvl}", positional_encoding_2d(pos_dim, h, w), persistent=False
             )
-            self.register_buffer(f"feat_mean_{lvl}", torch.zeros(c))
+            # (D_l,), or with position_mean one mean per grid position (H_l * W_l, D_l)
+            self.register_buffer(f"feat_mean_{lvl}", torch.zeros(
+                *((h * w, c) if self.position_mean else (c,))))
             self.register_buffer(f"feat_std_{lvl}", torch.ones(c))
         self.register_buffer("global_step", torch.tensor(0, dtype=torch.long))
 
@@ -91,7 +99,7 @@ class FlowBankModel(PerClassModel):
         """x (N, D_l) raw patch features at flat grid positions pos (N,) -> (log p(x) (N,),
         0.5 ||z||^2 (N,))."""
         mean, std = getattr(self, f"feat_mean_{level}"), getattr(self, f"feat_std_{level}")
-        x = (x - mean) / std
+        x = (x - (mean[pos] if self.position_mean else mean)) / std
         z, logdet, _ = self.flows[level](x, getattr(self, f"pos_{level}")[pos], self.warm())
         half_sq = half_sq_norm(z)
         return log_normal_from_half_sq(half_sq, x.shape[1]) + logdet - std.log().sum(), half_sq
@@ -106,8 +114,10 @@ class FlowBankModel(PerClassModel):
         if self.feature_norm:
             for lvl, x in enumerate(per_level):
                 flat = x.reshape(-1, x.shape[-1])
-                getattr(self, f"feat_mean_{lvl}").copy_(flat.mean(0))
-                getattr(self, f"feat_std_{lvl}").copy_(flat.std(0).clamp_min(1e-6))
+                mean = x.mean(0) if self.position_mean else flat.mean(0)
+                dev = (x - mean).reshape(-1, x.shape[-1]) if self.position_mean else flat
+                getattr(self, f"feat_mean_{lvl}").copy_(mean)
+                getattr(self, f"feat_std_{lvl}").copy_(dev.std(0).clamp_min(1e-6))
 
         def loss_of(images: torch.Tensor) -> torch.Tensor:
             losses = []

@@ -47,6 +47,8 @@ def model_spec(params: Params, channels: list[int], grids: list[list[int]]) -> d
             "warmup_steps": f.warmup_steps,
             # a one-class model: task 0's statistics and the class's own are the same
             "feature_norm": f.feature_norm or f.class_norm,
+            # the class's mean map, as CCNF subtracts it (flow.class_norm_mean: position)
+            "position_mean": f.class_norm and f.class_norm_mean == "position",
         }
     if kind == "fastflow":
         return {

@@ -14,7 +14,8 @@ CHANNELS = [4, 6]
 GRIDS = [[4, 4], [2, 2]]
 
 
-def _model(feature_norm: bool = False, spectral_norm: bool = True) -> FlowBankModel:
+def _model(feature_norm: bool = False, spectral_norm: bool = True,
+           position_mean: bool = False) -> FlowBankModel:
     return FlowBankModel(
         CHANNELS,
         GRIDS,
@@ -25,6 +26,7 @@ def _model(feature_norm: bool = False, spectral_norm: bool = True) -> FlowBankMo
         pos_dim=8,
         warmup_steps=4,
         feature_norm=feature_norm,
+        position_mean=position_mean,
     )
 
 
@@ -64,6 +66,33 @@ def test_log_prob_matches_autograd_change_of_variables(feature_norm: bool) -> No
         torch.testing.assert_close(half_sq[i], 0.5 * z.pow(2).sum(), atol=1e-9, rtol=1e-9)
     if feature_norm:  # the standardisation is part of the density, not a free rescaling
         assert not torch.allclose(model.feat_std_0, torch.ones(4, dtype=torch.double))
+
+
+def test_position_mean_subtracts_the_class_mean_map_at_each_position() -> None:
+    """flow.class_norm_mean: position in the bank: the stored mean is the fit images' mean at
+    every grid position and std that of the deviations from it; a vector at position p scores
+    as the channel-mean model would with mean m(p) (same flow weights)."""
+    torch.manual_seed(0)
+    feats = _feats(6, 1)
+    model = _model(feature_norm=True, position_mean=True)
+    model.fit(feats, TrainConfig(epochs=1, images_per_step=3, patches_per_image=4),
+              torch.Generator().manual_seed(0))
+    maps = feats[0].flatten(2).transpose(1, 2)  # (N, P, D)
+    torch.testing.assert_close(model.feat_mean_0, maps.mean(0))
+    torch.testing.assert_close(model.feat_std_0, (maps - maps.mean(0)).reshape(-1, 4).std(0))
+    channel = _model(feature_norm=True)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("feat_mean")}
+    channel.load_state_dict(state, strict=False)
+    model.eval(), channel.eval()
+    x, pos = torch.randn(3, 4), torch.tensor([0, 5, 15])
+    got = model.level_log_prob(0, x, pos)[0]
+    for i in range(3):
+        channel.feat_mean_0.copy_(model.feat_mean_0[pos[i]])
+        want = channel.level_log_prob(0, x[i : i + 1], pos[i : i + 1])[0]
+        torch.testing.assert_close(got[i : i + 1], want)
+    # without the standardisation (feature_norm false) nothing is subtracted, map or not
+    plain = _model(feature_norm=False, position_mean=True)
+    assert not plain.position_mean and plain.feat_mean_0.shape == (4,)
 
 
 def test_fit_is_deterministic_learns_and_scores_shapes() -> None:
