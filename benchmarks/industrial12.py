@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from ccnf.catalog import load_catalog, load_records, match_records  # noqa: E402
 from ccnf.catalog.archive import load_archive, merge, save_archive  # noqa: E402
+from ccnf.catalog.records import off_history_records  # noqa: E402
 from ccnf.config import load_params  # noqa: E402
 from ccnf.console import console  # noqa: E402
 from ccnf.errors import CcnfError  # noqa: E402
@@ -129,7 +130,9 @@ def main() -> None:
     )
     # the clone's records and those archived in main (an earlier clone's, another machine's)
     archive = REPO / spec.records_file
-    records = merge(load_records(clone, args.commits), load_archive(archive))
+    # a clone reset to a newer commit keeps its earlier commits' experiments off HEAD's history
+    live = load_records(clone, args.commits)
+    records = merge(live + off_history_records(clone, live), load_archive(archive))
     rows = match_records(cat, records)
     wanted = set(args.ids or cat.subsets.get("industrial12", ())) | {cat.reference}
     rows = [r for r in rows if r.exp.id in wanted]

@@ -142,3 +142,47 @@ def test_a_reference_row_from_the_workspace_is_filed_under_the_head_commit(
     data = archive_rows([ws], records)
     exp = next(e for e in data["records"] if e["kind"] == "experiment")
     assert exp["name"] == catalog.reference and exp["baseline"] == sample[1]["rev"]
+
+
+def test_experiments_of_commits_off_the_history_are_found(tmp_path, monkeypatch) -> None:
+    """A clone reset to a newer commit keeps its earlier experiments under refs/exps: they are
+    read by their baseline, newest first, and a baseline already listed is not read again."""
+    import subprocess
+
+    from ccnf.catalog import records as rec_mod
+
+    def git(*args: str, date: str = "2026-11-01T00:00:00") -> str:
+        env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+               "GIT_COMMITTER_EMAIL": "t@t", "PATH": "/usr/bin:/bin",
+               "GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date}
+        return subprocess.run(["git", *args], cwd=tmp_path, env=env, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    revs = []
+    for i, date in enumerate(("2026-11-01T00:00:00", "2026-11-02T00:00:00",
+                              "2026-11-03T00:00:00")):  # commit order = date order
+        (tmp_path / "f").write_text(str(i))
+        git("add", "f")
+        git("commit", "-q", "-m", str(i), date=date)
+        revs.append(git("rev-parse", "HEAD"))
+    old, older, head = revs[1], revs[0], revs[2]
+    for base, name in ((older, "A"), (old, "B"), (head, "C")):
+        git("update-ref", f"refs/exps/{base[:2]}/{base[2:]}/{name}", base)
+    seen: list[list[str]] = []
+
+    def fake_dvc(args, cwd, **kw):
+        seen.append(list(args))
+        data = [{"rev": r, "name": None, "data": {"rev": r, "timestamp": "t", "params": {},
+                                                  "metrics": {}},
+                 "experiments": [{"name": "X", "revs": [{"rev": "e" + r[:6], "data": {}}]}]}
+                for r in args[args.index("--rev") + 1::2]]
+        return subprocess.CompletedProcess(args, 0, json.dumps(data), "")
+
+    monkeypatch.setattr(rec_mod, "dvc", fake_dvc)
+    have = [ExpRecord(head, head, {}, {}, "baseline", head)]
+    got = rec_mod.off_history_records(tmp_path, have)
+    assert seen and [a for a in seen[0] if len(a) == 40] == [old, older]  # newest first
+    assert [(r.kind, r.baseline) for r in got] == [
+        ("baseline", old), ("experiment", old), ("baseline", older), ("experiment", older)]
+    assert rec_mod.off_history_records(tmp_path, have + got) == []

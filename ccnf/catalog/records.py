@@ -101,6 +101,36 @@ def load_records(cwd: Path, commits: int = 1, rev: str | None = None) -> list[Ex
     return parse_exp_show(data)
 
 
+def off_history_records(cwd: Path, have: Sequence[ExpRecord]) -> list[ExpRecord]:
+    """The experiments of ``cwd`` filed under commits that ``have`` does not list (DVC keeps
+    them under ``refs/exps/<baseline>/<name>``), baselines newest first, each after its
+    experiments' baseline: e.g. a clone reset to a newer commit of the repository it runs,
+    whose earlier commit is no longer an ancestor of HEAD. [] when there are none."""
+    listed = {r.rev for r in have if r.kind == "baseline"}
+    refs = subprocess.run(["git", "for-each-ref", "refs/exps", "--format=%(refname)"],
+                          cwd=cwd, capture_output=True, text=True)
+    found: set[str] = set()
+    for ref in refs.stdout.split():
+        parts = ref.split("/")  # refs/exps/<2 hex>/<38 hex>/<name>
+        if len(parts) >= 5 and len(parts[2] + parts[3]) == 40:
+            found.add(parts[2] + parts[3])
+    extra = sorted(found - listed)
+    if not extra:
+        return []
+    stamps = subprocess.run(["git", "show", "-s", "--format=%H %ct", *extra], cwd=cwd,
+                            capture_output=True, text=True)
+    when = dict(line.split() for line in stamps.stdout.splitlines() if line.count(" ") == 1)
+    extra = sorted((r for r in extra if r in when), key=lambda r: int(when[r]), reverse=True)
+    args = ["exp", "show", "--json", "--no-pager", "-n", "1"]
+    for rev in extra:
+        args += ["--rev", rev]
+    try:
+        data = json.loads(dvc(args, cwd).stdout)
+    except json.JSONDecodeError as err:
+        raise CcnfError(f"`dvc exp show --json` printed no JSON ({err})", where=str(cwd)) from None
+    return [r for r in parse_exp_show(data) if r.kind != "workspace"]
+
+
 @dataclass(frozen=True)
 class Row:
     """A catalog experiment and the record that holds its results (None: not run yet)."""
