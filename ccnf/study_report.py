@@ -341,8 +341,8 @@ def table_block(
         problems.append(
             f"- {KEPT} kept from the committed REPORT.md, no record of them here (DVC's "
             f"records stay on the machine that ran them; measured before "
-            f"docs/report/*_records.json kept them): {', '.join(kept)} (`ccnf catalog run "
-            f"{' '.join(kept)}` measures them again)")
+            f"docs/report/*_records.json kept them, possibly under earlier defaults): "
+            f"{', '.join(kept)} (`ccnf catalog run {' '.join(kept)}` measures them again)")
     if missing:
         problems.append(f"- not run: {', '.join(missing)} (`ccnf catalog run "
                         f"{' '.join(missing)}`)")
