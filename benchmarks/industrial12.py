@@ -17,9 +17,11 @@ experiments are not mixed with the synthetic catalog's. So the script
    experiments (catalog.yaml's ``subsets.industrial12`` unless IDS are given) through
    ``ccnf catalog run`` (DVC's queue, ``--jobs`` workers);
 4. renders the same tables as the synthetic catalog (targets, one table per score, class
-   selection, baselines) from the clone's DVC records into this repository's REPORT.md block
-   ``industrial12-table``, plots into docs/report/industrial12_*.png and the wall time into
-   docs/report/industrial12_timing.json.
+   selection, baselines) for ``subsets.industrial12`` and any IDS, from the clone's DVC records
+   (those of its earlier commits included) and the archive docs/report/industrial12_records.json
+   (which it rewrites), into this repository's REPORT.md block ``industrial12-table`` (a row
+   without a record keeps its committed figures, marked †), plots into
+   docs/report/industrial12_*.png and the wall time into docs/report/industrial12_timing.json.
 
 The clone runs this repository's code (PYTHONPATH points at the clone, which is the same
 commit), with this repository's .venv. Commit before running: the clone sees commits only.
@@ -134,7 +136,9 @@ def main() -> None:
     live = load_records(clone, args.commits)
     records = merge(live + off_history_records(clone, live), load_archive(archive))
     rows = match_records(cat, records)
-    wanted = set(args.ids or cat.subsets.get("industrial12", ())) | {cat.reference}
+    # the subset's rows always (rows without a record keep their committed figures, marked),
+    # plus any others named
+    wanted = set(cat.subsets.get("industrial12", ())) | set(args.ids) | {cat.reference}
     rows = [r for r in rows if r.exp.id in wanted]
     plots = write_report(rows, cat.reference, args.report, REPO / REPORT_DIR, spec=spec)
     save_archive(archive, rows, records)
