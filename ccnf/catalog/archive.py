@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ccnf.atomic import write_json
-from ccnf.catalog.records import ExpRecord, Row
+from ccnf.catalog.records import ExpRecord, Row, load_records
 from ccnf.errors import CcnfError
 
 ARCHIVE_FORMAT = 1
@@ -135,6 +135,4 @@ def merge(live: Sequence[ExpRecord], archived: Sequence[ExpRecord]) -> list[ExpR
 
 def load_with_archive(cwd: Path, commits: int, archive: Path) -> list[ExpRecord]:
     """DVC's records of the last ``commits`` commits in ``cwd``, merged with ``archive``'s."""
-    from ccnf.catalog.records import load_records
-
     return merge(load_records(cwd, commits), load_archive(archive))

@@ -93,9 +93,13 @@ def load_records(cwd: Path, commits: int = 1, rev: str | None = None) -> list[Ex
             args = ["exp", "show", "--json", "--no-pager", "-n", "1"]
             for r in revs:
                 args += ["--rev", r]
-    out = dvc(args, cwd).stdout
+    return _exp_show(cwd, args)
+
+
+def _exp_show(cwd: Path, args: list[str]) -> list[ExpRecord]:
+    """``dvc ARGS`` (an ``exp show --json``) in ``cwd``, parsed into records."""
     try:
-        data = json.loads(out)
+        data = json.loads(dvc(args, cwd).stdout)
     except json.JSONDecodeError as err:
         raise CcnfError(f"`dvc exp show --json` printed no JSON ({err})", where=str(cwd)) from None
     return parse_exp_show(data)
@@ -124,11 +128,7 @@ def off_history_records(cwd: Path, have: Sequence[ExpRecord]) -> list[ExpRecord]
     args = ["exp", "show", "--json", "--no-pager", "-n", "1"]
     for rev in extra:
         args += ["--rev", rev]
-    try:
-        data = json.loads(dvc(args, cwd).stdout)
-    except json.JSONDecodeError as err:
-        raise CcnfError(f"`dvc exp show --json` printed no JSON ({err})", where=str(cwd)) from None
-    return [r for r in parse_exp_show(data) if r.kind != "workspace"]
+    return [r for r in _exp_show(cwd, args) if r.kind != "workspace"]
 
 
 @dataclass(frozen=True)

@@ -346,7 +346,7 @@ class CCNF(nn.Module):
         mean (D_l,) or, with ``class_norm_mean: position``, the map (H_l * W_l, D_l); std
         (D_l,). With ``class_mean_rank`` r the map is kept as its channel mean mu plus the
         r leading singular components of M - mu (:meth:`class_mean_map` gives it back)."""
-        m, s = self.class_stats(level)
+        m = self.class_stats(level)[0]
         h, w = self.grids[level]
         want = (h * w, self.channels[level]) if self.positional_mean else tuple(m.shape[1:])
         if tuple(mean.shape) != want:
@@ -358,7 +358,11 @@ class CCNF(nn.Module):
             getattr(self, f"class_mean_basis_{level}")[class_id].copy_(basis)
             getattr(self, f"class_mean_loading_{level}")[class_id].copy_(loading)
         m[class_id].copy_(mean)
-        s[class_id].copy_(std)
+        self.set_class_std(level, class_id, std)
+
+    def set_class_std(self, level: int, class_id: int, std: torch.Tensor) -> None:
+        """Fix class ``class_id``'s std (D_l,) at ``level``, its mean left as set."""
+        self.class_stats(level)[1][class_id].copy_(std)
 
     def class_mean_map(self, level: int, class_id: int) -> torch.Tensor:
         """The mean map subtracted for class ``class_id``: (H_l * W_l, D_l) (positional mean

@@ -292,15 +292,15 @@ def _set_class_stats(model: CCNF, fit: dict[int, FeatureSplit]) -> None:
         for lvl, f in enumerate(split.features):
             maps = f.float().flatten(2).transpose(1, 2)  # (N, H*W, D)
             if model.positional_mean:
-                mean = maps.mean(dim=0)  # (H*W, D)
-                model.set_class_stats(lvl, cid, mean, torch.ones(f.shape[1]))
+                model.set_class_stats(lvl, cid, maps.mean(dim=0), torch.ones(f.shape[1]))
                 # the map the flow will subtract: the mean itself, or its low-rank form
                 kept = model.class_mean_map(lvl, cid).to(maps.device)
                 std = (maps - kept).reshape(-1, f.shape[1]).std(dim=0)
+                model.set_class_std(lvl, cid, std.clamp_min(1e-6))
             else:
                 flat = maps.reshape(-1, f.shape[1])
-                mean, std = flat.mean(dim=0), flat.std(dim=0)
-            model.set_class_stats(lvl, cid, mean, std.clamp_min(1e-6))
+                model.set_class_stats(lvl, cid, flat.mean(dim=0),
+                                      flat.std(dim=0).clamp_min(1e-6))
 
 
 class _RowKeeper:
