@@ -11,7 +11,8 @@ Writes (all small, git-tracked):
                              image_diagonal, pixel_diagonal, aupro_diagonal (mean R[j][j]),
                              image_{precision,recall,f1}_{kstd,pct}, image_ap_chance,
                              image_f1_all, image_normal_flagged_{kstd,pct},
-                             {image,pixel}_auroc_worst_class},     (task-aware)
+                             {image,pixel}_auroc_worst_class,
+                             {image,pixel}_auroc_over_classes},     (task-aware)
                              "agnostic": {score: same keys},
                              "class_select": {"method", "accuracy", "forgetting",
                                               "likelihood_accuracy", "prototype_accuracy"}}
@@ -232,6 +233,23 @@ def summarize_test_selected(results: list[TaskResult]) -> dict[str, Any]:
     }
 
 
+def over_classes(last: TaskResult) -> dict[str, dict[str, float]]:
+    """{score: {"image_auroc_over_classes": mean over every class of the final model, ...}}
+    (task-aware). The final average weighs each task equally, so with tasks of unequal size
+    (10-5, 14-1, 3-3-2-2-2) a class of a small task counts more; this is the mean the papers'
+    per-class tables end in. With equal tasks the two are the same number."""
+    per_class = last.per_class.values()
+    scores = [s for s in SCORES if s in next(iter(per_class))]
+    return {
+        s: {
+            f"{m}_over_classes": round(float(np.mean([entry[s][m] for entry in per_class])),
+                                       DECIMALS)
+            for m in ("image_auroc", "pixel_auroc")
+        }
+        for s in scores
+    }
+
+
 def worst_classes(last: TaskResult) -> dict[str, dict[str, float]]:
     """{score: {"pixel_auroc_worst_class": min over classes, "image_auroc_worst_class": ...}}
     of the final model, task-aware (a forgotten class hides in an average; not here)."""
@@ -330,6 +348,8 @@ def aggregate(
     scores = scores_of(results)
     summary: dict[str, Any] = summarize(mats)
     for score, entry in worst_classes(results[-1]).items():
+        summary[score] |= entry
+    for score, entry in over_classes(results[-1]).items():
         summary[score] |= entry
     summary["agnostic"] = summarize(agn_mats)
     summary["class_select"] = summarize_selection(method, sel)

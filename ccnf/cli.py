@@ -249,14 +249,18 @@ def info(
     scores = [s for s in SCORES if s in summary]
     # the continual figures the first table does not hold, with terminal-width labels (README
     # and summary.json spell them out)
-    short = {"image_step_average": "A-image AUROC", "image_diagonal": "image diagonal",
+    short = {"image_auroc_over_classes": "image, class mean",
+             "pixel_auroc_over_classes": "pixel, class mean",
+             "image_step_average": "A-image AUROC", "image_diagonal": "image diagonal",
              "image_bwt": "image BWT", "pixel_step_average": "A-pixel AUROC",
              "pixel_bwt": "pixel BWT"}
     continual = tuple((k, short[k]) for k, _ in CONTINUAL_COLUMNS if k in short)
     for title, columns in (
         ("final averages (after the last task) and forgetting, task-aware", SUMMARY_COLUMNS),
-        ("continual figures, task-aware: A- = mean over steps of the seen-task average (what "
-         "IUF and CDAD print; the table above is after the last task); diagonal = each task "
+        ("continual figures, task-aware: class mean = after the last task over classes, not "
+         "tasks (papers' per-class tables; differs with unequal tasks); A- = mean over steps "
+         "of the seen-task average (what IUF and CDAD print; the table above is after the "
+         "last task); diagonal = each task "
          "right after it was learned; BWT = backward transfer, the mean change of each earlier "
          "task from then to the end", continual),
     ):

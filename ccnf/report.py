@@ -33,11 +33,13 @@ NUMBER = re.compile(r"[-+]?\d+\.\d+")
 # average is what this study reports; the step average is what IUF / CDAD tables print
 CONTINUAL_COLUMNS = (
     ("image_auroc", "image AUROC after the last task"),
+    ("image_auroc_over_classes", "image AUROC after the last task, mean over classes"),
     ("image_step_average", "A-image AUROC (mean over steps)"),
     ("image_diagonal", "image AUROC right after each task"),
     ("image_bwt", "image backward transfer"),
     ("image_forgetting", "image forgetting"),
     ("pixel_auroc", "pixel AUROC after the last task"),
+    ("pixel_auroc_over_classes", "pixel AUROC after the last task, mean over classes"),
     ("pixel_step_average", "A-pixel AUROC (mean over steps)"),
     ("pixel_bwt", "pixel backward transfer"),
 )
@@ -170,12 +172,14 @@ def results_block(
         f"leads with `{headline}` (`score.headline`):\n\n"
         + summary_table(summary)
         + "\n\n**Continual-learning figures, each under its own name** (task-aware): the "
-        "average after the last task (this study's figure, above); the A-AUROC, the mean over "
-        "steps of the average over the tasks seen so far (what the IUF and CDAD tables print: "
-        "it counts the early, easy steps, so it runs higher); each task right after it was "
-        "learned (the diagonal of R); backward transfer, the mean of R[T-1][j] - R[j][j] over "
-        "earlier tasks (negative = forgotten); forgetting, the mean drop from each earlier "
-        "task's best value:\n\n"
+        "average after the last task (this study's figure, above: each task weighs the same); "
+        "the same after the last task as a mean over classes (what per-class paper tables end "
+        "in; it differs only when tasks differ in size, e.g. 10-5 or 14-1); the A-AUROC, the "
+        "mean over steps of the average over the tasks seen so far (what the IUF and CDAD "
+        "tables print: it counts the early, easy steps, so it runs higher); each task right "
+        "after it was learned (the diagonal of R); backward transfer, the mean of R[T-1][j] - "
+        "R[j][j] over earlier tasks (negative = forgotten); forgetting, the mean drop from "
+        "each earlier task's best value:\n\n"
         + continual_table(summary)
         + "\n\n**Task-agnostic**: each test image scored under the class selected by "
         f"`{method}` (`score.class_select`) among all classes seen so far; hybrid scores and "

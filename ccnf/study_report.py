@@ -210,8 +210,8 @@ def selection_table(rows: Sequence[Row], score: str = "nf") -> str:
 
 
 STRATEGY_COLUMNS = (
-    "final image", "final pixel", "A-AUROC image", "A-AUROC pixel", "forgetting image",
-    "forgetting pixel", "routing accuracy", "routed image", "added KB per task",
+    "final image", "final pixel", "final image, class mean", "A-AUROC image", "A-AUROC pixel",
+    "forgetting image", "forgetting pixel", "routing accuracy", "routed image", "added KB per task",
     "stored images", "wall s", "LEAKY test-selected image",
 )
 
@@ -244,8 +244,8 @@ def strategy_table(rows: Sequence[Row], score: str, timing: dict[str, Any] | Non
         leaky = m.get("test_selected_leaky") or {}
         cells = [
             *(_fmt(_get(m, score, key)) for key in (
-                "image_auroc", "pixel_auroc", "image_step_average", "pixel_step_average",
-                "image_forgetting", "pixel_forgetting")),
+                "image_auroc", "pixel_auroc", "image_auroc_over_classes", "image_step_average",
+                "pixel_step_average", "image_forgetting", "pixel_forgetting")),
             _fmt(acc),
             _fmt(_get(m, "agnostic", score, "image_auroc")),
             MISSING if added is None else f"{added / 1024:.1f}",
@@ -303,7 +303,10 @@ def table_block(
     if wanted:
         parts.append(
             f"#### continual strategies x protocols ({headline} score)\n\n"
-            "Final = after the last task (what the model is left with); A-AUROC = mean over "
+            "Final = after the last task (what the model is left with), the mean over tasks; "
+            "class mean = the same over classes (what per-class paper tables end in; it differs "
+            "from the task mean only when tasks differ in size: 10-5, 14-1; — = a record made "
+            "before it was reported); A-AUROC = mean over "
             "steps of the average over the tasks seen so far (what the IUF and CDAD tables "
             "print); routing accuracy = how often the task-agnostic block picks the true "
             "class (hence the adapter), routed image = the image AUROC with that pick; added "

@@ -22,7 +22,8 @@ SUMMARY_KEYS = set(ALL_METRICS) | {
     f"{m}_{kind}" for m in ("image", "pixel", "aupro")
     for kind in ("forgetting", "diagonal", "step_average", "bwt")
 }
-WORST = {"image_auroc_worst_class", "pixel_auroc_worst_class"}
+WORST = {"image_auroc_worst_class", "pixel_auroc_worst_class",
+         "image_auroc_over_classes", "pixel_auroc_over_classes"}
 
 
 def _fake(t: int, agnostic: dict) -> TaskResult:
@@ -186,7 +187,8 @@ def test_readme_block_round_trip_and_check(aggregated: Path, tmp_path: Path) -> 
     summary, _ = load_metrics(aggregated / "metrics")
     nf = summary["nf"]
     assert lines[rows[1]].startswith(
-        f"| nf | {nf['image_auroc']:.4f} | {nf['image_step_average']:.4f} | "
+        f"| nf | {nf['image_auroc']:.4f} | {nf['image_auroc_over_classes']:.4f} | "
+        f"{nf['image_step_average']:.4f} | "
         f"{nf['image_diagonal']:.4f} | {nf['image_bwt']:.4f} |")
     value = f"{summary['agnostic']['nf']['image_auroc']:.4f}"
     assert lines[rows[2]].startswith(f"| nf | {value} |")
@@ -253,9 +255,28 @@ def test_diagonal_worst_class_and_stale_calibration(aggregated: Path) -> None:
             np.mean([r[t_ - 1][j] - r[j][j] for j in range(t_ - 1)]), abs=1e-6)
         assert summary[score]["pixel_auroc_worst_class"] == pytest.approx(
             min(m[score]["pixel_auroc"] for m in per_class.values()), abs=1e-6)
+        for metric in ("image_auroc", "pixel_auroc"):
+            assert summary[score][f"{metric}_over_classes"] == pytest.approx(
+                np.mean([m[score][metric] for m in per_class.values()]), abs=1e-6)
     for m in per_class.values():
         want = [s for s in SCORES if m[s]["image_normal_flagged_kstd"] > 0.5]
         assert m["stale_calibration"] == want
+
+
+def test_class_mean_differs_from_the_task_mean_only_with_unequal_tasks() -> None:
+    """A hand-made 2-1 split: tasks [a, b] and [c]. The final average weighs each task once
+    ((mean(a, b) + c) / 2); over_classes weighs each class once ((a + b + c) / 3)."""
+    from ccnf.aggregate import over_classes
+
+    per_class = {c: {"task": j, "nf": {"image_auroc": v, "pixel_auroc": v / 2}}
+                 for c, j, v in (("a", 0, 0.6), ("b", 0, 0.8), ("c", 1, 1.0))}
+    last = TaskResult(task="t1", task_index=1, class_select="oracle", thresholds={},
+                      per_class=per_class, per_task={}, agnostic={})
+    got = over_classes(last)["nf"]
+    assert got["image_auroc_over_classes"] == pytest.approx(0.8)
+    assert got["pixel_auroc_over_classes"] == pytest.approx(0.4)
+    task_mean = (np.mean([0.6, 0.8]) + 1.0) / 2
+    assert task_mean == pytest.approx(0.85)  # what summary's image_auroc would say
 
 
 def test_ccnf_info_prints_chance_levels_for_ccnf_and_a_bank(aggregated: Path, tmp_path) -> None:
