@@ -389,8 +389,13 @@ def test_catalog_run_equals_dvc_exp_run_with_its_overrides(mini_repo: Path,
 def test_catalog_run_through_the_queue_with_two_workers(mini_repo: Path, monkeypatch) -> None:
     """--jobs 2: `dvc exp run --queue` per experiment, `dvc queue start -j 2`, wait, record."""
     monkeypatch.chdir(mini_repo)
-    res = CliRunner().invoke(app, ["catalog", "run", "E0", "E6", "--jobs", "2",
-                                   "--timing", "timing_q.json"])
+    try:
+        res = CliRunner().invoke(app, ["catalog", "run", "E0", "E6", "--jobs", "2",
+                                       "--timing", "timing_q.json"])
+    finally:
+        # `dvc queue start` leaves its workers idling after the queue drains (the runner does
+        # not stop them: a user's other queued runs may follow); a test must not leave them
+        _dvc("queue", "stop", cwd=mini_repo)
     assert res.exit_code == 0, res.output
     timing = json.loads((mini_repo / "timing_q.json").read_text())
     assert timing["mode"] == "queue" and timing["jobs"] == 2
