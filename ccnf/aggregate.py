@@ -233,35 +233,24 @@ def summarize_test_selected(results: list[TaskResult]) -> dict[str, Any]:
     }
 
 
-def over_classes(last: TaskResult) -> dict[str, dict[str, float]]:
-    """{score: {"image_auroc_over_classes": mean over every class of the final model, ...}}
-    (task-aware). The final average weighs each task equally, so with tasks of unequal size
-    (10-5, 14-1, 3-3-2-2-2) a class of a small task counts more; this is the mean the papers'
-    per-class tables end in. With equal tasks the two are the same number."""
-    per_class = last.per_class.values()
-    scores = [s for s in SCORES if s in next(iter(per_class))]
-    return {
-        s: {
-            f"{m}_over_classes": round(float(np.mean([entry[s][m] for entry in per_class])),
-                                       DECIMALS)
-            for m in ("image_auroc", "pixel_auroc")
-        }
-        for s in scores
-    }
+def final_class_figures(last: TaskResult) -> dict[str, dict[str, float]]:
+    """Per score, two summaries over the final model's classes (task-aware), for image and
+    pixel AUROC:
 
-
-def worst_classes(last: TaskResult) -> dict[str, dict[str, float]]:
-    """{score: {"pixel_auroc_worst_class": min over classes, "image_auroc_worst_class": ...}}
-    of the final model, task-aware (a forgotten class hides in an average; not here)."""
-    per_class = last.per_class.values()
-    scores = [s for s in SCORES if s in next(iter(per_class))]
-    return {
-        s: {
-            f"{m}_worst_class": round(min(entry[s][m] for entry in per_class), DECIMALS)
-            for m in ("image_auroc", "pixel_auroc")
-        }
-        for s in scores
-    }
+    * ``<metric>_worst_class``: the lowest class (a forgotten class hides in an average);
+    * ``<metric>_over_classes``: the mean over classes. The final average weighs each task
+      equally, so with tasks of unequal size (10-5, 14-1, 3-3-2-2-2) a class of a small task
+      counts more; this is the mean the papers' per-class tables end in. With equal tasks the
+      two are the same number.
+    """
+    per_class = list(last.per_class.values())
+    metrics = ("image_auroc", "pixel_auroc")
+    out: dict[str, dict[str, float]] = {}
+    for s in [s for s in SCORES if s in per_class[0]]:
+        values = {m: [c[s][m] for c in per_class] for m in metrics}
+        out[s] = {f"{m}_worst_class": round(min(values[m]), DECIMALS) for m in metrics} | {
+            f"{m}_over_classes": round(float(np.mean(values[m])), DECIMALS) for m in metrics}
+    return out
 
 
 def summarize_selection(method: str, sel: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -347,9 +336,7 @@ def aggregate(
     sel = selection_matrices(results, task_names)
     scores = scores_of(results)
     summary: dict[str, Any] = summarize(mats)
-    for score, entry in worst_classes(results[-1]).items():
-        summary[score] |= entry
-    for score, entry in over_classes(results[-1]).items():
+    for score, entry in final_class_figures(results[-1]).items():
         summary[score] |= entry
     summary["agnostic"] = summarize(agn_mats)
     summary["class_select"] = summarize_selection(method, sel)

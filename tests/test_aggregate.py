@@ -266,13 +266,13 @@ def test_diagonal_worst_class_and_stale_calibration(aggregated: Path) -> None:
 def test_class_mean_differs_from_the_task_mean_only_with_unequal_tasks() -> None:
     """A hand-made 2-1 split: tasks [a, b] and [c]. The final average weighs each task once
     ((mean(a, b) + c) / 2); over_classes weighs each class once ((a + b + c) / 3)."""
-    from ccnf.aggregate import over_classes
+    from ccnf.aggregate import final_class_figures
 
     per_class = {c: {"task": j, "nf": {"image_auroc": v, "pixel_auroc": v / 2}}
                  for c, j, v in (("a", 0, 0.6), ("b", 0, 0.8), ("c", 1, 1.0))}
     last = TaskResult(task="t1", task_index=1, class_select="oracle", thresholds={},
                       per_class=per_class, per_task={}, agnostic={})
-    got = over_classes(last)["nf"]
+    got = final_class_figures(last)["nf"]
     assert got["image_auroc_over_classes"] == pytest.approx(0.8)
     assert got["pixel_auroc_over_classes"] == pytest.approx(0.4)
     task_mean = (np.mean([0.6, 0.8]) + 1.0) / 2
