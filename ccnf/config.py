@@ -404,6 +404,16 @@ class TrainConfig(_Section):
             "(every position of every level), mixed into the task's batches"
         ),
     )
+    generated_per_step: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "generative_replay: generated feature maps drawn into every optimizer step beside "
+            "train.images_per_step real ones (the budget is the real images' alone, as in "
+            "naive); null: the generated maps are mixed into the task's images and share the "
+            "batch with them"
+        ),
+    )
     generation_tau: float = Field(
         0.8,
         gt=0,

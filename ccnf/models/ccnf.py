@@ -199,6 +199,53 @@ def _sample_batch(
     )
 
 
+class _BatchDraw:
+    """Which images each optimizer step trains on.
+
+    The task's images are indexed [0, n_real) real (its own and any replay buffer's), then
+    [n_real, n_total) generated (generative replay). By default they are one pool: each epoch is
+    a permutation of all n_total, cut into steps of ``train.images_per_step`` images. With
+    ``train.generated_per_step`` = G and generated images present, the real images keep the
+    epochs and the step budget of a task without replay, and every step adds G generated images
+    from their own permutation (renewed each time it is used up), so the new classes get as
+    many steps as under naive training.
+    """
+
+    def __init__(self, n_real: int, n_total: int, tc: TrainConfig) -> None:
+        self.n_real, self.n_total = n_real, n_total
+        self.per_step = tc.images_per_step
+        self.generated = tc.generated_per_step if n_total > n_real else None
+        self.order = torch.empty(0, dtype=torch.long)
+        self.gen_order = torch.empty(0, dtype=torch.long)
+        self.gen_at = 0
+
+    @property
+    def n_budget(self) -> int:
+        """Images the step budget counts: the real ones when generated ones are drawn apart."""
+        return self.n_total if self.generated is None else self.n_real
+
+    def images(self, step: int, per_epoch: int, gen: torch.Generator) -> torch.Tensor:
+        """Indices (B,) of step ``step``'s images (B = images_per_step [+ generated_per_step])."""
+        at = step % per_epoch
+        if at == 0:
+            self.order = torch.randperm(self.n_budget, generator=gen)
+        real = self.order[at * self.per_step : (at + 1) * self.per_step]
+        if self.generated is None:
+            return real
+        picked = []
+        need = self.generated
+        while need > 0:
+            if self.gen_at >= self.gen_order.numel():
+                self.gen_order = self.n_real + torch.randperm(
+                    self.n_total - self.n_real, generator=gen)
+                self.gen_at = 0
+            take = self.gen_order[self.gen_at : self.gen_at + need]
+            self.gen_at += take.numel()
+            need -= take.numel()
+            picked.append(take)
+        return torch.cat([real, *picked])
+
+
 def _check_finite(terms: dict[str, torch.Tensor], task: str, step: int) -> None:
     for name, value in terms.items():
         if not torch.isfinite(value):
@@ -428,11 +475,13 @@ class CCNFModel(AnomalyModel):
         model.to(device)
         tc = params.train
         data = _stack_task({**fit, **replayed}).to(device)
+        n_real = data.labels.numel()
         if tc.strategy == "generative_replay" and offset > 0:
             gen_z = torch.Generator().manual_seed(stream_seed(params.seed, "generate", t))
             data = data + generate_task_data(
                 model, list(range(offset)), tc.generated_per_class, tc.generation_tau, gen_z,
                 targets=params.loss.lambda_distill > 0)
+        draw = _BatchDraw(n_real, data.labels.numel(), tc)
         if params.flow.feature_norm and t == 0:
             _set_feature_stats(model, data)
 
@@ -448,8 +497,7 @@ class CCNFModel(AnomalyModel):
         # their own learning rate (low-rank factors starting from B = 0 need larger steps)
         lr = tc.adapter_lr if tc.strategy == "adapters" and t > 0 else tc.lr
         optimizer = AdamW(trainable, lr=lr, weight_decay=tc.weight_decay)
-        n_img = data.labels.numel()
-        schedule = Schedule.for_task(params, t, n_img, len(names))
+        schedule = Schedule.for_task(params, t, draw.n_budget, len(names))
         gen = torch.Generator().manual_seed(stream_seed(params.seed, "batches", t))
         seen = torch.arange(offset + len(names), device=device)
         # L_mi / L_e candidates: the classes whose data this task trains on (its own and any
@@ -470,15 +518,11 @@ class CCNFModel(AnomalyModel):
             model.train()
             for module in frozen:
                 module.eval()
-            order = torch.empty(0, dtype=torch.long)
             for _ in range(schedule.rounds):
                 for i in range(steps):
-                    at = i % per_epoch
-                    if at == 0:
-                        order = torch.randperm(n_img, generator=gen)
                     for group in optimizer.param_groups:
                         group["lr"] = lr * schedule.lr_factor(i, tc)
-                    images = order[at * tc.images_per_step : (at + 1) * tc.images_per_step]
+                    images = draw.images(i, per_epoch, gen)
                     per_level = [
                         level_losses(
                             model,
