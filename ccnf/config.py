@@ -350,8 +350,16 @@ class LossConfig(_Section):
         0.0,
         ge=0,
         description=(
-            "train.strategy generative_replay: L_distill = mean ((log p(x~|y) - log p_old(x~|y))"
-            " / D)^2 on the generated features x~, log p_old from the model before the task"
+            "train.strategy generative_replay: weight of L_distill on the generated features x~ "
+            "(what it matches: loss.distill_target)"
+        ),
+    )
+    distill_target: Literal["log_prob", "latent"] = Field(
+        "log_prob",
+        description=(
+            "L_distill's target: log_prob, mean ((log p(x~|y) - log p_old(x~|y)) / D)^2 with "
+            "log p_old from the model before the task; latent, mean ||f(x~; y) - z||^2 / D with "
+            "z the latent x~ was generated from (the old map itself)"
         ),
     )
 

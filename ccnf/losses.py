@@ -86,8 +86,9 @@ class LevelBatch:
     """One level's training batch: B images x K sampled positions (N = B * K vectors).
 
     x: (N, D) features; y: (N,) class ids; pos: (N,) flat grid positions; image: (N,) index of
-    the vector's image in 0..B-1; image_class: (B,) class id per image; target_log_prob: (N,)
-    the previous model's log p of generated vectors (NaN for real ones), or None.
+    the vector's image in 0..B-1; image_class: (B,) class id per image; target: (N, T) what
+    L_distill matches on generated vectors (T = 1: the previous model's log p; T = D: the
+    latent they were generated from; NaN rows for real ones), or None.
     """
 
     x: torch.Tensor
@@ -95,7 +96,7 @@ class LevelBatch:
     pos: torch.Tensor
     image: torch.Tensor
     image_class: torch.Tensor
-    target_log_prob: torch.Tensor | None = None
+    target: torch.Tensor | None = None
 
 
 def nll(out: LevelOutput, dim: int) -> torch.Tensor:
@@ -336,21 +337,28 @@ def level_losses(
         terms["L_center"] = center_loss(model, level, batch, out.z, detach=cfg.center_detach)
     if w["L_dsm"] > 0:
         terms["L_dsm"] = dsm_loss(model, level, batch, cfg.noise_sigmas, cfg.dsm_samples, gen)
-    if w["L_distill"] > 0 and batch.target_log_prob is not None:
-        terms["L_distill"] = distill_loss(out.log_prob, batch.target_log_prob, dim)
+    if w["L_distill"] > 0 and batch.target is not None:
+        terms["L_distill"] = distill_loss(out, batch.target, dim)
     return terms
 
 
-def distill_loss(log_prob: torch.Tensor, target: torch.Tensor, dim: int) -> torch.Tensor:
-    """L_distill = mean over generated vectors of ((log p(x~|y) - log p_old(x~|y)) / D)^2.
+def distill_loss(out: LevelOutput, target: torch.Tensor, dim: int) -> torch.Tensor:
+    """L_distill on the generated vectors x~ of a batch (rows of ``target`` that are finite;
+    0 if the batch holds none), by the target's width T:
 
-    log_prob, target: (N,); target is NaN for real vectors, which do not count (0 if the batch
-    holds no generated vector).
+    T = 1 (``loss.distill_target: log_prob``): mean ((log p(x~|y) - log p_old(x~|y)) / D)^2;
+    T = D (``latent``): mean ||f(x~; y) - z||^2 / D, z the latent x~ was generated from, so
+    the new map is held to the old one on the earlier classes' samples, not only their
+    density values.
+
+    out: the level's output on the batch's N vectors; target: (N, T).
     """
-    mask = torch.isfinite(target)
+    mask = torch.isfinite(target).all(dim=-1)
     if not bool(mask.any()):
-        return log_prob.new_zeros(())
-    return ((log_prob[mask] - target[mask]) / dim).pow(2).mean()
+        return out.log_prob.new_zeros(())
+    if target.shape[-1] == 1:
+        return ((out.log_prob[mask] - target[mask, 0]) / dim).pow(2).mean()
+    return (out.z[mask] - target[mask]).pow(2).sum(dim=-1).mean() / dim
 
 
 def total_loss(

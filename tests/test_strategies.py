@@ -141,7 +141,41 @@ def test_generated_features_follow_the_model(three_tasks) -> None:
         pos = torch.arange(hw).repeat(3)
         with torch.no_grad():
             logp = net.forward_level(lvl, f.reshape(-1, f.shape[-1]), y, pos).log_prob
-        assert torch.allclose(logp.reshape(3, hw), data.target_log_prob[lvl])
+        assert torch.allclose(logp.reshape(3, hw), data.target[lvl][..., 0])
+
+
+def test_latent_distillation_targets_are_the_generating_latents(three_tasks) -> None:
+    """loss.distill_target latent: the target of a generated vector is the z it came from, so
+    L_distill is 0 for the model that generated it and grows as the map moves; real images in
+    the same batch do not count."""
+    from ccnf.losses import distill_loss
+
+    tmp, raw = three_tasks
+    (t0,) = _chain(tmp, raw, "gen_base", tasks=1)
+    net = _net(t0, raw)
+    data = generate_task_data(net, [0], 2, 0.8, torch.Generator().manual_seed(1),
+                              targets="latent")
+    same = generate_task_data(net, [0], 2, 0.8, torch.Generator().manual_seed(1), targets=None)
+    assert same.target is None and all(
+        torch.equal(a, b) for a, b in zip(data.feats, same.feats, strict=True))
+    real = generate_task_data(net, [0], 1, 0.8, torch.Generator().manual_seed(2), targets=None)
+    both = real + data  # the "real" image first: NaN targets
+    for lvl in range(net.n_levels):
+        dim = net.channels[lvl]
+        assert both.target[lvl].shape == (3, net.positions(lvl).shape[0], dim)
+        assert torch.isnan(both.target[lvl][0]).all() and torch.isfinite(both.target[lvl][1:]).all()
+        x = both.feats[lvl].reshape(-1, dim)
+        hw = net.positions(lvl).shape[0]
+        y, pos = torch.zeros(3 * hw, dtype=torch.long), torch.arange(hw).repeat(3)
+        target = both.target[lvl].reshape(-1, dim)
+        with torch.no_grad():
+            out = net.forward_level(lvl, x, y, pos)
+            assert float(distill_loss(out, target, dim)) < 1e-6
+            moved = net.forward_level(lvl, x * 1.1, y, pos)
+            gen = slice(hw, None)
+            direct = (moved.z[gen] - target[gen]).pow(2).sum(dim=-1).mean() / dim
+            assert float(distill_loss(moved, target, dim)) == pytest.approx(float(direct))
+            assert float(direct) > 1e-3
 
 
 def test_generative_replay_trains_on_generated_features_and_stores_none(three_tasks) -> None:
@@ -165,6 +199,55 @@ def test_generative_replay_trains_on_generated_features_and_stores_none(three_ta
     col = header.split("\t").index("L_distill")
     assert all(float(r.split("\t")[col]) >= 0 for r in rows)
     assert "L_distill" not in (tmp / "naive_chain/t1/train_log.tsv").read_text()
+
+
+def test_generative_replay_apart_trains_a_naive_tasks_steps(three_tasks) -> None:
+    """train.generated_per_step: the budget counts the real images only, so task 1 takes as
+    many steps as under naive training (mixed in, the 4 generated maps lengthen the task)."""
+    tmp, raw = three_tasks
+    gen = _with(raw, "train", strategy="generative_replay", generated_per_class=40,
+                generated_per_step=2, min_steps_per_class=0)
+    mixed = _with(gen, "train", generated_per_step=None)
+    _chain(tmp, _with(raw, "train", min_steps_per_class=0), "naive_budget", tasks=2)
+    _chain(tmp, gen, "apart_budget", tasks=2)
+    _chain(tmp, mixed, "mixed_budget", tasks=2)
+
+    def steps(name: str) -> int:
+        return len((tmp / name / "t1/train_log.tsv").read_text().splitlines()) - 1
+
+    assert steps("apart_budget") == steps("naive_budget") < steps("mixed_budget")
+
+
+def test_batch_draw_mixes_by_default_and_keeps_the_real_budget_apart() -> None:
+    """train.generated_per_step: the real images keep a naive task's epochs and budget, each
+    step adds G generated ones; null (default) draws exactly what one mixed pool did."""
+    from ccnf.models.ccnf import _BatchDraw
+
+    tc = parse_params(tiny_params(Path("."), [["a"]])).train
+    mixed = _BatchDraw(10, 30, tc.model_copy(update={"images_per_step": 4}))
+    assert mixed.n_budget == 30
+    gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    order = torch.randperm(30, generator=gen_b)
+    assert torch.equal(mixed.images(0, 8, gen_a), order[:4])
+    assert torch.equal(mixed.images(1, 8, gen_a), order[4:8])
+
+    apart = _BatchDraw(10, 30, tc.model_copy(
+        update={"images_per_step": 4, "generated_per_step": 7}))
+    assert apart.n_budget == 10
+    gen = torch.Generator().manual_seed(0)
+    steps = [apart.images(i % 3, 3, gen) for i in range(6)]  # two epochs of ceil(10 / 4) steps
+    real = [s[s < 10] for s in steps]
+    generated = torch.cat([s[s >= 10] for s in steps])
+    assert [r.numel() for r in real] == [4, 4, 2] * 2
+    assert [int((s >= 10).sum()) for s in steps] == [7] * 6
+    assert sorted(torch.cat(real[:3]).tolist()) == list(range(10))  # each real image once
+    # generated images cycle: all 20 before any repeats
+    assert sorted(generated[:20].tolist()) == list(range(10, 30))
+    # no generated images (task 0): the option changes nothing
+    alone = _BatchDraw(10, 10, tc.model_copy(update={"images_per_step": 4,
+                                                     "generated_per_step": 7}))
+    gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(alone.images(0, 3, gen_a), torch.randperm(10, generator=gen_b)[:4])
 
 
 def test_replay_quality_compares_a_floor_on_generated_and_real_features(three_tasks) -> None:

@@ -81,7 +81,7 @@ def replay_quality(
         cid = model.classes.index(cls)
         for tau in taus:
             gen = torch.Generator().manual_seed(stream_seed(params.seed, "generate", cid))
-            data = generate_task_data(net, [cid], per_class, tau, gen, targets=False)
+            data = generate_task_data(net, [cid], per_class, tau, gen, targets=None)
             maps = [f.cpu().transpose(1, 2).reshape(per_class, f.shape[2], *grid)
                     for f, grid in zip(data.feats, meta.grids, strict=True)]
             got = fit_and_score(floor, meta, cls, maps, calib, test)

@@ -15,7 +15,7 @@ with the task's data and never stored).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -86,26 +86,30 @@ def update_replay_buffer(
 @dataclass
 class TaskData:
     """A task's training images: feats[l] (N, H_l*W_l, D_l) float32, labels (N,) class ids;
-    target_log_prob[l] (N, H_l*W_l): the generating model's log p of generated images' vectors
-    (NaN rows for real images), or None when nothing was generated."""
+    target[l] (N, H_l*W_l, T): what L_distill matches on generated images' vectors (T = 1: the
+    generating model's log p; T = D_l: the latent z the vector was generated from; NaN rows for
+    real images), or None when nothing was generated or nothing is distilled."""
 
     feats: list[torch.Tensor]
     labels: torch.Tensor
-    target_log_prob: list[torch.Tensor] | None = None
+    target: list[torch.Tensor] | None = None
 
     def to(self, device: torch.device) -> TaskData:
-        targets = self.target_log_prob
+        targets = self.target
         return TaskData([f.to(device) for f in self.feats], self.labels.to(device),
                         None if targets is None else [t.to(device) for t in targets])
 
     def __add__(self, other: TaskData) -> TaskData:
         """Both sets of images (self's first); real images get NaN targets."""
-        def targets(d: TaskData) -> list[torch.Tensor]:
-            if d.target_log_prob is not None:
-                return d.target_log_prob
-            return [f.new_full(f.shape[:2], float("nan")) for f in d.feats]
+        width = [t.shape[-1] for t in (self.target or other.target or [])]
 
-        have = self.target_log_prob is not None or other.target_log_prob is not None
+        def targets(d: TaskData) -> list[torch.Tensor]:
+            if d.target is not None:
+                return d.target
+            return [f.new_full((*f.shape[:2], w), float("nan"))
+                    for f, w in zip(d.feats, width, strict=True)]
+
+        have = self.target is not None or other.target is not None
         return TaskData(
             [torch.cat(pair) for pair in zip(self.feats, other.feats, strict=True)],
             torch.cat([self.labels, other.labels]),
@@ -121,13 +125,14 @@ GENERATION_CHUNK = 65536
 @torch.no_grad()
 def generate_task_data(
     model: CCNF, class_ids: list[int], per_class: int, tau: float, gen: torch.Generator,
-    *, targets: bool = True,
+    *, targets: Literal["log_prob", "latent"] | None = "log_prob",
 ) -> TaskData:
     """Generated feature maps of ``class_ids`` (``per_class`` each) from the model as it is.
 
     Per level l and generated image: z ~ N(mu_y, tau^2 I) at every grid position (mu_y = 0
-    under the standard prior), x~ = f_l^{-1}(z; y, position) in raw feature units, and (with
-    ``targets``: one more flow pass, only L_distill reads it) the model's own log p(x~ | y).
+    under the standard prior), x~ = f_l^{-1}(z; y, position) in raw feature units, and the
+    target L_distill matches (``loss.distill_target``): ``log_prob``, the model's own
+    log p(x~ | y) (one more flow pass); ``latent``, z itself; None: no target.
     Latents are drawn on the CPU generator ``gen`` (same values on every device).
     """
     was_training = model.training
@@ -135,13 +140,13 @@ def generate_task_data(
     device = model.embedding.device
     labels = torch.as_tensor(class_ids, dtype=torch.long).repeat_interleave(per_class)
     n = labels.numel()
-    feats, logps_all = [], []
+    feats, targets_all = [], []
     for lvl in range(model.n_levels):
         hw, dim = model.positions(lvl).shape[0], model.channels[lvl]
         y = labels.repeat_interleave(hw).to(device)
         pos = torch.arange(hw).repeat(n).to(device)
         z = (torch.randn(n * hw, dim, generator=gen) * tau).to(device)
-        xs, logps = [], []
+        xs, level_targets = [], []
         for start in range(0, n * hw, GENERATION_CHUNK):
             sl = slice(start, start + GENERATION_CHUNK)
             zc = z[sl]
@@ -149,8 +154,10 @@ def generate_task_data(
                 zc = zc + model.prototype(lvl, y[sl])
             x = model.inverse_level(lvl, zc, y[sl], pos[sl])
             xs.append(x)
-            if targets:
-                logps.append(model.forward_level(lvl, x, y[sl], pos[sl]).log_prob)
+            if targets == "log_prob":
+                level_targets.append(model.forward_level(lvl, x, y[sl], pos[sl]).log_prob[:, None])
+            elif targets == "latent":
+                level_targets.append(zc)
         x_all = torch.cat(xs)
         if not torch.isfinite(x_all).all():
             raise NonFiniteLossError(
@@ -159,10 +166,10 @@ def generate_task_data(
                 fix="lower train.generation_tau (or flow.clamp_alpha)",
             )
         feats.append(x_all.reshape(n, hw, dim))
-        if targets:
-            logps_all.append(torch.cat(logps).reshape(n, hw))
+        if targets is not None:
+            targets_all.append(torch.cat(level_targets).reshape(n, hw, -1))
     model.train(was_training)
-    return TaskData(feats, labels.to(device), logps_all if targets else None)
+    return TaskData(feats, labels.to(device), targets_all if targets is not None else None)
 
 
 def _stack_task(splits: dict[int, FeatureSplit]) -> TaskData:
@@ -187,15 +194,15 @@ def _sample_batch(
     x = gather_patches(feats, images, pos)
     image_class = data.labels[images]
     target = None
-    if data.target_log_prob is not None:
-        target = gather_patches(data.target_log_prob[level][..., None], images, pos)[:, 0]
+    if data.target is not None:
+        target = gather_patches(data.target[level], images, pos)
     return LevelBatch(
         x=x,
         y=image_class.repeat_interleave(kk),
         pos=pos.reshape(-1),
         image=torch.arange(b, device=device).repeat_interleave(kk),
         image_class=image_class,
-        target_log_prob=target,
+        target=target,
     )
 
 
@@ -480,7 +487,7 @@ class CCNFModel(AnomalyModel):
             gen_z = torch.Generator().manual_seed(stream_seed(params.seed, "generate", t))
             data = data + generate_task_data(
                 model, list(range(offset)), tc.generated_per_class, tc.generation_tau, gen_z,
-                targets=params.loss.lambda_distill > 0)
+                targets=params.loss.distill_target if params.loss.lambda_distill > 0 else None)
         draw = _BatchDraw(n_real, data.labels.numel(), tc)
         if params.flow.feature_norm and t == 0:
             _set_feature_stats(model, data)
