@@ -135,15 +135,28 @@ def mi_margin(
     return F.relu(margin - (log_prob - neg_log_prob) / dim).mean()
 
 
+def random_rows(
+    pool: torch.Tensor | None, n: int, samples: int, gen: torch.Generator
+) -> torch.Tensor:
+    """A random subset of at most ``samples`` row indices of a batch of ``n``: of all rows, or
+    of ``pool`` (indices, on the batch's device) when given."""
+    if pool is None:
+        return torch.randperm(n, generator=gen)[: min(samples, n)]
+    return pool[torch.randperm(pool.numel(), generator=gen)[: min(samples, pool.numel())]
+                .to(pool.device)]
+
+
 def entropy_inputs(
-    batch: LevelBatch, candidates: torch.Tensor, samples: int, gen: torch.Generator
+    batch: LevelBatch, candidates: torch.Tensor, samples: int, gen: torch.Generator,
+    pool: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A random subset of M vectors, each paired with every one of the C candidate classes.
+    """A random subset of M vectors (of the rows in ``pool`` when given), each paired with
+    every one of the C candidate classes.
 
     Returns x (C*M, D), y (C*M,), pos (C*M,), class-major (row c*M + i is vector i, class c).
     """
     n = batch.x.shape[0]
-    pick = torch.randperm(n, generator=gen)[: min(samples, n)].to(batch.x.device)
+    pick = random_rows(pool, n, samples, gen).to(batch.x.device)
     x, pos = batch.x[pick], batch.pos[pick]
     c, m = candidates.numel(), x.shape[0]
     return x.repeat(c, 1), candidates.repeat_interleave(m), pos.repeat(c)
@@ -274,7 +287,9 @@ def level_losses(
 ) -> dict[str, torch.Tensor]:
     """Every enabled term for one level. seen: sorted (C,) ids of all classes seen so far
     (L_proto, L_mi_feat); negatives: sorted ids of L_mi's and L_e's candidate classes
-    (``loss.negatives``; None: seen).
+    (``loss.negatives``; None: seen). L_mi and L_e are evaluated on the batch's vectors of
+    candidate classes only: replayed or generated images of a class that is not a candidate
+    are never paired with the candidates (the classes ``negatives: task`` protects).
 
     The batch, L_mi's negative-class copy and L_e's class-paired subset go through the flow
     in one pass: one set of (spectral-normalized) weights per step and a few large matrix
@@ -284,16 +299,22 @@ def level_losses(
     n, dim = batch.x.shape
     cand = seen if negatives is None else negatives
     xs, ys, ps = [batch.x], [batch.y], [batch.pos]
-    use_mi = cand.numel() >= 2 and w["L_mi"] > 0
-    use_e = cand.numel() >= 2 and w["L_e"] > 0
+    pool = None  # rows of candidate classes, when not every row is one
+    if (w["L_mi"] > 0 or w["L_e"] > 0) and cand.numel() >= 2:
+        in_cand = torch.isin(batch.y, cand)
+        if not bool(in_cand.all()):
+            pool = in_cand.nonzero()[:, 0]
+    has_rows = pool is None or pool.numel() > 0
+    use_mi = cand.numel() >= 2 and w["L_mi"] > 0 and has_rows
+    use_e = cand.numel() >= 2 and w["L_e"] > 0 and has_rows
     mi_pick = None
     if use_mi:
-        mi_pick = torch.randperm(n, generator=gen)[: min(cfg.mi_samples, n)].to(batch.x.device)
+        mi_pick = random_rows(pool, n, cfg.mi_samples, gen).to(batch.x.device)
         xs.append(batch.x[mi_pick])
         ys.append(negative_classes(batch, cand, gen)[mi_pick])
         ps.append(batch.pos[mi_pick])
     if use_e:
-        x_e, y_e, p_e = entropy_inputs(batch, cand, cfg.entropy_samples, gen)
+        x_e, y_e, p_e = entropy_inputs(batch, cand, cfg.entropy_samples, gen, pool)
         xs.append(x_e)
         ys.append(y_e)
         ps.append(p_e)

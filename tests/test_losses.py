@@ -327,6 +327,34 @@ def test_task_negatives_never_touch_old_classes(negatives: str) -> None:
         assert bool((old > 0).any())
 
 
+def test_replayed_images_of_old_classes_stay_out_of_mi_and_entropy() -> None:
+    """negatives: task with replayed or generated images of old classes in the batch: L_mi and
+    L_e are evaluated on the current task's vectors only, so the old classes' images (and the
+    old classes' rows of the embedding) get no gradient from them."""
+    model, batch = _model_and_batch(n_classes=5)
+    # images of the task's classes 3 and 4, and replayed images of the old classes 0 and 1
+    batch.image_class = torch.tensor([3, 0, 4, 1])
+    batch.y = batch.image_class.repeat_interleave(5)
+    batch.x.requires_grad_(True)
+    cfg = LossConfig(lambda_g=0.0, lambda_logdet=0.0, lambda_z=0.0, lambda_balance=0.0,
+                     lambda_scale=0.0, lambda_center=0.0, lambda_mi=1.0, lambda_entropy=1.0,
+                     mi_margin=50.0, mi_samples=6, entropy_samples=6)
+    terms = level_losses(model, 0, batch, torch.arange(5), cfg, torch.Generator().manual_seed(0),
+                         negatives=torch.tensor([3, 4]))
+    assert set(terms) == {"L_mi", "L_e"}
+    (terms["L_mi"] + terms["L_e"]).backward()
+    old_rows = torch.isin(batch.y, torch.tensor([0, 1]))
+    assert float(batch.x.grad[old_rows].abs().sum()) == 0.0
+    assert float(batch.x.grad[~old_rows].abs().sum()) > 0.0
+    assert float(model.embedding.grad[:3].abs().sum()) == 0.0
+    # a batch of old classes' images alone: nothing to evaluate them on
+    batch.image_class = torch.tensor([0, 1, 1, 0])
+    batch.y = batch.image_class.repeat_interleave(5)
+    terms = level_losses(model, 0, batch, torch.arange(5), cfg, torch.Generator(),
+                         negatives=torch.tensor([3, 4]))
+    assert "L_mi" not in terms and "L_e" not in terms
+
+
 def test_one_candidate_class_switches_mi_and_entropy_off() -> None:
     model, batch = _model_and_batch(n_classes=3)
     batch.image_class = torch.full((4,), 2)

@@ -507,9 +507,10 @@ class CCNFModel(AnomalyModel):
         schedule = Schedule.for_task(params, t, draw.n_budget, len(names))
         gen = torch.Generator().manual_seed(stream_seed(params.seed, "batches", t))
         seen = torch.arange(offset + len(names), device=device)
-        # L_mi / L_e candidates: the classes whose data this task trains on (its own and any
-        # replayed ones), or every seen class (loss.negatives)
-        negatives = seen if params.loss.negatives == "seen" else data.labels.unique()
+        # L_mi / L_e candidates: the task's own classes (replayed and generated images of
+        # earlier classes are never pushed against them), or every seen class (loss.negatives)
+        negatives = (seen if params.loss.negatives == "seen"
+                     else torch.tensor(class_ids, dtype=torch.long, device=device))
         per_epoch, steps = schedule.budget.steps_per_epoch, schedule.budget.steps
         rows: list[dict[str, float]] = []
         progress = Progress(
