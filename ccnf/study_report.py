@@ -554,8 +554,7 @@ def plots_block(paths: Sequence[Path], report: Path) -> str:
     }
     lines = []
     for p in paths:
-        rel = Path(p).resolve().relative_to(report.resolve().parent) if Path(p).is_absolute() \
-            else p
+        rel = _relative(Path(p), report) if Path(p).is_absolute() else Path(p)
         stem = Path(p).stem.split("_", 1)[1] if Path(p).stem.startswith("industrial12_") \
             else Path(p).stem
         lines.append(f"![{captions.get(stem, stem)}]({rel.as_posix()})")

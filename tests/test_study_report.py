@@ -18,6 +18,7 @@ from ccnf.study_report import (
     compare_tables,
     get_block,
     parse_tables,
+    plots_block,
     table_block,
     timing_block,
     write_report,
@@ -382,3 +383,14 @@ def test_rows_without_a_record_keep_their_committed_figures_marked_and_unchecked
     write_report(rows, cat.reference, report, tmp_path, tmp_path / "t.json", make_plots=False)
     block = get_block(report.read_text(), "catalog-table", report)
     assert _line(block, "nf", "E0") == before and "E0 †" not in block
+
+
+def test_plot_links_are_relative_to_the_report_or_absolute_outside_it(tmp_path: Path) -> None:
+    """A report written outside the repository (benchmarks/industrial12.py --report) links its
+    plots by absolute path instead of failing after the experiments have run."""
+    plot = tmp_path / "repo" / "docs" / "report" / "industrial12_scores.png"
+    inside = plots_block([plot], tmp_path / "repo" / "REPORT.md")
+    assert "(docs/report/industrial12_scores.png)" in inside
+    elsewhere = tmp_path / "other" / "REPORT.md"
+    outside = plots_block([plot], elsewhere)
+    assert f"({plot.as_posix()})" in outside
