@@ -120,7 +120,8 @@ def negative_classes(
 ) -> torch.Tensor:
     """(N,) a random other candidate class per image, repeated over the image's vectors (L_mi).
 
-    candidates: sorted (C,) class ids, C >= 2, holding every image's own class.
+    candidates: sorted (C,) class ids, C >= 2. An image whose class is not a candidate gets
+    an arbitrary candidate; :func:`level_losses` never evaluates its vectors.
     """
     n_cand = candidates.numel()
     slot = torch.searchsorted(candidates, batch.image_class)
@@ -299,14 +300,15 @@ def level_losses(
     n, dim = batch.x.shape
     cand = seen if negatives is None else negatives
     xs, ys, ps = [batch.x], [batch.y], [batch.pos]
+    use_mi = cand.numel() >= 2 and w["L_mi"] > 0
+    use_e = cand.numel() >= 2 and w["L_e"] > 0
     pool = None  # rows of candidate classes, when not every row is one
-    if (w["L_mi"] > 0 or w["L_e"] > 0) and cand.numel() >= 2:
+    if use_mi or use_e:
         in_cand = torch.isin(batch.y, cand)
         if not bool(in_cand.all()):
             pool = in_cand.nonzero()[:, 0]
-    has_rows = pool is None or pool.numel() > 0
-    use_mi = cand.numel() >= 2 and w["L_mi"] > 0 and has_rows
-    use_e = cand.numel() >= 2 and w["L_e"] > 0 and has_rows
+            if pool.numel() == 0:  # only replayed or generated images: nothing to pair
+                use_mi = use_e = False
     mi_pick = None
     if use_mi:
         mi_pick = random_rows(pool, n, cfg.mi_samples, gen).to(batch.x.device)
