@@ -30,7 +30,7 @@ def resolve_device(setting: str = "auto") -> torch.device:
         return torch.device("cpu")
     available = torch.cuda.is_available()
     if setting == "auto":
-        return torch.device("cuda") if available else torch.device("cpu")
+        return deterministic_cuda() if available else torch.device("cpu")
     if not available:
         built = torch.version.cuda
         raise CcnfError(
@@ -41,6 +41,24 @@ def resolve_device(setting: str = "auto") -> torch.device:
             "dvc exp run -S device=cpu; or install a CUDA build of torch and check nvidia-smi"
             + (f" (this torch was built for CUDA {built})" if built else ""),
         )
+    return deterministic_cuda()
+
+
+def deterministic_cuda() -> torch.device:
+    """The GPU, set up so that the same params give the same metrics on it run after run.
+
+    CUDA's fastest kernels for scatter/index adds (prototypes, embedding gradients) and cuBLAS's
+    split reductions sum in a different order on each run, and cuDNN's TF32 convolutions round
+    the backbone's features to 10 mantissa bits; the study's determinism rule outweighs their
+    speed here (the flow's small matrices gain little from either). An operation without a
+    deterministic CUDA kernel warns rather than stopping the stage.
+    """
+    # read when cuBLAS makes its first handle: must be set before any matrix product
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     return torch.device("cuda")
 
 

@@ -69,7 +69,7 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
         return maps
     radius = max(1, math.ceil(4 * sigma))
     radius = min(radius, maps.shape[-1] - 1)
-    coords = torch.arange(-radius, radius + 1, dtype=maps.dtype)
+    coords = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
     kernel = torch.exp(-0.5 * (coords / sigma) ** 2)
     kernel = kernel / kernel.sum()
     x = maps[:, None]

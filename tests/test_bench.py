@@ -137,6 +137,7 @@ def tiny_run(tmp_path_factory):
     raw["data"].update(image_size=32, mask_size=16)
     raw["backbone"].update(weights="random", batch_size=4)
     raw["device"] = "cpu"
+    raw["flow"]["n_couplings"] = [3, 2]  # per level, as the study's default
     params_path = tmp / "params.yaml"
     params_path.write_text(yaml.safe_dump(raw))
     params = parse_params(raw)
@@ -166,8 +167,10 @@ def test_bench_json_layout(tiny_run) -> None:
     tr = result["training"]
     # images_per_step x min(patches_per_image, H*W) per level: grids 4x4 and 2x2 at 32 px
     assert tr["vectors_per_step"] == 4 * (16 + 4)
+    assert tr["n_couplings"] == [3, 2]
+    # each level's vectors through its own couplings: 4 x 16 x 3 + 4 x 4 x 2 block passes
     assert tr["vectors_per_s_per_coupling"]["median"] == pytest.approx(
-        tr["vectors_per_s"]["median"] * tr["n_couplings"], rel=1e-3
+        tr["vectors_per_s"]["median"] * (4 * 16 * 3 + 4 * 4 * 2) / (4 * (16 + 4)), rel=1e-3
     )
     assert tr["task"]["task"] == "t0" and tr["task"]["steps"] > 0
     assert tr["task"]["features"].startswith("bench subset")  # tmp has no full cache

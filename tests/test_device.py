@@ -35,6 +35,35 @@ def test_cuda_without_gpu_is_a_clear_error(monkeypatch) -> None:
     assert "device: cpu" in err.value.fix and "device: auto" in err.value.fix
 
 
+def test_a_gpu_is_set_up_deterministically(monkeypatch) -> None:
+    """On CUDA two identical training runs differed in the last bit (atomic adds, cuBLAS split
+    reductions, TF32): choosing the GPU must switch on torch's deterministic algorithms."""
+    import os
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # a copy of the environment without the variable: restored whole after the test
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
+                                        if k != "CUBLAS_WORKSPACE_CONFIG"})
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.matmul.allow_tf32)
+    try:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.allow_tf32 = True
+        for setting in ("auto", "cuda"):
+            assert resolve_device(setting) == torch.device("cuda")
+            assert torch.are_deterministic_algorithms_enabled()
+            assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+            assert not torch.backends.cudnn.benchmark
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark = saved[2]
+        torch.backends.cudnn.allow_tf32 = saved[3]
+        torch.backends.cuda.matmul.allow_tf32 = saved[4]
+
+
 def test_unknown_setting() -> None:
     with pytest.raises(CcnfError, match="unknown device 'tpu'"):
         resolve_device("tpu")

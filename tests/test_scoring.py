@@ -389,3 +389,22 @@ def test_selection_level_uses_only_that_level() -> None:
     np.testing.assert_array_equal(deep.log_lik, last.log_lik)
     np.testing.assert_allclose(both.log_lik, (first.log_lik + last.log_lik) / 2, rtol=1e-6)
     assert not np.allclose(first.log_lik, last.log_lik)
+
+
+def test_blur_runs_on_the_device_of_its_maps(monkeypatch) -> None:
+    """The kernel was built on the CPU whatever the maps' device (a CUDA error in ccnf bench);
+    the meta device stands in for the GPU (torch lets meta and CPU tensors meet, CUDA does not,
+    so the kernel's device is checked where it meets the maps)."""
+    import torch.nn.functional as F
+
+    conv = F.conv2d
+    seen = []
+
+    def spy(x, weight, *args, **kwargs):
+        seen.append((x.device.type, weight.device.type))
+        return conv(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(F, "conv2d", spy)
+    out = gaussian_blur(torch.zeros(2, 16, 16, device="meta"), 1.5)
+    assert out.device.type == "meta" and out.shape == (2, 16, 16)
+    assert seen == [("meta", "meta")] * 2

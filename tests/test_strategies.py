@@ -289,3 +289,16 @@ def test_float16_adapters_score_exactly_as_their_checkpoint() -> None:
     assert not torch.equal(rounded, unrounded)  # rounding did change the weights
     with pytest.raises(ValueError, match="cannot add rank 2"):
         net.add_adapter(2, [0], film_rank=1, storage="float32")
+
+
+def test_adapters_are_made_on_the_device_of_their_flow() -> None:
+    """The first adapter of a flow on a GPU went to the CPU (an empty ParameterList follows no
+    .to()), so adapters crashed at task 1 on CUDA. The meta device stands in for the GPU."""
+    empty_then_moved = LowRankAdapters(6, 5, rank=2).to("meta")
+    empty_then_moved.add()
+    assert {p.device.type for p in empty_then_moved.parameters()} == {"meta"}
+    spec = CCNFSpec(n_couplings=(2,), hidden_dims=(16,), embedding_dim=4, pos_dim=4)
+    net = CCNF([6], [[3, 3]], spec, n_classes=2).to("meta")
+    new = net.add_adapter(2, [1], film_rank=2)
+    assert new and {p.device.type for p in new} == {"meta"}
+    assert "anchor" not in "".join(net.state_dict())  # no new checkpoint key

@@ -158,14 +158,21 @@ def bench_training(
     secs = measure(lambda: [step() for _ in range(steps)], repeats, sync=synchronizer(device))
     secs = [s / steps for s in secs]
     vectors = sum(len(x) for x, _ in batches)
+    n_levels = len(batches)
+    # each level's vectors pass through that level's own number of coupling blocks
+    block_passes = sum(
+        len(x) * params.flow.couplings_at(lvl, n_levels) for lvl, (x, _) in enumerate(batches)
+    )
     section: dict[str, Any] = {
         "vectors_per_step": vectors,
-        "n_couplings": params.flow.n_couplings,
-        "hidden_dim": params.flow.hidden_dim,
+        "n_couplings": [params.flow.couplings_at(lvl, n_levels) for lvl in range(n_levels)],
+        "hidden_dim": [
+            params.flow.hidden_at(lvl, n_levels, x.shape[1]) for lvl, (x, _) in enumerate(batches)
+        ],
         "step_ms": figure([1000 * s for s in secs], "ms", 2),
         "vectors_per_s": rate(secs, vectors, "vectors/s"),
         "vectors_per_s_per_coupling": rate(
-            secs, vectors * params.flow.n_couplings, "vectors/s through one coupling block"
+            secs, block_passes, "vectors/s through one coupling block"
         ),
     }
 

@@ -52,11 +52,21 @@ class LowRankAdapters(nn.Module):
     ``route`` is an :class:`AdapterRoute` or the (N,) long index it is made of.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, rank: int, count: int = 0) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        rank: int,
+        count: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
         super().__init__()
         if rank < 1:
             raise ValueError(f"adapter rank must be >= 1, got {rank}")
         self.in_dim, self.out_dim, self.rank = in_dim, out_dim, rank
+        # an empty ParameterList follows no .to(): this empty buffer does, and tells the first
+        # adapter where to go (not persistent: no checkpoint key)
+        self.register_buffer("anchor", torch.empty(0, device=device), persistent=False)
         self.a = nn.ParameterList()
         self.b = nn.ParameterList()
         for _ in range(count):
@@ -67,7 +77,8 @@ class LowRankAdapters(nn.Module):
 
     def add(self) -> int:
         """Append a new adapter (B = 0: no change yet); returns its index."""
-        device = self.a[0].device if len(self.a) else torch.device("cpu")
+        device = self.anchor.device
+        # drawn on the CPU generator whatever the device: the same adapters on CPU and GPU
         a = torch.randn(self.rank, self.in_dim) / math.sqrt(self.in_dim)
         self.a.append(nn.Parameter(a.to(device)))
         self.b.append(nn.Parameter(torch.zeros(self.out_dim, self.rank, device=device)))

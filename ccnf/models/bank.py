@@ -137,7 +137,7 @@ class BankModel(AnomalyModel):
         batch_images: int,
         level: int | None,
     ) -> dict[str, np.ndarray]:
-        stat = -self.bank.selection_scores(features, candidates).double().numpy()
+        stat = -self.bank.selection_scores(features, candidates).double().cpu().numpy()
         return {"likelihood": np.argmax(stat, axis=1)}
 
 
