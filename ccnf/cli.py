@@ -479,10 +479,12 @@ def catalog_list(catalog: Path = CATALOG, params: Path = PARAMS) -> None:
 
     cat = load_catalog(catalog, params)
     table = Table(title=f"{catalog}: {len(cat.experiments)} experiments (valid against {params})")
-    table.add_column("id", no_wrap=True)
-    table.add_column("description", overflow="fold", ratio=1)
-    table.add_column("overrides (dvc exp run -S)", no_wrap=True)
-    table.add_column("note MVTec img/pix", no_wrap=True)
+    # ids are folded, never cut with an ellipsis (they are copied into commands); the note's
+    # figures keep their width, so a narrow terminal narrows the description first
+    table.add_column("id", overflow="fold", min_width=15)
+    table.add_column("description", overflow="fold", ratio=2, min_width=12)
+    table.add_column("overrides (dvc exp run -S)", overflow="fold", ratio=1, min_width=16)
+    table.add_column("note MVTec img/pix", no_wrap=True, min_width=15)
     for exp in cat.experiments.values():
         tag = " (reference)" if exp.id == cat.reference else ""
         tag += " [CI]" if exp.id in cat.ci_subset else ""
