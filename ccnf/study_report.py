@@ -553,10 +553,9 @@ def plots_block(paths: Sequence[Path], report: Path) -> str:
         "image_vs_pixel": "headline image vs pixel AUROC: ours and the note (MVTec AD, nf)",
     }
     lines = []
-    for p in paths:
-        rel = _relative(Path(p), report) if Path(p).is_absolute() else Path(p)
-        stem = Path(p).stem.split("_", 1)[1] if Path(p).stem.startswith("industrial12_") \
-            else Path(p).stem
+    for p in map(Path, paths):
+        rel = _relative(p, report) if p.is_absolute() else p
+        stem = p.stem.removeprefix("industrial12_")
         lines.append(f"![{captions.get(stem, stem)}]({rel.as_posix()})")
     return "\n\n".join(lines) if lines else "(no plots: no experiment has results yet)"
 

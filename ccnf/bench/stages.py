@@ -159,13 +159,12 @@ def bench_training(
     secs = [s / steps for s in secs]
     vectors = sum(len(x) for x, _ in batches)
     n_levels = len(batches)
+    couplings = [params.flow.couplings_at(lvl, n_levels) for lvl in range(n_levels)]
     # each level's vectors pass through that level's own number of coupling blocks
-    block_passes = sum(
-        len(x) * params.flow.couplings_at(lvl, n_levels) for lvl, (x, _) in enumerate(batches)
-    )
+    block_passes = sum(len(x) * c for (x, _), c in zip(batches, couplings, strict=True))
     section: dict[str, Any] = {
         "vectors_per_step": vectors,
-        "n_couplings": [params.flow.couplings_at(lvl, n_levels) for lvl in range(n_levels)],
+        "n_couplings": couplings,
         "hidden_dim": [
             params.flow.hidden_at(lvl, n_levels, x.shape[1]) for lvl, (x, _) in enumerate(batches)
         ],

@@ -52,21 +52,14 @@ class LowRankAdapters(nn.Module):
     ``route`` is an :class:`AdapterRoute` or the (N,) long index it is made of.
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        out_dim: int,
-        rank: int,
-        count: int = 0,
-        device: torch.device | str = "cpu",
-    ) -> None:
+    def __init__(self, in_dim: int, out_dim: int, rank: int, count: int = 0) -> None:
         super().__init__()
         if rank < 1:
             raise ValueError(f"adapter rank must be >= 1, got {rank}")
         self.in_dim, self.out_dim, self.rank = in_dim, out_dim, rank
         # an empty ParameterList follows no .to(): this empty buffer does, and tells the first
         # adapter where to go (not persistent: no checkpoint key)
-        self.register_buffer("anchor", torch.empty(0, device=device), persistent=False)
+        self.register_buffer("anchor", torch.empty(0), persistent=False)
         self.a = nn.ParameterList()
         self.b = nn.ParameterList()
         for _ in range(count):

@@ -80,11 +80,11 @@ class ConditionalAffineCoupling(nn.Module):
         device = self.out.weight.device
         if self.lora_hidden is None or self.lora_out is None:
             (h_out, h_in), (o_out, o_in) = self.hidden.weight.shape, self.out.weight.shape
-            self.lora_hidden = LowRankAdapters(h_in, h_out, rank, device=device)
-            self.lora_out = LowRankAdapters(o_in, o_out, rank, device=device)
+            self.lora_hidden = LowRankAdapters(h_in, h_out, rank).to(device)
+            self.lora_out = LowRankAdapters(o_in, o_out, rank).to(device)
         if film_rank > 0 and self.lora_film is None and self.film is not None:
             f_out, f_in = self.film.weight.shape
-            self.lora_film = LowRankAdapters(f_in, f_out, film_rank, device=device)
+            self.lora_film = LowRankAdapters(f_in, f_out, film_rank).to(device)
         if (self.lora_film is not None) != (film_rank > 0) or (
                 self.lora_film is not None and len(self.lora_film) != len(self.lora_hidden)):
             raise ValueError("every adapter of a coupling has a FiLM part or none has")
