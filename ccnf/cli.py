@@ -514,6 +514,9 @@ def catalog_run(
     timing: Path = typer.Option(
         None, help="write the wall time here (default with --all: "
         "docs/report/catalog_timing.json)"),
+    seed: list[int] = typer.Option(
+        None, "--seed", help="run each experiment at this seed instead, named ID-seedN "
+        "(repeat for several: --seed 1 --seed 2); replicates, not catalog rows"),
     catalog: Path = CATALOG,
     params: Path = PARAMS,
 ) -> None:
@@ -522,6 +525,7 @@ def catalog_run(
     An experiment that finished on HEAD with the catalog's params is skipped (so the same
     command, run again after a crash or a dead queue worker, finishes the rest); any other
     earlier experiment of the same id is replaced. --force replaces finished ones too.
+    With --seed the replicates ID-seedN run instead (always; an earlier one is replaced).
     """
     import datetime
     import os
@@ -547,6 +551,8 @@ def catalog_run(
                             fix=f"use one of: {', '.join(cat.subsets) or '(none defined)'}")
         named = list(cat.subsets[subset])
     exps = cat.select([*(ids or []), *named], all_=all_, ci=ci)
+    if seed:
+        exps = [e.with_seed(n) for e in exps for n in seed]
     if mode not in ("auto", "temp", "queue"):
         raise CcnfError(f"unknown --mode '{mode}'", fix="use auto, temp or queue")
     if mode == "auto":

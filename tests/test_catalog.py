@@ -447,6 +447,28 @@ def test_catalog_run_dry_run_prints_the_dvc_commands(monkeypatch) -> None:
     assert all("--queue" in ln for ln in res.output.strip().splitlines()[:-1])
 
 
+def test_seed_replicates_run_the_row_at_another_seed_under_their_own_name(monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+    res = CliRunner().invoke(
+        app, ["catalog", "run", "E0", "--seed", "1", "--seed", "2", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert res.output.strip().splitlines() == [
+        "dvc exp run --temp -n E0-seed1 -S loss.lambda_center=0.0 -S seed=1",
+        "dvc exp run --temp -n E0-seed2 -S loss.lambda_center=0.0 -S seed=2",
+    ]
+    exp = Experiment("X", "d", ("a.b=1",), protocol="15x1", data_overrides=("data.protocol=15x1",))
+    rep = exp.with_seed(3)
+    assert (rep.id, rep.protocol, rep.data_overrides) == ("X-seed3", "15x1", exp.data_overrides)
+    assert rep.set_args()[-2:] == ["-S", "seed=3"]
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert Experiment("E", "d", ("loss.lambda_center=0.0",)).with_seed(2).expected_params(
+        base)["seed"] == 2
+    with pytest.raises(CcnfError, match="sets seed in its overrides"):
+        Experiment("Y", "d", ("seed=4",)).with_seed(1)
+    with pytest.raises(CcnfError, match="seed must be >= 0"):
+        exp.with_seed(-1)
+
+
 def test_catalog_list_and_errors_are_one_clean_message(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.chdir(REPO)
     res = CliRunner().invoke(app, ["catalog", "list"], env={"COLUMNS": "200"})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,23 @@ class Experiment:
         if self.protocol is not None:
             base = apply_choice(base, protocol_choice(base, self.protocol))
         return apply_overrides(base, self.overrides)
+
+    def with_seed(self, seed: int) -> Experiment:
+        """The same experiment at another ``seed``, named ``ID-seedN``: a replicate that checks
+        a row's figure is not one seed's luck. Not a catalog row (``ccnf catalog table`` and
+        ``check`` read the row itself); an entry that sets ``seed`` already cannot have one.
+        """
+        if seed < 0:
+            raise CcnfError(f"seed must be >= 0, got {seed}", fix="pass --seed 1 (or 2, 3 ...)")
+        if any(o.split("=", 1)[0].strip() == "seed" for o in self.overrides):
+            raise CcnfError(
+                f"experiment '{self.id}' sets seed in its overrides: a replicate would override it",
+                where=str(CATALOG_FILE),
+                fix="run the entry as it is, or give it a sibling entry without its seed",
+            )
+        return replace(self, id=f"{self.id}-seed{seed}",
+                       description=f"{self.description} (seed {seed})",
+                       overrides=(*self.overrides, f"seed={seed}"))
 
     def dvc_command(self, *, queue: bool = False, temp: bool = False) -> list[str]:
         """``dvc exp run [--queue|--temp] -n ID -S k=v ...`` (as the user would type it)."""
