@@ -552,7 +552,7 @@ def catalog_run(
         named = list(cat.subsets[subset])
     exps = cat.select([*(ids or []), *named], all_=all_, ci=ci)
     if seed:
-        exps = [e.with_seed(n) for e in exps for n in seed]
+        exps = [e.with_seed(n) for e in exps for n in dict.fromkeys(seed)]
     if mode not in ("auto", "temp", "queue"):
         raise CcnfError(f"unknown --mode '{mode}'", fix="use auto, temp or queue")
     if mode == "auto":

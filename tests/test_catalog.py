@@ -450,7 +450,7 @@ def test_catalog_run_dry_run_prints_the_dvc_commands(monkeypatch) -> None:
 def test_seed_replicates_run_the_row_at_another_seed_under_their_own_name(monkeypatch) -> None:
     monkeypatch.chdir(REPO)
     res = CliRunner().invoke(
-        app, ["catalog", "run", "E0", "--seed", "1", "--seed", "2", "--dry-run"])
+        app, ["catalog", "run", "E0", "--seed", "1", "--seed", "2", "--seed", "1", "--dry-run"])
     assert res.exit_code == 0, res.output
     assert res.output.strip().splitlines() == [
         "dvc exp run --temp -n E0-seed1 -S loss.lambda_center=0.0 -S seed=1",
