@@ -30,10 +30,13 @@ fi
 cp metrics/summary.json "$OUT/summary_cpu_committed.json"
 
 echo "stage wall_s" > "$OUT/stages.txt"
-for cmd in "synth.py" "prepare.py" "extract.py" "init.py" \
-    "train.py --task t0" "train.py --task t1" "train.py --task t2" "train.py --task t3" \
-    "train.py --task t4" "evaluate.py --task t0" "evaluate.py --task t1" \
-    "evaluate.py --task t2" "evaluate.py --task t3" "evaluate.py --task t4" "aggregate.py"; do
+# the task chain of params.yaml (whatever protocol it holds), read by the project's own loader
+TASKS=$("$PY" -c "from ccnf.config import load_params; print(' '.join(load_params('params.yaml').tasks))") || exit 1
+CMDS=("synth.py" "prepare.py" "extract.py" "init.py")
+for t in $TASKS; do CMDS+=("train.py --task $t"); done
+for t in $TASKS; do CMDS+=("evaluate.py --task $t"); done
+CMDS+=("aggregate.py")
+for cmd in "${CMDS[@]}"; do
   start=$(date +%s.%N)
   # shellcheck disable=SC2086  # "train.py --task t0" is a command and its arguments
   if ! "$PY" stages/$cmd > "$OUT/stage.log" 2>&1; then

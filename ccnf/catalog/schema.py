@@ -106,7 +106,7 @@ class Experiment:
         """
         if seed < 0:
             raise CcnfError(f"seed must be >= 0, got {seed}", fix="pass --seed 1 (or 2, 3 ...)")
-        if any(o.split("=", 1)[0].strip() == "seed" for o in self.overrides):
+        if any(parse_override(o)[0] == "seed" for o in self.overrides):
             raise CcnfError(
                 f"experiment '{self.id}' sets seed in its overrides: a replicate would override it",
                 where=str(CATALOG_FILE),
