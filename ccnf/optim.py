@@ -22,7 +22,9 @@ import torch
 
 
 class AdamW:
-    """One parameter group; ``param_groups[0]["lr"]`` may be changed between steps."""
+    """Parameter groups, each with its own ``lr`` (changed between steps by the schedules;
+    ``initial_lr`` keeps the group's own): the constructor's, and any :meth:`add_param_group`
+    adds."""
 
     def __init__(
         self,
@@ -33,12 +35,16 @@ class AdamW:
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
     ) -> None:
-        self.param_groups: list[dict[str, Any]] = [
-            {"params": list(params), "lr": lr, "weight_decay": weight_decay, "betas": betas,
-             "eps": eps}
-        ]
+        self.param_groups: list[dict[str, Any]] = []
+        self._defaults = {"weight_decay": weight_decay, "betas": betas, "eps": eps}
+        self.add_param_group(params, lr=lr)
         # per parameter: [step count, m (first moment), v (second moment)]
         self.state: dict[torch.nn.Parameter, list[Any]] = {}
+
+    def add_param_group(self, params: Iterable[torch.nn.Parameter], *, lr: float) -> None:
+        """A further group at learning rate ``lr`` (same decay, betas and eps)."""
+        self.param_groups.append(
+            {"params": list(params), "lr": lr, "initial_lr": lr, **self._defaults})
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:

@@ -10,8 +10,9 @@ from conftest import make_mvtec_root, tiny_params
 
 from ccnf.config import parse_params
 from ccnf.data.manifest import index_root
+from ccnf.errors import CcnfError
 from ccnf.features import extract_features, load_split
-from ccnf.flows.adapters import LowRankAdapters
+from ccnf.flows.adapters import AdapterRoute, LowRankAdapters
 from ccnf.flows.ccnf import CCNF, CCNFSpec
 from ccnf.models import read_checkpoint
 from ccnf.models.ccnf import ccnf_spec, generate_task_data
@@ -90,6 +91,32 @@ def test_adapters_keep_the_base_and_earlier_adapters_bit_identical(
     assert params.train.strategy == "adapters"
 
 
+def test_class_adapters_give_each_class_its_own_and_later_tasks_leave_them(three_tasks) -> None:
+    """flow.class_adapter_rank: a class's adapter is made and learned with its task; the
+    shared flow goes on learning (naive), the adapter of an earlier class does not move."""
+    tmp, raw = three_tasks
+    raw = _with(raw, "flow", class_adapter_rank=2)
+    t0, t1, t2 = _chain(tmp, raw, "class-adapters")
+    assert [c["state_dict"]["class_adapter"].tolist() for c in (t0, t1, t2)] == [
+        [0], [0, 1], [0, 1, 2]]
+    assert t2["adapters"] == {"count": 3, "rank": 2, "storage": "float16"}
+    first = [k for k in t0["state_dict"] if ".lora_" in k]
+    assert first and all(k.endswith(".0") for k in first)
+    assert any(k.split(".")[-2] == "b" and t0["state_dict"][k].abs().sum() > 0 for k in first)
+    for k in first:
+        assert torch.equal(t0["state_dict"][k], t2["state_dict"][k]), k
+    shared = [k for k in t0["state_dict"] if k.startswith("flows.") and ".lora_" not in k
+              and k.endswith("weight")]
+    assert any(not torch.equal(t0["state_dict"][k], t2["state_dict"][k]) for k in shared)
+
+
+def test_class_adapters_and_the_adapters_strategy_are_refused_together(three_tasks) -> None:
+    _, raw = three_tasks
+    raw = _with(_with(raw, "flow", class_adapter_rank=2), "train", strategy="adapters")
+    with pytest.raises(CcnfError, match=r"flow\.class_adapter_rank"):
+        parse_params(raw)
+
+
 def test_adapter_routing_per_vector_matches_per_adapter_passes() -> None:
     torch.manual_seed(0)
     lora = LowRankAdapters(6, 5, rank=2, count=3)
@@ -97,12 +124,13 @@ def test_adapter_routing_per_vector_matches_per_adapter_passes() -> None:
         torch.nn.init.normal_(b)
     x = torch.randn(10, 6)
     index = torch.tensor([0, 2, -1, 1, 0, 2, 2, -1, 1, 0])
-    delta = lora(x, index)
-    for k in (-1, 0, 1, 2):
-        rows = index == k
-        expected = (torch.zeros(int(rows.sum()), 5) if k < 0
-                    else (x[rows] @ lora.a[k].t()) @ lora.b[k].t())
-        assert torch.allclose(delta[rows], expected, atol=1e-6), k
+    for exact in (False, True):  # one stacked pass (training batches), or one per adapter
+        delta = lora(x, AdapterRoute.of(index, exact=exact))
+        for k in (-1, 0, 1, 2):
+            rows = index == k
+            expected = (torch.zeros(int(rows.sum()), 5) if k < 0
+                        else (x[rows] @ lora.a[k].t()) @ lora.b[k].t())
+            assert torch.allclose(delta[rows], expected, atol=1e-6), (exact, k)
     same = torch.full((10,), 1)
     assert torch.allclose(lora(x, same), (x @ lora.a[1].t()) @ lora.b[1].t())
 

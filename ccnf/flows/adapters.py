@@ -23,26 +23,38 @@ from torch import nn
 @dataclass(frozen=True)
 class AdapterRoute:
     """Which adapter each vector of a batch uses, resolved once per flow pass (every layer of
-    every coupling reads it): ``whole`` = the one adapter of the whole batch (-1: none), or
-    ``groups`` = (adapter k, row indices) for a batch that mixes them. ``table`` is the route
-    of a per-class table's rows (the FiLM map reads the class-embedding table, one row per
-    class, not one per vector); None where no table is read.
+    every coupling reads it): ``whole`` = the one adapter of the whole batch (-1: none), or,
+    for a batch that mixes them, ``present`` = the adapters it uses (ascending, -1 left out)
+    with either ``groups`` = the row indices of each (``exact``: every row's delta is
+    computed from its own adapter alone, bit-identical however many others exist) or
+    ``mask`` (N, P) = 1 where vector n uses adapter present[p] (one pass for all of them).
+    ``table`` is the route of a per-class table's rows (the FiLM map reads the class-embedding
+    table, one row per class, not one per vector); None where no table is read.
     """
 
     whole: int | None
-    groups: tuple[tuple[int, torch.Tensor], ...] = ()
+    present: tuple[int, ...] = ()
+    groups: tuple[torch.Tensor, ...] = ()
+    mask: torch.Tensor | None = None
     table: AdapterRoute | None = None
 
     @staticmethod
-    def of(index: torch.Tensor, table: torch.Tensor | None = None) -> AdapterRoute:
+    def of(
+        index: torch.Tensor, table: torch.Tensor | None = None, *, exact: bool = False
+    ) -> AdapterRoute:
         """The route of ``index`` (N,) long, the adapter of each vector (-1: none); ``table``
-        (C,) long, the adapter of each row of a per-class table, gives :attr:`table`."""
-        table_route = AdapterRoute.of(table) if table is not None else None
+        (C,) long, the adapter of each row of a per-class table, gives :attr:`table` (always
+        ``exact``: a class's FiLM values must not move when later tasks add adapters)."""
+        table_route = AdapterRoute.of(table, exact=True) if table is not None else None
         present = torch.unique(index).tolist()
         if len(present) == 1:
             return AdapterRoute(present[0], table=table_route)
-        return AdapterRoute(None, tuple((k, torch.nonzero(index == k).squeeze(1))
-                                        for k in present if k >= 0), table_route)
+        used = tuple(k for k in present if k >= 0)
+        if exact:
+            rows = tuple(torch.nonzero(index == k).squeeze(1) for k in used)
+            return AdapterRoute(None, used, groups=rows, table=table_route)
+        mask = index[:, None] == torch.as_tensor(used, dtype=index.dtype, device=index.device)
+        return AdapterRoute(None, used, mask=mask, table=table_route)
 
 
 class LowRankAdapters(nn.Module):
@@ -87,7 +99,16 @@ class LowRankAdapters(nn.Module):
         if route.whole is not None and route.whole >= 0:
             k = route.whole  # the whole batch uses adapter k: no gather
             return (x @ self.a[k].t()) @ self.b[k].t()
-        delta = x.new_zeros(x.shape[0], self.out_dim)
-        for k, rows in route.groups:
-            delta = delta.index_add(0, rows, (x[rows] @ self.a[k].t()) @ self.b[k].t())
-        return delta
+        if route.mask is None:
+            delta = x.new_zeros(x.shape[0], self.out_dim)
+            for k, rows in zip(route.present, route.groups, strict=True):
+                delta = delta.index_add(0, rows, (x[rows] @ self.a[k].t()) @ self.b[k].t())
+            return delta
+        # a mixed training batch (flow.class_adapter_rank: each class of the batch has its
+        # own): every vector through the stacked factors of the adapters present, each
+        # vector's rank-r block of x A^T kept for its own adapter only: two products for any
+        # number of adapters instead of two per adapter
+        a = torch.cat([self.a[k] for k in route.present])  # (P r, in)
+        b = torch.cat([self.b[k] for k in route.present], dim=1)  # (out, P r)
+        keep = route.mask.to(x.dtype).repeat_interleave(self.rank, dim=1)  # (N, P r)
+        return ((x @ a.t()) * keep) @ b.t()

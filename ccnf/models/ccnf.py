@@ -498,12 +498,21 @@ class CCNFModel(AnomalyModel):
             for p in model.add_adapter(tc.adapter_rank, class_ids, tc.adapter_film_rank,
                                        tc.adapter_storage):
                 p.requires_grad_(True)
+        # flow.class_adapter_rank: each new class its own adapter, learned beside the shared
+        # flow at the adapters' learning rate
+        per_class = [p for cid in class_ids for p in model.add_adapter(
+            params.flow.class_adapter_rank, [cid], storage=tc.adapter_storage)
+        ] if params.flow.class_adapter_rank else []
         keep = _RowKeeper(model, offset) if tc.strategy == "adapters" and offset else None
         trainable = [p for p in model.parameters() if p.requires_grad]
         # adapters: a task after the first trains only its adapter and its classes' rows, at
         # their own learning rate (low-rank factors starting from B = 0 need larger steps)
         lr = tc.adapter_lr if tc.strategy == "adapters" and t > 0 else tc.lr
-        optimizer = AdamW(trainable, lr=lr, weight_decay=tc.weight_decay)
+        in_group = {id(p) for p in per_class}
+        optimizer = AdamW([p for p in trainable if id(p) not in in_group], lr=lr,
+                          weight_decay=tc.weight_decay)
+        if per_class:
+            optimizer.add_param_group(per_class, lr=tc.adapter_lr)
         schedule = Schedule.for_task(params, t, draw.n_budget, len(names))
         gen = torch.Generator().manual_seed(stream_seed(params.seed, "batches", t))
         seen = torch.arange(offset + len(names), device=device)
@@ -529,7 +538,7 @@ class CCNFModel(AnomalyModel):
             for _ in range(schedule.rounds):
                 for i in range(steps):
                     for group in optimizer.param_groups:
-                        group["lr"] = lr * schedule.lr_factor(i, tc)
+                        group["lr"] = group["initial_lr"] * schedule.lr_factor(i, tc)
                     images = draw.images(i, per_epoch, gen)
                     per_level = [
                         level_losses(
