@@ -205,9 +205,10 @@ class FlowConfig(_Section):
         description=(
             "per-class capacity of the shared flow: each class gets its own low-rank "
             "adapters (rank r) of every coupling subnet layer, learned with its task at "
-            "train.adapter_lr and stored in train.adapter_storage; a later task's steps do "
-            "not reach them (r = 4: 14,848 values, 29 KB in float16 per class for the default "
-            "flow, a tenth of one flow-bank class). 0: none. Not with train.strategy: "
+            "train.adapter_lr and stored in train.adapter_storage; a later task reaches them "
+            "only through the class's replayed or generated data, or loss.negatives: seen "
+            "(r = 4: 14,848 values, 29 KB in float16 per class for the default flow, a tenth "
+            "of one flow-bank class). 0: none. Not with train.strategy: "
             "adapters (that strategy gives each later task its own adapters instead)"
         ),
     )
