@@ -37,6 +37,39 @@ def test_adamw_is_bit_identical_to_torch(weight_decay: float) -> None:
     assert not all(torch.equal(a, b) for a, b in zip(ours, changed, strict=True))
 
 
+def test_a_second_group_trains_at_its_own_rate_as_torch_does() -> None:
+    """add_param_group (the class adapters' learning rate) matches torch's parameter groups."""
+
+    def ours(ps: list[torch.nn.Parameter]) -> AdamW:
+        opt = AdamW(ps[:2], lr=1e-2, weight_decay=1e-5)
+        opt.add_param_group(ps[2:], lr=1e-1)
+        return opt
+
+    def torch_groups(ps: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+        return torch.optim.AdamW([{"params": ps[:2], "initial_lr": 1e-2},
+                                  {"params": ps[2:], "lr": 1e-1, "initial_lr": 1e-1}],
+                                 lr=1e-2, weight_decay=1e-5)
+
+    def train(make_opt) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(7, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        opt = make_opt(list(net.parameters()))
+        gen = torch.Generator().manual_seed(1)
+        for i in range(20):
+            for group in opt.param_groups:  # as CCNF's loop: each group's own rate, scheduled
+                group["lr"] = group["initial_lr"] * (i + 1) / 20
+            loss = net(torch.randn(32, 7, generator=gen)).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return [p.detach().clone() for p in net.parameters()]
+
+    mine, ref = train(ours), train(torch_groups)
+    assert all(torch.equal(a, b) for a, b in zip(mine, ref, strict=True))
+    one_rate = train(lambda ps: AdamW(ps, lr=1e-2, weight_decay=1e-5))
+    assert not torch.equal(mine[2], one_rate[2])  # the second group's rate did matter
+
+
 def test_frozen_parameters_are_untouched() -> None:
     a = torch.nn.Parameter(torch.ones(3))
     b = torch.nn.Parameter(torch.ones(3))

@@ -24,6 +24,9 @@ class embedding into each level's latent space; the centre loss (E11/E10) trains
 buffer when its task ends and read from there afterwards, so later tasks cannot move it.
 ``flow.class_conditioning: false`` drops e_y from c (position-only flow); the embedding then
 feeds only the prototype head.
+With ``flow.class_adapter_rank`` r > 0 every class gets its own rank-r adapter the same way
+(made when its task starts, ``class_adapter`` names it), per-class capacity beside the shared
+weights.
 With ``train.strategy: adapters`` each task after the first adds a low-rank adapter to every
 coupling's subnet (and FiLM map, ``train.adapter_film_rank``; :mod:`ccnf.flows.adapters`);
 ``class_adapter`` (C,) names the adapter each class is scored with (-1 for the first task's
