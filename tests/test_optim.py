@@ -18,8 +18,8 @@ def _train(make_opt, steps: int = 25) -> list[torch.Tensor]:
     opt = make_opt(list(net.parameters()))
     gen = torch.Generator().manual_seed(1)
     for i in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = 1e-2 * (i + 1) / steps  # the warm-up schedules change lr per step
+        for group in opt.param_groups:  # the warm-up schedules change each group's lr per step
+            group["lr"] = group.get("initial_lr", 1e-2) * (i + 1) / steps
         x = torch.randn(32, 7, generator=gen)
         loss = net(x).pow(2).mean()
         opt.zero_grad(set_to_none=True)
@@ -50,23 +50,9 @@ def test_a_second_group_trains_at_its_own_rate_as_torch_does() -> None:
                                   {"params": ps[2:], "lr": 1e-1, "initial_lr": 1e-1}],
                                  lr=1e-2, weight_decay=1e-5)
 
-    def train(make_opt) -> list[torch.Tensor]:
-        torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Linear(7, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-        opt = make_opt(list(net.parameters()))
-        gen = torch.Generator().manual_seed(1)
-        for i in range(20):
-            for group in opt.param_groups:  # as CCNF's loop: each group's own rate, scheduled
-                group["lr"] = group["initial_lr"] * (i + 1) / 20
-            loss = net(torch.randn(32, 7, generator=gen)).pow(2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return [p.detach().clone() for p in net.parameters()]
-
-    mine, ref = train(ours), train(torch_groups)
+    mine, ref = _train(ours, steps=20), _train(torch_groups, steps=20)
     assert all(torch.equal(a, b) for a, b in zip(mine, ref, strict=True))
-    one_rate = train(lambda ps: AdamW(ps, lr=1e-2, weight_decay=1e-5))
+    one_rate = _train(lambda ps: AdamW(ps, lr=1e-2, weight_decay=1e-5), steps=20)
     assert not torch.equal(mine[2], one_rate[2])  # the second group's rate did matter
 
 

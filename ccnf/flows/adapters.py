@@ -27,7 +27,7 @@ class AdapterRoute:
     for a batch that mixes them, ``present`` = the adapters it uses (ascending, -1 left out)
     with either ``groups`` = the row indices of each (``exact``: every row's delta is
     computed from its own adapter alone, bit-identical however many others exist) or
-    ``mask`` (N, P) = 1 where vector n uses adapter present[p] (one pass for all of them).
+    ``mask`` (N, P) float, 1 where vector n uses adapter present[p] (one pass for all).
     ``table`` is the route of a per-class table's rows (the FiLM map reads the class-embedding
     table, one row per class, not one per vector); None where no table is read.
     """
@@ -53,7 +53,9 @@ class AdapterRoute:
         if exact:
             rows = tuple(torch.nonzero(index == k).squeeze(1) for k in used)
             return AdapterRoute(None, used, groups=rows, table=table_route)
-        mask = index[:, None] == torch.as_tensor(used, dtype=index.dtype, device=index.device)
+        # float once here, not in every layer that reads it
+        mask = (index[:, None] == torch.as_tensor(
+            used, dtype=index.dtype, device=index.device)).float()
         return AdapterRoute(None, used, mask=mask, table=table_route)
 
 

@@ -508,6 +508,7 @@ class CCNFModel(AnomalyModel):
         # adapters: a task after the first trains only its adapter and its classes' rows, at
         # their own learning rate (low-rank factors starting from B = 0 need larger steps)
         lr = tc.adapter_lr if tc.strategy == "adapters" and t > 0 else tc.lr
+        # the shared group keeps the model's parameter order (the grad-norm clip sums in it)
         in_group = {id(p) for p in per_class}
         optimizer = AdamW([p for p in trainable if id(p) not in in_group], lr=lr,
                           weight_decay=tc.weight_decay)
