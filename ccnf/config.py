@@ -200,6 +200,17 @@ class FlowConfig(_Section):
             "values per coupling and class; a class's values learn from its own data only)"
         ),
     )
+    mean_condition_dim: int = Field(
+        0, ge=0,
+        description=(
+            "k > 0: every coupling is also conditioned on the class's mean content at the "
+            "position, u_y(p) = (m_y(p) - mean over positions) / s_y through a learned D_l -> k "
+            "map: the shared flow sees what a normal image of the class holds there, so classes "
+            "with similar parts can share what they learn (no parameter per class). Needs "
+            "class_norm with class_norm_mean: position; the flow bank gets the same "
+            "condition from its own mean map. 0: off"
+        ),
+    )
     class_adapter_rank: int = Field(
         0, ge=0,
         description=(
@@ -698,6 +709,17 @@ class Params(_Section):
                 "add --overrides to print the same change as dvc exp run -S flags)"
             )
         self._split = split
+        return self
+
+    @model_validator(mode="after")
+    def _check_mean_condition(self) -> Params:
+        f = self.flow
+        if f.mean_condition_dim and not (f.class_norm and f.class_norm_mean == "position"):
+            raise ValueError(
+                "flow.mean_condition_dim > 0 conditions the flow on each class's mean feature "
+                "map, which only flow.class_norm: true with flow.class_norm_mean: position "
+                "keeps. Set both, or flow.mean_condition_dim=0"
+            )
         return self
 
     @model_validator(mode="after")

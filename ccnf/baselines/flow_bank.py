@@ -1,7 +1,10 @@
 """Per-class CFlow-style flow: one position-conditioned flow per level, owned by one class.
 
 Per level l (patch vector x in R^{D_l} at grid position p):
-    c = PE(p)                                  2-D sinusoidal encoding (no class embedding)
+    c = PE(p)                                  2-D sinusoidal encoding (no class embedding);
+                                               with ``flow.mean_condition_dim`` k also
+                                               A_l (m(p) - mean_p m(p)) / s, the class's mean
+                                               content at p (as CCNF's condition)
     z = f_l(x; c)                              the same ConditionalFlow CCNF uses
     log p(x) = -0.5 ||z||^2 - 0.5 D_l log(2 pi) + log|det df_l/dx|
     patch scores: nf = -log p(x) / D_l, latent = 0.5 ||z||^2 / D_l
@@ -22,6 +25,7 @@ features, so the joint-vs-bank comparison measures sharing, not a different norm
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import torch
@@ -53,6 +57,7 @@ class FlowBankModel(PerClassModel):
         warmup_steps: int,
         feature_norm: bool,
         position_mean: bool = False,
+        mean_condition_dim: int = 0,
     ) -> None:
         super().__init__(channels, grids)
         self._spec = {
@@ -64,14 +69,19 @@ class FlowBankModel(PerClassModel):
             "warmup_steps": warmup_steps,
             "feature_norm": feature_norm,
             "position_mean": position_mean,
+            **({"mean_condition_dim": mean_condition_dim} if mean_condition_dim else {}),
         }
         self.warmup_steps = warmup_steps
         self.feature_norm = feature_norm
         self.position_mean = feature_norm and position_mean
+        if mean_condition_dim and not self.position_mean:
+            raise ValueError("mean_condition_dim needs the position mean (feature_norm and "
+                             "position_mean)")
+        self.mean_condition_dim = mean_condition_dim
         self.flows = nn.ModuleList(
             ConditionalFlow(
                 c,
-                pos_dim,
+                pos_dim + mean_condition_dim,
                 n_couplings=k,
                 hidden_dim=hid,
                 clamp_alpha=clamp_alpha,
@@ -88,6 +98,12 @@ class FlowBankModel(PerClassModel):
             self.register_buffer(f"feat_mean_{lvl}", torch.zeros(
                 *((h * w, c) if self.position_mean else (c,))))
             self.register_buffer(f"feat_std_{lvl}", torch.ones(c))
+        if mean_condition_dim:
+            # drawn apart from the global stream, as CCNF's (ccnf.flows.ccnf)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(zlib.crc32(b"mean_condition"))
+                self.mean_projs = nn.ModuleList(
+                    nn.Linear(c, mean_condition_dim) for c in self.channels)
         self.register_buffer("global_step", torch.tensor(0, dtype=torch.long))
 
     def spec(self) -> dict[str, Any]:
@@ -100,7 +116,11 @@ class FlowBankModel(PerClassModel):
         0.5 ||z||^2 (N,))."""
         mean, std = getattr(self, f"feat_mean_{level}"), getattr(self, f"feat_std_{level}")
         x = (x - (mean[pos] if self.position_mean else mean)) / std
-        z, logdet, _ = self.flows[level](x, getattr(self, f"pos_{level}")[pos], self.warm())
+        cond = getattr(self, f"pos_{level}")[pos]
+        if self.mean_condition_dim:
+            content = (mean[pos] - mean.mean(dim=0)) / std
+            cond = torch.cat([cond, self.mean_projs[level](content)], dim=-1)
+        z, logdet, _ = self.flows[level](x, cond, self.warm())
         half_sq = half_sq_norm(z)
         return log_normal_from_half_sq(half_sq, x.shape[1]) + logdet - std.log().sum(), half_sq
 

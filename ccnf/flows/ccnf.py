@@ -8,8 +8,13 @@ Per level l (patch features x in R^{D_l}):
                                              with ``flow.class_norm_mean: position``; kept
                                              whole, or as its channel mean plus r leading
                                              singular components (``flow.class_mean_rank``)
-    c = [e_y, PE(position), phi(sigma)]      class embedding (grows with classes), 2-D PE,
-                                             noise-level embedding (P6; only if noise_dim > 0)
+    c = [e_y, PE(position), phi(sigma), A_l u_y(position)]
+                                             class embedding (grows with classes), 2-D PE,
+                                             noise-level embedding (P6; only if noise_dim > 0),
+                                             the class's mean content at the position
+                                             u_y(p) = (m_y(p) - mean_p m_y(p)) / s_y through a
+                                             learned A_l (D_l -> k; ``flow.mean_condition_dim``
+                                             k > 0, needs the positional mean)
     z = f_l(x'; c)
     log p(x | y) = log N(z; mu, I) + log|det df_l/dx'| - sum_d log s_d
                  = -0.5 ||z - mu||^2 - 0.5 D_l log(2 pi) + logdet     (ccnf.flows.gaussian),
@@ -111,6 +116,7 @@ class CCNFSpec:
     class_norm_mean: str = "channel"
     class_mean_rank: int | None = None
     class_actnorm: bool = False
+    mean_condition_dim: int = 0
     feature_norm: bool = False
     prior: str = "standard"
     prototypes: str = "fixed"
@@ -140,7 +146,7 @@ class CCNF(nn.Module):
         self.embedding = nn.Parameter(torch.randn(n_classes, emb))
         film = cfg.class_conditioning and cfg.conditioning == "film"
         concat = cfg.class_conditioning and not film
-        cond_dim = (emb if concat else 0) + cfg.pos_dim + cfg.noise_dim
+        cond_dim = (emb if concat else 0) + cfg.pos_dim + cfg.noise_dim + cfg.mean_condition_dim
         if not len(cfg.n_couplings) == len(cfg.hidden_dims) == len(self.channels):
             raise ValueError(f"{len(self.channels)} levels but {len(cfg.n_couplings)} coupling "
                              f"counts and {len(cfg.hidden_dims)} subnet widths")
@@ -188,6 +194,16 @@ class CCNF(nn.Module):
                 k = cfg.n_couplings[lvl]
                 setattr(self, f"actnorm_{lvl}",
                         nn.Parameter(torch.zeros(n_classes, k, 2, self.channels[lvl])))
+        if cfg.mean_condition_dim:
+            if not self.positional_mean:
+                raise ValueError("mean_condition_dim needs class_norm with class_norm_mean: "
+                                 "position (the content it reads is the class's mean map)")
+            # drawn apart from the global stream: the flows above and every later draw are
+            # those of the run without it
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(zlib.crc32(b"mean_condition"))
+                self.mean_projs = nn.ModuleList(
+                    nn.Linear(d, cfg.mean_condition_dim) for d in self.channels)
         self.register_buffer("proto_frozen", torch.zeros(n_classes, dtype=torch.bool))
         self.register_buffer("global_step", torch.tensor(0, dtype=torch.long))
         # loss-specific heads (E4 L_proto, E5 L_mi_feat), created by the loss that needs them
@@ -425,10 +441,12 @@ class CCNF(nn.Module):
         pos_index: torch.Tensor,
         sigma: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """c = [e_y, PE(pos), phi(sigma)]: y, pos_index, sigma (N,) -> (N, cond_dim).
+        """c = [e_y, PE(pos), phi(sigma), A_l u_y(pos)]: y, pos_index, sigma (N,) ->
+        (N, cond_dim).
 
         e_y is left out without class conditioning or with FiLM (it modulates the subnets
-        instead), phi(sigma) without a noise embedding; sigma None means clean data.
+        instead), phi(sigma) without a noise embedding (sigma None means clean data), the mean
+        content without ``mean_condition_dim``.
         """
         parts = [self.positions(level)[pos_index]]
         if self.cfg.class_conditioning and not self.uses_film:
@@ -437,7 +455,17 @@ class CCNF(nn.Module):
             if sigma is None:
                 sigma = torch.zeros(y.shape[0], device=y.device)
             parts.append(noise_embedding(sigma.float(), self.cfg.noise_dim))
+        if self.cfg.mean_condition_dim:
+            parts.append(self.mean_projs[level](self.mean_content(level, y, pos_index)))
         return torch.cat(parts, dim=-1)
+
+    def mean_content(self, level: int, y: torch.Tensor, pos_index: torch.Tensor) -> torch.Tensor:
+        """u_y(p) = (m_y(p) - mean_p m_y(p)) / s_y: what class y's normal images hold at
+        position p relative to the class's average, in units of its deviations; y, pos_index
+        (N,) -> (N, D_l). Zero for a class whose statistics are not set yet."""
+        means, std = self.class_stats(level)
+        centre = means[y] if self.low_rank_mean else means.mean(dim=1)[y]
+        return (self._class_mean(level, y, pos_index) - centre) / std[y]
 
     def prototype(self, level: int, y: torch.Tensor) -> torch.Tensor:
         """mu_{y,l}: y (M,) -> (M, D_l). P_l e_y, or the fixed copy of a class whose

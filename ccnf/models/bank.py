@@ -49,6 +49,8 @@ def model_spec(params: Params, channels: list[int], grids: list[list[int]]) -> d
             "feature_norm": f.feature_norm or f.class_norm,
             # the class's mean map, as CCNF subtracts it (flow.class_norm_mean: position)
             "position_mean": f.class_norm and f.class_norm_mean == "position",
+            # only when on: the checkpoints of banks without it keep their bytes
+            **({"mean_condition_dim": f.mean_condition_dim} if f.mean_condition_dim else {}),
         }
     if kind == "fastflow":
         return {
