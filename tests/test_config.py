@@ -215,3 +215,11 @@ def test_params_yaml_reads_as_dvc_reads_it() -> None:
 
     loaded = YAML(typ="rt").load((REPO / "params.yaml").read_text())
     assert set(loaded) >= {"seed", "device", "data", "flow", "loss", "train", "score", "eval"}
+
+
+def test_mean_condition_without_the_positional_mean_names_both_keys(raw_params: dict) -> None:
+    raw_params["flow"]["mean_condition_dim"] = 16
+    parse_params(raw_params)  # the default keeps the mean map: accepted
+    raw_params["flow"]["class_norm_mean"] = "channel"
+    msg = _error(raw_params)
+    assert "flow.mean_condition_dim" in msg and "flow.class_norm_mean: position" in msg

@@ -99,7 +99,7 @@ class FlowBankModel(PerClassModel):
                 *((h * w, c) if self.position_mean else (c,))))
             self.register_buffer(f"feat_std_{lvl}", torch.ones(c))
         if mean_condition_dim:
-            # drawn apart from the global stream, as CCNF's (ccnf.flows.ccnf)
+            # its own seeded stream, as CCNF's (ccnf.flows.ccnf)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(zlib.crc32(b"mean_condition"))
                 self.mean_projs = nn.ModuleList(

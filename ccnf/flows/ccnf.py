@@ -198,8 +198,7 @@ class CCNF(nn.Module):
             if not self.positional_mean:
                 raise ValueError("mean_condition_dim needs class_norm with class_norm_mean: "
                                  "position (the content it reads is the class's mean map)")
-            # drawn apart from the global stream: the flows above and every later draw are
-            # those of the run without it
+            # its own seeded stream: A_l's start does not depend on what was drawn before it
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(zlib.crc32(b"mean_condition"))
                 self.mean_projs = nn.ModuleList(

@@ -130,3 +130,37 @@ def test_scoring_never_changes_the_model() -> None:
         assert torch.equal(v, before[k]), k
     for name in ("nf", "latent"):
         assert all(torch.equal(x, y) for x, y in zip(first[name], second[name], strict=True))
+
+
+def test_mean_condition_gives_the_bank_the_content_of_its_mean_map() -> None:
+    """flow.mean_condition_dim in the bank: the condition is [PE(p), A_l u(p)] with u(p) the
+    class's centred mean map over its std, as CCNF's; log p is still the exact change of
+    variables; the spec names the key only when it is on (checkpoints without it unchanged)."""
+    torch.manual_seed(0)
+    model = FlowBankModel(CHANNELS, GRIDS, n_couplings=[2, 2], hidden_dims=[8, 8],
+                          clamp_alpha=1.9, spectral_norm=False, pos_dim=8, warmup_steps=0,
+                          feature_norm=True, position_mean=True, mean_condition_dim=3)
+    assert model.spec()["mean_condition_dim"] == 3
+    assert "mean_condition_dim" not in _model(feature_norm=True, position_mean=True).spec()
+    model.fit(_feats(6, 1), TrainConfig(epochs=1, images_per_step=3, patches_per_image=4),
+              torch.Generator().manual_seed(0))
+    model = model.double().eval()
+    x, pos = torch.randn(3, 4, dtype=torch.double), torch.tensor([0, 5, 15])
+    mean, std = model.feat_mean_0, model.feat_std_0
+    cond = torch.cat([model.pos_0[pos], model.mean_projs[0]((mean[pos] - mean.mean(0)) / std)],
+                     dim=-1)
+    for i in range(3):
+
+        def to_z(v: torch.Tensor, i: int = i) -> torch.Tensor:
+            return model.flows[0]((v[None] - mean[pos[i]]) / std, cond[i : i + 1],
+                                  model.warm())[0][0]
+
+        jac = torch.autograd.functional.jacobian(to_z, x[i])
+        z = to_z(x[i])
+        # the Jacobian of x -> z includes the standardisation's 1 / std
+        want = -0.5 * z.pow(2).sum() - 2 * math.log(2 * math.pi) + torch.linalg.slogdet(jac)[1]
+        torch.testing.assert_close(model.level_log_prob(0, x, pos)[0][i], want)
+    with pytest.raises(ValueError, match="position mean"):
+        FlowBankModel(CHANNELS, GRIDS, n_couplings=[2, 2], hidden_dims=[8, 8], clamp_alpha=1.9,
+                      spectral_norm=False, pos_dim=8, warmup_steps=0, feature_norm=True,
+                      mean_condition_dim=3)

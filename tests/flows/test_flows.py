@@ -344,3 +344,44 @@ def test_class_actnorm_logdet_inverse_and_identity_start() -> None:
     torch.testing.assert_close(back, x, atol=1e-10, rtol=1e-10)
     model.add_classes(2)
     assert model.actnorm_0.shape[0] == 4 and float(model.actnorm_0[2:].detach().abs().sum()) == 0.0
+
+
+def test_mean_condition_reads_the_class_mean_content_at_each_position() -> None:
+    """flow.mean_condition_dim k: the condition gains A_l u_y(p), u_y(p) = (m_y(p) - mean_p
+    m_y) / s_y (a direct computation); log p stays an exact change of variables (the inverse
+    gives x back); the map A_l is the only new tensor and the subnets' first layers grow by
+    k inputs; classes whose maps differ score the same deviation differently."""
+    kw = dict(n_couplings=2, hidden_dim=8, embedding_dim=2, pos_dim=4, warmup_steps=0,
+              class_norm=True, class_norm_mean="position")
+    off = CCNF([3], [[2, 2]], ccnf_spec(FlowConfig(**kw), [3]), n_classes=2)
+    on = CCNF([3], [[2, 2]], ccnf_spec(FlowConfig(**kw, mean_condition_dim=5), [3]), n_classes=2)
+    new = {k: v.shape for k, v in on.state_dict().items()}
+    old = {k: v.shape for k, v in off.state_dict().items()}
+    assert set(new) - set(old) == {"mean_projs.0.weight", "mean_projs.0.bias"}
+    assert new["mean_projs.0.weight"] == (5, 3)
+    grown = {k for k in old if new[k] != old[k]}
+    assert grown and all(new[k][-1] == old[k][-1] + 5 for k in grown)
+    on = on.double().eval()
+    maps = torch.randn(2, 4, 3, dtype=torch.double) * 3
+    std = torch.rand(2, 3, dtype=torch.double) + 0.5
+    for c in range(2):
+        on.set_class_stats(0, c, maps[c], std[c])
+    y, pos = torch.tensor([1, 1, 0, 0]), torch.tensor([0, 3, 1, 2])
+    want = (maps[y, pos] - maps.mean(dim=1)[y]) / std[y]
+    torch.testing.assert_close(on.mean_content(0, y, pos), want)
+    cond = on.condition(0, y, pos)
+    assert cond.shape == (4, 2 + 4 + 5)  # [e_y, PE, A u] (concat conditioning)
+    torch.testing.assert_close(cond[:, -5:], on.mean_projs[0](want))
+    x = torch.randn(4, 3, dtype=torch.double)
+    got = on.forward_level(0, x, y, pos)
+    torch.testing.assert_close(on.inverse_level(0, got.z, y, pos), x)
+    # the same deviation from the map, another content: another density
+    moved = maps.clone()
+    moved[1, 0] += 2.0
+    on.set_class_stats(0, 1, moved[1], std[1])
+    shifted = x[:1] + (moved[1, 0] - maps[1, 0])
+    again = on.forward_level(0, shifted, y[:1], pos[:1]).log_prob
+    assert not torch.allclose(again, got.log_prob[:1])
+    with pytest.raises(ValueError, match="class_norm_mean: position"):
+        CCNF([3], [[2, 2]], ccnf_spec(FlowConfig(**{**kw, "class_norm_mean": "channel"},
+                                                 mean_condition_dim=5), [3]), n_classes=2)
