@@ -17,7 +17,8 @@ experiments are not mixed with the synthetic catalog's. So the script
    experiments (catalog.yaml's ``subsets.industrial12`` unless IDS are given) through
    ``ccnf catalog run`` (DVC's queue, ``--jobs`` workers);
 4. renders the same tables as the synthetic catalog (targets, one table per score, class
-   selection, baselines) for ``subsets.industrial12`` and any IDS, from the clone's DVC records
+   selection, baselines) for ``subsets.industrial12``, any IDS and every row the archive
+   already holds (a run naming a few rows keeps the others), from the clone's DVC records
    (those of its earlier commits included) and the archive docs/report/industrial12_records.json
    (which it rewrites), into this repository's REPORT.md block ``industrial12-table`` (a row
    without a record keeps its committed figures, marked †), plots into
@@ -40,7 +41,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ccnf.catalog import load_catalog, load_records, match_records  # noqa: E402
-from ccnf.catalog.archive import load_archive, merge, save_archive  # noqa: E402
+from ccnf.catalog.archive import (  # noqa: E402
+    load_archive,
+    merge,
+    rows_to_show,
+    save_archive,
+)
 from ccnf.catalog.records import off_history_records  # noqa: E402
 from ccnf.config import load_params  # noqa: E402
 from ccnf.console import console  # noqa: E402
@@ -132,14 +138,15 @@ def main() -> None:
     )
     # the clone's records and those archived in main (an earlier clone's, another machine's)
     archive = REPO / spec.records_file
+    archived = load_archive(archive)
     # a clone reset to a newer commit keeps its earlier commits' experiments off HEAD's history
     live = load_records(clone, args.commits)
-    records = merge(live + off_history_records(clone, live), load_archive(archive))
-    rows = match_records(cat, records)
+    records = merge(live + off_history_records(clone, live), archived)
     # the subset's rows always (rows without a record keep their committed figures, marked),
-    # plus any others named
-    wanted = set(cat.subsets.get("industrial12", ())) | set(args.ids) | {cat.reference}
-    rows = [r for r in rows if r.exp.id in wanted]
+    # any others named, and every row the archive holds
+    rows = rows_to_show(
+        match_records(cat, records),
+        {*cat.subsets.get("industrial12", ()), *args.ids, cat.reference}, archived)
     plots = write_report(rows, cat.reference, args.report, REPO / REPORT_DIR, spec=spec)
     save_archive(archive, rows, records)
     done = sum(r.record is not None for r in rows)

@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO
 
 from ccnf.catalog import ExpRecord, load_catalog, match_records, parse_exp_show
-from ccnf.catalog.archive import archive_rows, load_archive, merge, save_archive
+from ccnf.catalog.archive import archive_rows, load_archive, merge, rows_to_show, save_archive
 from ccnf.errors import CcnfError
 from ccnf.study_report import check_report, table_block, write_report
 
@@ -186,3 +186,15 @@ def test_experiments_of_commits_off_the_history_are_found(tmp_path, monkeypatch)
     assert [(r.kind, r.baseline) for r in got] == [
         ("baseline", old), ("experiment", old), ("baseline", older), ("experiment", older)]
     assert rec_mod.off_history_records(tmp_path, have + got) == []
+
+
+def test_a_named_set_table_keeps_every_row_the_archive_holds(sample, catalog) -> None:
+    """benchmarks/industrial12.py with a few ids: the rows archived by earlier runs stay in
+    the table (and so in the archive it rewrites); rows neither named nor archived do not
+    appear."""
+    records = parse_exp_show(sample)
+    rows = match_records(catalog, records)
+    archived = [r for r in records if r.kind == "baseline" or r.name in ("E0", "E9-cal")]
+    shown = {r.exp.id for r in rows_to_show(rows, {"S-oracle"}, archived)}
+    assert shown == {"S-oracle", "E0", "E9-cal"}
+    assert {r.exp.id for r in rows_to_show(rows, {"S-oracle"}, [])} == {"S-oracle"}

@@ -14,7 +14,7 @@ partly used.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,16 @@ def merge(live: Sequence[ExpRecord], archived: Sequence[ExpRecord]) -> list[ExpR
         elif rec.timestamp and out[i].timestamp and rec.timestamp > out[i].timestamp:
             out[i] = rec
     return out
+
+
+def rows_to_show(rows: Sequence[Row], always: Iterable[str],
+                 archived: Sequence[ExpRecord]) -> list[Row]:
+    """The rows of a named-set table (benchmarks/industrial12.py): those whose ids are in
+    ``always`` (the set, the ids named on the command line, the reference) and every row the
+    archive already holds a record of, so a run that names a few new rows keeps the others in
+    the table and in the archive it rewrites."""
+    shown = set(always) | {r.name for r in archived if r.kind == "experiment"}
+    return [r for r in rows if r.exp.id in shown]
 
 
 def load_with_archive(cwd: Path, commits: int, archive: Path) -> list[ExpRecord]:
