@@ -36,9 +36,10 @@ def _with(raw: dict, section: str, **values: object) -> dict:
     return {**raw, section: {**raw[section], **values}}
 
 
-def _chain(tmp: Path, raw: dict, name: str, tasks: int = 3) -> list[dict]:
+def _chain(tmp: Path, raw: dict, name: str, tasks: int = 3, init: Path | None = None
+           ) -> list[dict]:
     params = parse_params(raw)
-    prev = tmp / "models" / "init"
+    prev = init or tmp / "models" / "init"
     out = []
     for t in range(tasks):
         train_task(params, f"t{t}", tmp / "features", prev, tmp / name / f"t{t}")
@@ -51,13 +52,18 @@ def _net(ckpt: dict, raw: dict) -> CCNF:
     return CCNF.from_checkpoint(ckpt, ccnf_spec(parse_params(raw).flow, ckpt["channels"])).eval()
 
 
-@pytest.mark.parametrize("film_rank", [0, 2])
+@pytest.mark.parametrize(("film_rank", "mean_condition"), [(0, 0), (2, 0), (0, 4)])
 def test_adapters_keep_the_base_and_earlier_adapters_bit_identical(
-    three_tasks, film_rank: int
+    three_tasks, film_rank: int, mean_condition: int
 ) -> None:
     tmp, raw = three_tasks
     raw = _with(raw, "train", strategy="adapters", adapter_rank=2, adapter_film_rank=film_rank)
-    t0, t1, t2 = _chain(tmp, raw, f"adapters-film{film_rank}")
+    raw = _with(raw, "flow", mean_condition_dim=mean_condition)
+    init = None
+    if mean_condition:  # another flow layout: its own init
+        init = tmp / f"init-mc{mean_condition}"
+        init_model(parse_params(raw), tmp / "features", init)
+    t0, t1, t2 = _chain(tmp, raw, f"adapters-film{film_rank}-mc{mean_condition}", init=init)
     film = {"film_rank": film_rank} if film_rank else {}
     layout = {"rank": 2, **film, "storage": "float16"}  # params.yaml's adapter_storage
     assert "adapters" not in t0 and t1["adapters"] == {"count": 1, **layout}
@@ -66,8 +72,9 @@ def test_adapters_keep_the_base_and_earlier_adapters_bit_identical(
     lora = [k for k in t2["state_dict"] if ".lora_" in k]
     assert {t2["state_dict"][k].dtype for k in lora} == {torch.float16}
     assert t2["state_dict"]["class_adapter"].tolist() == [-1, 0, 1]
-    base = [k for k in t0["state_dict"] if k.startswith("flows.")]
-    assert base
+    # the shared flow and, with the mean-content condition, its maps A_l
+    base = [k for k in t0["state_dict"] if k.startswith(("flows.", "mean_projs."))]
+    assert any(k.startswith("mean_projs.") for k in base) == bool(mean_condition)
     for later in (t1, t2):
         for k in base:  # the shared flow, spectral-norm buffers included
             assert torch.equal(t0["state_dict"][k], later["state_dict"][k]), k

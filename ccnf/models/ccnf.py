@@ -274,8 +274,9 @@ def _set_feature_stats(model: CCNF, data: TaskData) -> None:
 
 
 def _freeze(model: CCNF, params: Params, t: int) -> list[nn.Module]:
-    """Apply the strategy's freezing for task t (E6 and adapters: whole flows, E5 leading
-    couplings; adapters also the prototype projection unless prototypes are fixed).
+    """Apply the strategy's freezing for task t (E6 and adapters: whole flows with their
+    mean-content maps, E5 leading couplings; adapters also the prototype projection unless
+    prototypes are fixed).
 
     Returns the frozen modules; training keeps them in eval mode, so frozen means frozen:
     not even the spectral norm's power iteration touches them. The caller unfreezes the
@@ -285,6 +286,8 @@ def _freeze(model: CCNF, params: Params, t: int) -> list[nn.Module]:
     frozen: list[nn.Module] = []
     if tc.strategy in ("freeze_after_first", "adapters") and t > 0:
         frozen = [model.flows]
+        if params.flow.mean_condition_dim:
+            frozen.append(model.mean_projs)  # part of every coupling's condition
         if tc.strategy == "adapters" and params.flow.prototypes != "fixed":
             frozen.append(model.protos)
     elif tc.partial_freeze > 0 and t > 0:
