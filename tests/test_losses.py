@@ -250,8 +250,8 @@ def test_dsm_loss_is_zero_for_the_exact_score() -> None:
         image=torch.zeros(6, dtype=torch.long), image_class=torch.zeros(1, dtype=torch.long),
     )
     gen = torch.Generator().manual_seed(0)
-    assert float(dsm_loss(model, 0, batch, [1.0], 6, gen)) == pytest.approx(0.0, abs=1e-10)
-    assert float(dsm_loss(model, 0, batch, [0.5], 6, gen)) > 0
+    assert float(dsm_loss(model, 0, batch, [1.0], 6, gen).detach()) == pytest.approx(0.0, abs=1e-10)
+    assert float(dsm_loss(model, 0, batch, [0.5], 6, gen).detach()) > 0
 
 
 def test_noise_condition_changes_the_density() -> None:
