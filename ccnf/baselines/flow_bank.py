@@ -25,7 +25,6 @@ features, so the joint-vs-bank comparison measures sharing, not a different norm
 
 from __future__ import annotations
 
-import zlib
 from typing import Any
 
 import torch
@@ -34,6 +33,7 @@ from torch import nn
 from ccnf.baselines.base import PerClassModel, require_images
 from ccnf.flows.flow import ConditionalFlow
 from ccnf.flows.gaussian import half_sq_norm, log_normal_from_half_sq
+from ccnf.flows.mean_condition import mean_condition_maps, mean_content
 from ccnf.flows.positional import positional_encoding_2d
 from ccnf.patches import gather_patches, sample_positions
 from ccnf.schedule import TrainSpec
@@ -99,11 +99,7 @@ class FlowBankModel(PerClassModel):
                 *((h * w, c) if self.position_mean else (c,))))
             self.register_buffer(f"feat_std_{lvl}", torch.ones(c))
         if mean_condition_dim:
-            # its own seeded stream, as CCNF's (ccnf.flows.ccnf)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(zlib.crc32(b"mean_condition"))
-                self.mean_projs = nn.ModuleList(
-                    nn.Linear(c, mean_condition_dim) for c in self.channels)
+            self.mean_projs = mean_condition_maps(self.channels, mean_condition_dim)
         self.register_buffer("global_step", torch.tensor(0, dtype=torch.long))
 
     def spec(self) -> dict[str, Any]:
@@ -118,7 +114,7 @@ class FlowBankModel(PerClassModel):
         x = (x - (mean[pos] if self.position_mean else mean)) / std
         cond = getattr(self, f"pos_{level}")[pos]
         if self.mean_condition_dim:
-            content = (mean[pos] - mean.mean(dim=0)) / std
+            content = mean_content(mean[pos], mean.mean(dim=0), std)
             cond = torch.cat([cond, self.mean_projs[level](content)], dim=-1)
         z, logdet, _ = self.flows[level](x, cond, self.warm())
         half_sq = half_sq_norm(z)

@@ -56,6 +56,7 @@ from ccnf.flows.adapters import AdapterRoute
 from ccnf.flows.flow import ConditionalFlow
 from ccnf.flows.gaussian import log_normal
 from ccnf.flows.log_scale import warmup_factor
+from ccnf.flows.mean_condition import mean_condition_maps, mean_content
 from ccnf.flows.positional import positional_encoding_2d
 from ccnf.flows.spectral import SNLinear
 
@@ -198,11 +199,7 @@ class CCNF(nn.Module):
             if not self.positional_mean:
                 raise ValueError("mean_condition_dim needs class_norm with class_norm_mean: "
                                  "position (the content it reads is the class's mean map)")
-            # its own seeded stream: A_l's start does not depend on what was drawn before it
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(zlib.crc32(b"mean_condition"))
-                self.mean_projs = nn.ModuleList(
-                    nn.Linear(d, cfg.mean_condition_dim) for d in self.channels)
+            self.mean_projs = mean_condition_maps(self.channels, cfg.mean_condition_dim)
         self.register_buffer("proto_frozen", torch.zeros(n_classes, dtype=torch.bool))
         self.register_buffer("global_step", torch.tensor(0, dtype=torch.long))
         # loss-specific heads (E4 L_proto, E5 L_mi_feat), created by the loss that needs them
@@ -464,7 +461,7 @@ class CCNF(nn.Module):
         (N,) -> (N, D_l). Zero for a class whose statistics are not set yet."""
         means, std = self.class_stats(level)
         centre = means[y] if self.low_rank_mean else means.mean(dim=1)[y]
-        return (self._class_mean(level, y, pos_index) - centre) / std[y]
+        return mean_content(self._class_mean(level, y, pos_index), centre, std[y])
 
     def prototype(self, level: int, y: torch.Tensor) -> torch.Tensor:
         """mu_{y,l}: y (M,) -> (M, D_l). P_l e_y, or the fixed copy of a class whose
