@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -23,6 +24,9 @@ from ccnf.config import Params, load_params
 from ccnf.console import console, report_user_errors
 from ccnf.errors import CcnfError
 from ccnf.names import SCORES
+
+if TYPE_CHECKING:
+    from ccnf.catalog.schema import Catalog
 
 app = typer.Typer(
     help="Continual Conditional Normalizing Flows: study tools.", no_args_is_help=True
@@ -495,6 +499,16 @@ def catalog_list(catalog: Path = CATALOG, params: Path = PARAMS) -> None:
     console.print(table)
 
 
+def _subset_ids(cat: Catalog, subset: str | None) -> list[str]:
+    """The ids of catalog.yaml's subset ``subset`` (none for None); an unknown name is an error."""
+    if subset is None:
+        return []
+    if subset not in cat.subsets:
+        raise CcnfError(f"catalog.yaml has no subset '{subset}'",
+                        fix=f"use one of: {', '.join(cat.subsets) or '(none defined)'}")
+    return list(cat.subsets[subset])
+
+
 @catalog_app.command("run")
 @report_user_errors
 def catalog_run(
@@ -544,13 +558,7 @@ def catalog_run(
     from ccnf.study_report import TIMING_FILE
 
     cat = load_catalog(catalog, params)
-    named: list[str] = []
-    if subset is not None:
-        if subset not in cat.subsets:
-            raise CcnfError(f"catalog.yaml has no subset '{subset}'",
-                            fix=f"use one of: {', '.join(cat.subsets) or '(none defined)'}")
-        named = list(cat.subsets[subset])
-    exps = cat.select([*(ids or []), *named], all_=all_, ci=ci)
+    exps = cat.select([*(ids or []), *_subset_ids(cat, subset)], all_=all_, ci=ci)
     if seed:
         exps = [e.with_seed(n) for e in exps for n in dict.fromkeys(seed)]
     if mode not in ("auto", "temp", "queue"):
@@ -665,6 +673,61 @@ def catalog_report(
     console.print(f"{report}: {done}/{len(rows)} experiments with results; "
                   f"{len(written)} plot(s) written; their records kept in "
                   f"{spec.records_file}")  # type: ignore[attr-defined]
+
+
+@catalog_app.command("cost")
+@report_user_errors
+def catalog_cost(
+    ids: list[str] = typer.Argument(None, help="only these experiments (default: all)"),
+    ci: bool = typer.Option(False, "--ci", help="the catalog's ci_subset"),
+    subset: str = typer.Option(
+        None, "--subset", help="a named set of catalog.yaml's subsets (e.g. strategies)"),
+    workers: int = typer.Option(2, min=1, help="runs side by side (ccnf catalog run --jobs)"),
+    minutes: float = typer.Option(60.0, min=0.1,
+                                  help="the time budget to hold the steps against"),
+    step_ms: float = typer.Option(
+        None, help="ms per optimizer step on one worker (`ccnf bench`: a task's seconds / "
+        "steps); given, the least time the steps take is printed too"),
+    manifest: Path = typer.Option(
+        None, help="data/manifest.json of a data set on disk (synthetic data needs none)"),
+    catalog: Path = CATALOG,
+    params: Path = PARAMS,
+) -> None:
+    """The fewest optimizer steps of each experiment and of the whole catalog, and the step
+    time a budget allows (training alone: evaluation and stage start-up come on top)."""
+    from collections import Counter
+
+    from ccnf.catalog import load_catalog, read_yaml
+    from ccnf.catalog.cost import experiment_steps, min_hours
+
+    cat = load_catalog(catalog, params)
+    named = [*(ids or []), *_subset_ids(cat, subset)]
+    chosen = cat.select(named, ci=ci) if named or ci else list(cat.experiments.values())
+    rows = experiment_steps(chosen, read_yaml(params, "params file"), manifest)
+    total = sum(r.steps for r in rows)
+    groups: Counter[tuple[str, str]] = Counter()
+    count: Counter[tuple[str, str]] = Counter()
+    for r in rows:
+        groups[r.kind, r.strategy] += r.steps
+        count[r.kind, r.strategy] += 1
+    table = Table(title=f"optimizer steps of {len(rows)} experiment(s), at the least")
+    for col in ("model.kind", "train.strategy", "experiments", "steps"):
+        table.add_column(col, justify="right" if col in ("experiments", "steps") else "left")
+    for key, steps in sorted(groups.items(), key=lambda kv: -kv[1]):
+        table.add_row(*key, str(count[key]), f"{steps:,}")
+    table.add_row("all", "", str(len(rows)), f"{total:,}", style="bold")
+    console.print(table)
+    if total == 0:
+        console.print("no optimizer step: the chosen experiments train nothing")
+        return
+    allowed = minutes * 60e3 * workers / total
+    console.print(f"{minutes:g} minutes with {workers} worker(s) allow at most "
+                  f"[bold]{allowed:.1f} ms[/] per optimizer step")
+    if step_ms is not None:
+        hours = min_hours(total, step_ms, workers)
+        verdict = "[green]fits[/]" if hours * 60 <= minutes else "[red]does not fit[/]"
+        console.print(f"at {step_ms:g} ms per step the steps alone take at least "
+                      f"[bold]{hours * 60:.1f} minutes[/] with {workers} worker(s): {verdict}")
 
 
 @catalog_app.command("check")

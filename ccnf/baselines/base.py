@@ -43,6 +43,12 @@ class PerClassModel(nn.Module, ABC):
         self.grids = [[int(h), int(w)] for h, w in grids]
 
     # -- what subclasses provide ---------------------------------------------------------------
+    @classmethod
+    def fit_steps(cls, n_images: int, train: TrainSpec) -> int:
+        """Optimizer steps :meth:`fit` takes on ``n_images`` images: the budget of
+        :meth:`train_epochs` (a kind fitted in closed form overrides this with 0)."""
+        return StepBudget.of(n_images, 1, train).steps
+
     @abstractmethod
     def spec(self) -> dict[str, Any]:
         """Constructor keyword arguments (JSON-able): enough to rebuild the empty model."""

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import track
 
 from ccnf.baselines import BANK_KINDS, ClassBank, bank_patch_scores
+from ccnf.baselines.bank import MODELS
 from ccnf.errors import CcnfError
 from ccnf.models.base import AnomalyModel, TaskInputs
 from ccnf.patch_scores import PatchScores
@@ -113,6 +114,13 @@ class BankModel(AnomalyModel):
             rows += [{"step": len(rows) + i, "task": inputs.task, **row}
                      for i, row in enumerate(log)]
         return rows
+
+    @classmethod
+    def min_training_steps(cls, params: Params, tasks: list[dict[str, int]]) -> int:
+        """Each class's own fit, one after another (:meth:`PerClassModel.fit_steps`)."""
+        per_class = MODELS[cls.kind]
+        spec = TrainSpec.of(params.train)
+        return sum(per_class.fit_steps(n, spec) for task in tasks for n in task.values())
 
     def patch_scores(
         self, features: list[torch.Tensor], classes: list[str], batch_images: int

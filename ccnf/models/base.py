@@ -115,6 +115,19 @@ class AnomalyModel(ABC):
         generators seeded by the params (:mod:`ccnf.seeding`).
         """
 
+    @classmethod
+    def min_training_steps(cls, params: Params, tasks: list[dict[str, int]]) -> int:
+        """The fewest optimizer steps :meth:`learn_task` takes over a whole run.
+
+        tasks: per task, {class: its fit images} as the train stage hands them over (empty
+        for a task that adds nothing, e.g. ``joint`` after task 0). Exact where a task
+        trains on its own images only; images a strategy adds (a replay buffer, generated
+        ones) can only lengthen epochs, so for those it is a lower bound. A kind that does
+        not state it raises.
+        """
+        raise CcnfError(f"model.kind '{cls.kind}' does not state its training steps",
+                        fix=f"implement {cls.__name__}.min_training_steps")
+
     # -- scoring -----------------------------------------------------------------------------
     @abstractmethod
     def patch_scores(

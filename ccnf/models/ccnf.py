@@ -459,6 +459,15 @@ class CCNFModel(AnomalyModel):
         return {m: np.argmax(stats.statistic(m), axis=1) for m in self.select_methods}
 
     # -- learning ----------------------------------------------------------------------------
+    @classmethod
+    def min_training_steps(cls, params: Params, tasks: list[dict[str, int]]) -> int:
+        """Each task's :class:`Schedule` on its own classes' images (replayed and generated
+        images can only add epochs)."""
+        return sum(
+            Schedule.for_task(params, t, sum(task.values()), len(task)).total_steps
+            for t, task in enumerate(tasks) if task
+        )
+
     def learn_task(
         self, inputs: TaskInputs, params: Params, *, console: Console | None = None
     ) -> list[dict[str, float]]:
