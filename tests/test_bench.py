@@ -140,6 +140,16 @@ def tiny_run(tmp_path_factory):
     raw["flow"]["n_couplings"] = [3, 2]  # per level, as the study's default
     params_path = tmp / "params.yaml"
     params_path.write_text(yaml.safe_dump(raw))
+    floor = raw["train"]["min_steps_per_class"]
+    # a two-row catalog of these params: the bench multiplies its steps by the task's step time
+    (tmp / "catalog.yaml").write_text(yaml.safe_dump({
+        "reference": "E11", "ci_subset": [],
+        "experiments": {
+            "E11": {"description": "the params", "overrides": []},
+            "twice": {"description": "twice the step floor",
+                      "overrides": [f"train.min_steps_per_class={2 * floor}"]},
+        },
+    }))
     params = parse_params(raw)
     manifest_path = tmp / "data" / "manifest.json"
     index_root(root, params.classes, progress=False).save(manifest_path)
@@ -187,8 +197,16 @@ def test_bench_json_layout(tiny_run) -> None:
     targets = result["targets"]
     assert set(targets) == {
         "extraction_vs_forward", "flow_scoring_vs_backbone", "experiment_vs_repro",
-        "flow_passes_per_class",
+        "flow_passes_per_class", "catalog_training_minutes",
     }
+    cat = result["catalog"]
+    # one task of two classes, 5 fit images each (6 less the calibration image), 4 a step and
+    # one epoch: 3 steps, below the floor of 2 classes x min_steps_per_class (2, then 4)
+    assert cat["experiments"] == 2 and cat["steps"] == 2 * 2 + 2 * 4
+    assert cat["ms_per_step"] == tr["task"]["ms_per_step"]["median"] > 0
+    assert cat["minutes"] == pytest.approx(cat["steps"] * cat["ms_per_step"] / 2 / 60e3,
+                                           abs=0.01)
+    assert targets["catalog_training_minutes"]["value"] == pytest.approx(cat["minutes"])
     assert targets["experiment_vs_repro"]["met"] is None  # --no-e2e: not measured
     assert targets["flow_passes_per_class"]["met"] is True
     for name in ("extraction_vs_forward", "flow_scoring_vs_backbone"):

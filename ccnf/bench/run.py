@@ -20,7 +20,7 @@ from rich.console import Console
 
 from ccnf.atomic import write_json
 from ccnf.bench.e2e import bench_e2e, stage_memory
-from ccnf.bench.harness import dir_size, target
+from ccnf.bench.harness import CATALOG_WORKERS, dir_size, target
 from ccnf.bench.selection import CLASS_COUNTS, bench_class_selection
 from ccnf.bench.stages import bench_extraction, bench_inference, bench_training
 from ccnf.config import load_params
@@ -46,6 +46,28 @@ def _section(name: str, errors: dict[str, str], console: Console) -> Iterator[No
         console.print(f"[dim]bench: {name} took {time.perf_counter() - t0:.1f} s[/]")
 
 
+def catalog_cost(
+    catalog: Path, params_path: Path, manifest_path: Path, training: dict[str, Any]
+) -> dict[str, Any]:
+    """The least time the catalog's optimizer steps take: its step count (``ccnf catalog
+    cost``) x the measured task's median ms per step / :data:`CATALOG_WORKERS`."""
+    from ccnf.catalog import load_catalog, read_yaml
+    from ccnf.catalog.cost import experiment_steps, min_hours
+
+    cat = load_catalog(catalog, params_path)
+    rows = experiment_steps(list(cat.experiments.values()), read_yaml(params_path, "params file"),
+                            manifest_path)
+    steps = sum(r.steps for r in rows)
+    ms = training["task"]["ms_per_step"]["median"]
+    return {
+        "experiments": len(rows),
+        "steps": steps,
+        "ms_per_step": ms,
+        "workers": CATALOG_WORKERS,
+        "minutes": round(60 * min_hours(steps, ms, CATALOG_WORKERS), 2),
+    }
+
+
 def run_bench(
     params_path: Path = Path("params.yaml"),
     out: Path = Path("metrics/bench.json"),
@@ -69,7 +91,8 @@ def run_bench(
     params = load_params(params_path)
     device = resolve_device(device_setting or params.device)
     repo = Path(repo)
-    manifest = Manifest.load(manifest_path or repo / "data" / "manifest.json")
+    manifest_path = manifest_path or repo / "data" / "manifest.json"
+    manifest = Manifest.load(manifest_path)
     features = repo / "features" if features is None else features
     full_features = features if (features / "meta.json").is_file() else None
     errors: dict[str, str] = {}
@@ -141,6 +164,10 @@ def run_bench(
         if full_features is not None:
             memory["feature_cache"] = dir_size(full_features)
     sections["memory"] = memory
+    if "training" in sections and (repo / "catalog.yaml").is_file():
+        with _section("catalog (optimizer steps x ms per step)", errors, console):
+            sections["catalog"] = catalog_cost(repo / "catalog.yaml", params_path,
+                                               manifest_path, sections["training"])
     result |= sections
 
     ext, inf = sections.get("extraction"), sections.get("inference")
@@ -160,6 +187,10 @@ def run_bench(
             max(passes["passes_per_level_per_class"], selection_passes or 0)
             if passes and passes["every_patch_in_one_pass"]
             else None,
+        ),
+        "catalog_training_minutes": target(
+            "catalog_training_minutes",
+            sections["catalog"]["minutes"] if "catalog" in sections else None,
         ),
     }
     result["errors"] = errors

@@ -58,6 +58,14 @@ def render(result: dict[str, Any], console: Console) -> None:
             _fmt(task["seconds"]),
             "s",
         )
+        if "ms_per_step" in task:  # bench.json files of earlier versions lack it
+            t.add_row("  of it, one optimizer step", _fmt(task["ms_per_step"], 2), "ms")
+    cat = result.get("catalog")
+    if cat:
+        t.add_row(
+            f"catalog: {cat['steps']:,} optimizer steps ({cat['experiments']} experiments) on "
+            f"{cat['workers']} workers, at the least", f"{cat['minutes']:.1f}", "min",
+        )
     inf = result.get("inference")
     if inf:
         t.add_row("inference: backbone", _fmt(inf["backbone_ms"], 2), "ms/image")
