@@ -30,6 +30,7 @@ loader could not give it back unchanged.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import struct
@@ -351,9 +352,30 @@ def save_npz(path: str | Path, arrays: dict[str, np.ndarray], *, kind: str) -> P
         "kind_version": KIND_VERSIONS[kind],
         "arrays": {name: _array_digest(a) for name, a in arrays.items()},
     }
-    with atomic_path(path) as tmp, tmp.open("wb") as fh:
-        np.savez_compressed(fh, **arrays, **{_NPZ_MANIFEST: np.array(json.dumps(manifest))})
+    members = {**arrays, _NPZ_MANIFEST: np.array(json.dumps(manifest))}
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as zf:
+        for name, a in members.items():
+            zf.writestr(_npz_member(name), _npy_bytes(a))
     return Path(path)
+
+
+def _npz_member(name: str) -> zipfile.ZipInfo:
+    """The zip entry of array ``name``: ``name.npy``, deflated, dated 1980-01-01 as numpy's
+    own archives are. Written whole with its size known (``writestr``), so no zip64 header is
+    forced: ``np.savez_compressed`` streams each member with ``force_zip64``, whose header
+    bytes changed between Python 3.11 patch releases (3.11.2 and 3.11.7 wrote the same arrays
+    as different files), and an output's bytes must not depend on the interpreter's patch
+    level (DVC hashes them)."""
+    info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_DEFLATED
+    return info
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    """``a`` in the .npy format (``np.save``'s bytes), never pickled."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, a, allow_pickle=False)
+    return buf.getvalue()
 
 
 def load_npz(
