@@ -16,6 +16,10 @@ bytes and a JSON header and nothing that executes on load:
 * the bytes depend only on the content (DVC hashes them: the same features or weights must
   give the same file, or every downstream stage would re-run).
 
+Evaluation archives (``eval/<task>/*.npz``, :func:`save_npz`) are plain numpy archives with a
+manifest of their arrays' checksums; they too are written so that their bytes depend only on
+the arrays (each member whole, no header that varies with the Python release).
+
 Nothing is ever unpickled: an old-format file (a torch pickle) or a foreign file is refused
 with a clear error before any of its content is interpreted. Writes are atomic
 (:func:`ccnf.atomic.atomic_path`).
