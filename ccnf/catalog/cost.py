@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ccnf.catalog.schema import Experiment
-from ccnf.config import Params
+from ccnf.config import Params, parse_params
 from ccnf.data.manifest import Manifest
 from ccnf.errors import CcnfError
 from ccnf.models.registry import check_params
@@ -79,12 +79,7 @@ def experiment_steps(
     ``base``, the raw params.yaml mapping)."""
     out = []
     for exp in experiments:
-        try:
-            params = Params.model_validate(exp.expected_params(base))
-        except ValueError as err:
-            raise CcnfError(f"experiment {exp.id}: its params are invalid ({err})",
-                            where="catalog.yaml",
-                            fix="ccnf catalog list names the problem") from None
+        params = parse_params(exp.expected_params(base), f"catalog experiment '{exp.id}'")
         out.append(ExperimentSteps(exp.id, params.model.kind, params.train.strategy,
                                    min_steps(params, manifest)))
     return out
