@@ -223,3 +223,11 @@ def test_mean_condition_without_the_positional_mean_names_both_keys(raw_params: 
     raw_params["flow"]["class_norm_mean"] = "channel"
     msg = _error(raw_params)
     assert "flow.mean_condition_dim" in msg and "flow.class_norm_mean: position" in msg
+
+
+def test_mean_rank_and_mean_bits_together_name_both_keys(raw_params: dict) -> None:
+    raw_params["flow"]["class_mean_bits"] = 4
+    parse_params(raw_params)  # the whole map in 4 bits: accepted
+    raw_params["flow"]["class_mean_rank"] = 1
+    msg = _error(raw_params)
+    assert "flow.class_mean_rank" in msg and "flow.class_mean_bits" in msg

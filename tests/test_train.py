@@ -299,11 +299,19 @@ def test_positional_class_mean_is_each_class_own_mean_map(prepared) -> None:
     assert torch.equal(t1["state_dict"]["class_mean_0"][:2], t0["state_dict"]["class_mean_0"])
 
 
-def test_low_rank_class_mean_keeps_factors_and_the_std_of_what_it_subtracts(prepared) -> None:
-    """flow.class_mean_rank: the std is that of the deviations from the low-rank map the
-    flow subtracts (not from the whole map), and later tasks leave the factors bit-identical."""
+@pytest.mark.parametrize(("form", "keys"), [
+    ({"class_mean_rank": 1}, ("class_mean_0", "class_mean_basis_0", "class_mean_loading_1")),
+    ({"class_mean_bits": 4}, ("class_mean_0", "class_mean_low_1", "class_mean_step_0",
+                              "class_mean_codes_1")),
+])
+def test_compact_class_mean_keeps_its_form_and_the_std_of_what_it_subtracts(
+    prepared, form, keys
+) -> None:
+    """flow.class_mean_rank / class_mean_bits: the std is that of the deviations from the
+    compact map the flow subtracts (not from the whole map), and later tasks leave its
+    tensors bit-identical."""
     tmp, raw = prepared
-    cn = _variant(raw, "flow", class_norm=True, class_norm_mean="position", class_mean_rank=1)
+    cn = _variant(raw, "flow", class_norm=True, class_norm_mean="position", **form)
     init_model(parse_params(cn), tmp / "features", tmp / "lr/init")
     t0_dir = _train(tmp, cn, "lr/t0", prev="../lr/init")
     t0 = read_checkpoint(t0_dir)
@@ -313,11 +321,11 @@ def test_low_rank_class_mean_keeps_factors_and_the_std_of_what_it_subtracts(prep
         f = load_split(tmp / "features", cls, "train").subset(fit).features[1].float()
         maps = f.flatten(2).transpose(1, 2)
         kept = net.class_mean_map(1, cid)
-        assert not torch.allclose(kept, maps.mean(0))  # rank 1 is not the whole map
+        assert not torch.allclose(kept, maps.mean(0))  # the compact form is not the map
         dev = (maps - kept).reshape(-1, f.shape[1])
         torch.testing.assert_close(t0["state_dict"]["class_std_1"][cid], dev.std(0))
     t1 = read_checkpoint(_train(tmp, cn, "lr/t1", task="t1", prev="../lr/t0"))
-    for key in ("class_mean_0", "class_mean_basis_0", "class_mean_loading_1"):
+    for key in keys:
         assert torch.equal(t1["state_dict"][key][:2], t0["state_dict"][key]), key
 
 

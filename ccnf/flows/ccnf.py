@@ -6,8 +6,10 @@ Per level l (patch features x in R^{D_l}):
                                              (``flow.class_norm``); identity if both are off;
                                              m = m_y(position), class y's mean feature map,
                                              with ``flow.class_norm_mean: position``; kept
-                                             whole, or as its channel mean plus r leading
-                                             singular components (``flow.class_mean_rank``)
+                                             whole, as its channel mean plus r leading
+                                             singular components (``flow.class_mean_rank``),
+                                             or in b bits a value (``flow.class_mean_bits``,
+                                             :mod:`ccnf.flows.mean_codes`)
     c = [e_y, PE(position), phi(sigma), A_l u_y(position)]
                                              class embedding (grows with classes), 2-D PE,
                                              noise-level embedding (P6; only if noise_dim > 0),
@@ -56,6 +58,7 @@ from ccnf.flows.adapters import AdapterRoute
 from ccnf.flows.flow import ConditionalFlow
 from ccnf.flows.gaussian import log_normal
 from ccnf.flows.log_scale import warmup_factor
+from ccnf.flows.mean_codes import bytes_per_position, dequantize_rows, quantize_map
 from ccnf.flows.mean_condition import mean_condition_maps, mean_content
 from ccnf.flows.positional import positional_encoding_2d
 from ccnf.flows.spectral import SNLinear
@@ -116,6 +119,7 @@ class CCNFSpec:
     class_norm: bool = True
     class_norm_mean: str = "channel"
     class_mean_rank: int | None = None
+    class_mean_bits: int | None = None
     class_actnorm: bool = False
     mean_condition_dim: int = 0
     feature_norm: bool = False
@@ -177,7 +181,9 @@ class CCNF(nn.Module):
             # flow.class_norm: per-class mean/std rows (C, D_l), set when the class is learned;
             # with class_norm_mean: position the mean is a map (C, H_l * W_l, D_l), or with
             # class_mean_rank r the channel mean (C, D_l) plus float16 factors
-            # basis (C, H_l * W_l, r) @ loading (C, r, D_l)
+            # basis (C, H_l * W_l, r) @ loading (C, r, D_l), or with class_mean_bits b the
+            # channel mean plus the rest's offset and step (C, D_l) and packed codes
+            # (C, H_l * W_l, ceil(D_l b / 8)) uint8
             self.register_buffer(f"class_mean_{lvl}", torch.zeros(
                 n_classes, *self._mean_shape(lvl)))
             if self.low_rank_mean:
@@ -186,6 +192,13 @@ class CCNF(nn.Module):
                     n_classes, h * w, r, dtype=MEAN_FACTOR_DTYPE))
                 self.register_buffer(f"class_mean_loading_{lvl}", torch.zeros(
                     n_classes, r, self.channels[lvl], dtype=MEAN_FACTOR_DTYPE))
+            if self.quantized_mean:
+                d = self.channels[lvl]
+                self.register_buffer(f"class_mean_low_{lvl}", torch.zeros(n_classes, d))
+                self.register_buffer(f"class_mean_step_{lvl}", torch.zeros(n_classes, d))
+                self.register_buffer(f"class_mean_codes_{lvl}", torch.zeros(
+                    n_classes, h * w, bytes_per_position(d, cfg.class_mean_bits or 8),
+                    dtype=torch.uint8))
             self.register_buffer(f"class_std_{lvl}", torch.ones(n_classes, self.channels[lvl]))
             # flow.prototypes: fixed: mu_{y,l} copied here when class y's task ends
             self.register_buffer(f"proto_fixed_{lvl}", torch.zeros(n_classes, self.channels[lvl]))
@@ -225,6 +238,9 @@ class CCNF(nn.Module):
         per_class = [("class_mean", 0.0), ("class_std", 1.0), ("proto_fixed", 0.0)]
         if self.low_rank_mean:
             per_class += [("class_mean_basis", 0.0), ("class_mean_loading", 0.0)]
+        if self.quantized_mean:
+            per_class += [("class_mean_low", 0.0), ("class_mean_step", 0.0),
+                          ("class_mean_codes", 0)]
         for lvl in range(self.n_levels):
             for name, fill in per_class:
                 old = getattr(self, f"{name}_{lvl}")
@@ -342,12 +358,24 @@ class CCNF(nn.Module):
         (``flow.class_mean_rank``)."""
         return self.positional_mean and self.cfg.class_mean_rank is not None
 
+    @property
+    def quantized_mean(self) -> bool:
+        """Whether the mean map is kept as channel mean + b-bit codes of the rest
+        (``flow.class_mean_bits``)."""
+        return self.positional_mean and self.cfg.class_mean_bits is not None
+
+    @property
+    def compact_mean(self) -> bool:
+        """Whether the mean buffer holds the channel mean only, the map's detail kept apart
+        (low-rank factors or codes)."""
+        return self.low_rank_mean or self.quantized_mean
+
     def _mean_shape(self, level: int) -> tuple[int, ...]:
         """Shape of one class's mean buffer row at ``level``: (H_l * W_l, D_l) for a whole
         map, else (D_l,) (the channel mean; a low-rank map keeps its factors apart)."""
         h, w = self.grids[level]
         d = self.channels[level]
-        return (h * w, d) if self.positional_mean and not self.low_rank_mean else (d,)
+        return (h * w, d) if self.positional_mean and not self.compact_mean else (d,)
 
     def class_stats(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean (C, D_l) or (C, H_l * W_l, D_l), std (C, D_l)) of every class, for
@@ -360,7 +388,8 @@ class CCNF(nn.Module):
         """Fix class ``class_id``'s normalization at ``level`` (once, when it is learned):
         mean (D_l,) or, with ``class_norm_mean: position``, the map (H_l * W_l, D_l); std
         (D_l,). With ``class_mean_rank`` r the map is kept as its channel mean mu plus the
-        r leading singular components of M - mu (:meth:`class_mean_map` gives it back)."""
+        r leading singular components of M - mu, with ``class_mean_bits`` b as mu plus M - mu
+        in b bits a value (:meth:`class_mean_map` gives either back)."""
         m = self.class_stats(level)[0]
         h, w = self.grids[level]
         want = (h * w, self.channels[level]) if self.positional_mean else tuple(m.shape[1:])
@@ -372,6 +401,13 @@ class CCNF(nn.Module):
             mean = mean.mean(dim=0)
             getattr(self, f"class_mean_basis_{level}")[class_id].copy_(basis)
             getattr(self, f"class_mean_loading_{level}")[class_id].copy_(loading)
+        elif self.quantized_mean:
+            channel_mean = mean.mean(dim=0)
+            low, step, codes = quantize_map(mean - channel_mean, self.cfg.class_mean_bits or 8)
+            getattr(self, f"class_mean_low_{level}")[class_id].copy_(low)
+            getattr(self, f"class_mean_step_{level}")[class_id].copy_(step)
+            getattr(self, f"class_mean_codes_{level}")[class_id].copy_(codes)
+            mean = channel_mean
         m[class_id].copy_(mean)
         self.set_class_std(level, class_id, std)
 
@@ -393,6 +429,12 @@ class CCNF(nn.Module):
         means = self.class_stats(level)[0]
         if not self.positional_mean:
             return means[y]
+        if self.quantized_mean:
+            return means[y] + dequantize_rows(
+                getattr(self, f"class_mean_low_{level}")[y],
+                getattr(self, f"class_mean_step_{level}")[y],
+                getattr(self, f"class_mean_codes_{level}")[y, pos_index],
+                self.cfg.class_mean_bits or 8, self.channels[level])
         if not self.low_rank_mean:
             return means[y, pos_index]
         basis = getattr(self, f"class_mean_basis_{level}")[y, pos_index].float()  # (N, r)
@@ -460,7 +502,7 @@ class CCNF(nn.Module):
         position p relative to the class's average, in units of its deviations; y, pos_index
         (N,) -> (N, D_l). Zero for a class whose statistics are not set yet."""
         means, std = self.class_stats(level)
-        centre = means[y] if self.low_rank_mean else means.mean(dim=1)[y]
+        centre = means[y] if self.compact_mean else means.mean(dim=1)[y]
         return mean_content(self._class_mean(level, y, pos_index), centre, std[y])
 
     def prototype(self, level: int, y: torch.Tensor) -> torch.Tensor:
