@@ -740,6 +740,13 @@ class Params(_Section):
                 "flow.class_mean_rank and flow.class_mean_bits are two ways to keep a class's "
                 "mean map small: choose one (set the other to null)"
             )
+        compact = [k for k in ("class_mean_rank", "class_mean_bits") if getattr(f, k) is not None]
+        if compact and self.model.kind != "ccnf":
+            raise ValueError(
+                f"flow.{compact[0]} compacts the shared flow's mean maps; model.kind "
+                f"'{self.model.kind}' keeps each class's map whole and would ignore it. Set "
+                f"flow.{compact[0]}=null, or model.kind=ccnf"
+            )
         return self
 
     @model_validator(mode="after")

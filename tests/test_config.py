@@ -231,3 +231,13 @@ def test_mean_rank_and_mean_bits_together_name_both_keys(raw_params: dict) -> No
     raw_params["flow"]["class_mean_rank"] = 1
     msg = _error(raw_params)
     assert "flow.class_mean_rank" in msg and "flow.class_mean_bits" in msg
+
+
+@pytest.mark.parametrize("key", ["class_mean_rank", "class_mean_bits"])
+def test_a_compact_mean_map_on_a_model_that_keeps_whole_maps_is_refused(
+    raw_params: dict, key: str
+) -> None:
+    raw_params["flow"][key] = 4
+    raw_params["model"]["kind"] = "flow_bank"
+    msg = _error(raw_params)
+    assert f"flow.{key}" in msg and "model.kind" in msg
