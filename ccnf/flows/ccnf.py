@@ -197,7 +197,7 @@ class CCNF(nn.Module):
                 self.register_buffer(f"class_mean_low_{lvl}", torch.zeros(n_classes, d))
                 self.register_buffer(f"class_mean_step_{lvl}", torch.zeros(n_classes, d))
                 self.register_buffer(f"class_mean_codes_{lvl}", torch.zeros(
-                    n_classes, h * w, bytes_per_position(d, cfg.class_mean_bits or 8),
+                    n_classes, h * w, bytes_per_position(d, self.mean_bits),
                     dtype=torch.uint8))
             self.register_buffer(f"class_std_{lvl}", torch.ones(n_classes, self.channels[lvl]))
             # flow.prototypes: fixed: mu_{y,l} copied here when class y's task ends
@@ -365,6 +365,13 @@ class CCNF(nn.Module):
         return self.positional_mean and self.cfg.class_mean_bits is not None
 
     @property
+    def mean_bits(self) -> int:
+        """b of ``flow.class_mean_bits`` (only for a quantized mean map)."""
+        if self.cfg.class_mean_bits is None:
+            raise ValueError("mean_bits needs flow.class_mean_bits")
+        return self.cfg.class_mean_bits
+
+    @property
     def compact_mean(self) -> bool:
         """Whether the mean buffer holds the channel mean only, the map's detail kept apart
         (low-rank factors or codes)."""
@@ -372,7 +379,7 @@ class CCNF(nn.Module):
 
     def _mean_shape(self, level: int) -> tuple[int, ...]:
         """Shape of one class's mean buffer row at ``level``: (H_l * W_l, D_l) for a whole
-        map, else (D_l,) (the channel mean; a low-rank map keeps its factors apart)."""
+        map, else (D_l,) (the channel mean; a compact map keeps its factors or codes apart)."""
         h, w = self.grids[level]
         d = self.channels[level]
         return (h * w, d) if self.positional_mean and not self.compact_mean else (d,)
@@ -403,7 +410,7 @@ class CCNF(nn.Module):
             getattr(self, f"class_mean_loading_{level}")[class_id].copy_(loading)
         elif self.quantized_mean:
             channel_mean = mean.mean(dim=0)
-            low, step, codes = quantize_map(mean - channel_mean, self.cfg.class_mean_bits or 8)
+            low, step, codes = quantize_map(mean - channel_mean, self.mean_bits)
             getattr(self, f"class_mean_low_{level}")[class_id].copy_(low)
             getattr(self, f"class_mean_step_{level}")[class_id].copy_(step)
             getattr(self, f"class_mean_codes_{level}")[class_id].copy_(codes)
@@ -434,7 +441,7 @@ class CCNF(nn.Module):
                 getattr(self, f"class_mean_low_{level}")[y],
                 getattr(self, f"class_mean_step_{level}")[y],
                 getattr(self, f"class_mean_codes_{level}")[y, pos_index],
-                self.cfg.class_mean_bits or 8, self.channels[level])
+                self.mean_bits, self.channels[level])
         if not self.low_rank_mean:
             return means[y, pos_index]
         basis = getattr(self, f"class_mean_basis_{level}")[y, pos_index].float()  # (N, r)
