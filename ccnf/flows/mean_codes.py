@@ -35,8 +35,8 @@ def quantize_map(
     levels = 2 ** bits - 1
     step = (r.max(dim=0).values - lo) / levels
     safe = torch.where(step > 0, step, torch.ones_like(step))
+    # a constant channel has r - lo = 0 everywhere: code 0 whatever the divisor
     codes = torch.round((r - lo) / safe).clamp(0, levels).to(torch.uint8)
-    codes = torch.where(step > 0, codes, torch.zeros_like(codes))
     return lo.float(), step.float(), _pack(codes, bits)
 
 
