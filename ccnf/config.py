@@ -432,6 +432,13 @@ class TrainConfig(_Section):
         description="adapters: dtype their weights are stored in (float16 halves the bytes per "
         "task; the weights are rounded to it after the task, so scores use what is stored)",
     )
+    adapter_stack: bool = Field(
+        False,
+        description="adapters: true = a task's classes use the sum of its adapter and every "
+        "earlier task's (each task still stores only its own rank-r pair, but task k can "
+        "change the frozen flow by rank r k, starting from where task k-1 ended); false = "
+        "each task's adapter alone on the frozen flow",
+    )
     adapter_lr: float = Field(
         2.0e-2, gt=0,
         description="adapters: learning rate of the tasks after the first (adapters and new "
@@ -757,6 +764,12 @@ class Params(_Section):
                 "train.strategy: adapters gives every later task its own: they share the "
                 "flow's adapter slots. Set flow.class_adapter_rank=0, or choose another "
                 "train.strategy"
+            )
+        if self.train.adapter_stack and self.train.strategy != "adapters":
+            raise ValueError(
+                f"train.adapter_stack: true stacks the adapters of train.strategy: adapters, "
+                f"but train.strategy is {self.train.strategy!r}. Set train.adapter_stack=false, "
+                "or train.strategy=adapters"
             )
         return self
 

@@ -86,6 +86,8 @@ def device_info(device: torch.device) -> dict[str, object]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+        "mkl_cbwr": os.environ.get("MKL_CBWR", ""),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

@@ -52,20 +52,24 @@ def _net(ckpt: dict, raw: dict) -> CCNF:
     return CCNF.from_checkpoint(ckpt, ccnf_spec(parse_params(raw).flow, ckpt["channels"])).eval()
 
 
-@pytest.mark.parametrize(("film_rank", "mean_condition"), [(0, 0), (2, 0), (0, 4)])
+@pytest.mark.parametrize(("film_rank", "mean_condition", "stacked"),
+                         [(0, 0, False), (2, 0, False), (0, 4, False), (2, 0, True)])
 def test_adapters_keep_the_base_and_earlier_adapters_bit_identical(
-    three_tasks, film_rank: int, mean_condition: int
+    three_tasks, film_rank: int, mean_condition: int, stacked: bool
 ) -> None:
     tmp, raw = three_tasks
-    raw = _with(raw, "train", strategy="adapters", adapter_rank=2, adapter_film_rank=film_rank)
+    raw = _with(raw, "train", strategy="adapters", adapter_rank=2, adapter_film_rank=film_rank,
+                adapter_stack=stacked)
     raw = _with(raw, "flow", mean_condition_dim=mean_condition)
     init = None
     if mean_condition:  # another flow layout: its own init
         init = tmp / f"init-mc{mean_condition}"
         init_model(parse_params(raw), tmp / "features", init)
-    t0, t1, t2 = _chain(tmp, raw, f"adapters-film{film_rank}-mc{mean_condition}", init=init)
+    t0, t1, t2 = _chain(
+        tmp, raw, f"adapters-film{film_rank}-mc{mean_condition}-s{stacked:d}", init=init)
     film = {"film_rank": film_rank} if film_rank else {}
-    layout = {"rank": 2, **film, "storage": "float16"}  # params.yaml's adapter_storage
+    stack = {"stacked": True} if stacked else {}
+    layout = {"rank": 2, **film, "storage": "float16", **stack}  # params.yaml's storage
     assert "adapters" not in t0 and t1["adapters"] == {"count": 1, **layout}
     assert t2["adapters"] == {"count": 2, **layout}
     assert any(".lora_film." in k for k in t2["state_dict"]) == bool(film_rank)
@@ -140,6 +144,65 @@ def test_adapter_routing_per_vector_matches_per_adapter_passes() -> None:
             assert torch.allclose(delta[rows], expected, atol=1e-6), (exact, k)
     same = torch.full((10,), 1)
     assert torch.allclose(lora(x, same), (x @ lora.a[1].t()) @ lora.b[1].t())
+
+
+def test_stacked_adapter_k_adds_the_pairs_of_adapters_0_to_k() -> None:
+    """train.adapter_stack: adapter k's delta is sum_{j <= k} (x A_j^T) B_j^T, per batch
+    and per vector alike; adapter 0's is its own pair's alone."""
+    torch.manual_seed(0)
+    lora = LowRankAdapters(6, 5, rank=2, count=3, stacked=True)
+    for b in lora.b:
+        torch.nn.init.normal_(b)
+    x = torch.randn(10, 6)
+    own = [(x @ a.t()) @ b.t() for a, b in zip(lora.a, lora.b, strict=True)]
+    for k in range(3):
+        expected = sum(own[: k + 1])
+        assert torch.allclose(lora(x, torch.full((10,), k)), expected, atol=1e-6), k
+    for index in (torch.tensor([0, 2, -1, 1, 0, 2, 2, -1, 1, 0]),
+                  torch.tensor([1, -1, 1, 1, -1, 1, 1, 1, 1, -1])):  # adapter 0 absent
+        for exact in (False, True):  # one masked pass (evaluation batches), or one per adapter
+            delta = lora(x, AdapterRoute.of(index, exact=exact))
+            for k in (-1, 0, 1, 2):
+                rows = index == k
+                expected = torch.zeros_like(x[:, :5]) if k < 0 else sum(own[: k + 1])
+                assert torch.allclose(delta[rows], expected[rows], atol=1e-6), (exact, k)
+
+
+def test_stacked_adapters_read_back_stacked_from_their_checkpoint() -> None:
+    torch.manual_seed(0)
+    spec = CCNFSpec(n_couplings=(2,), hidden_dims=(16,), embedding_dim=4, pos_dim=4)
+    nets = {}
+    for stacked in (False, True):
+        torch.manual_seed(0)
+        net = CCNF([6], [[3, 3]], spec, n_classes=3).eval()
+        net.add_adapter(2, [1], stacked=stacked)
+        net.add_adapter(2, [2], stacked=stacked)
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                if ".lora_" in name:
+                    p.add_(0.1 * torch.randn_like(p))
+        nets[stacked] = net
+    x, pos = torch.randn(9, 6), torch.arange(9)
+    with torch.no_grad():
+        logp = {s: n.forward_level(0, x, torch.full((9,), 2), pos).log_prob
+                for s, n in nets.items()}
+        back = CCNF.from_checkpoint(nets[True].checkpoint(), spec).eval()
+        assert back.adapters_stacked
+        assert torch.equal(back.forward_level(0, x, torch.full((9,), 2), pos).log_prob,
+                           logp[True])
+        # the same tensors, unstacked: task 2's classes lose task 1's change
+        assert not torch.allclose(logp[True], logp[False])
+        first = {s: n.forward_level(0, x, torch.ones(9, dtype=torch.long), pos).log_prob
+                 for s, n in nets.items()}
+        assert torch.equal(first[True], first[False])  # adapter 0 is its own pair either way
+    with pytest.raises(ValueError, match="stacked True"):
+        nets[True].add_adapter(2, [0], stacked=False)
+
+
+def test_stacking_adapters_needs_the_adapters_strategy(three_tasks) -> None:
+    _, raw = three_tasks
+    with pytest.raises(CcnfError, match=r"train\.adapter_stack"):
+        parse_params(_with(raw, "train", adapter_stack=True))
 
 
 def test_inverse_level_undoes_forward_level() -> None:

@@ -9,6 +9,12 @@ adapter (``index``; -1: none, the frozen map alone), so one batch may mix classe
 tasks. Every adapter is a separate pair of tensors: training adapter k cannot move another one
 through a shared tensor (weight decay, moments). B_k starts at zero, so a new adapter leaves the
 map unchanged until it is trained; A_k ~ N(0, 1/in) from the global RNG.
+
+Stacked adapters (``stacked=True``, ``train.adapter_stack``): adapter k stands for the sum of
+adapters 0..k, delta_k(x) = sum_{j <= k} (x A_j^T) B_j^T. Each task still stores only its own
+pair, but its classes see every earlier task's change as well, so the rank available to task k
+grows as r (k + 1) while a frozen pair never moves: an earlier adapter's delta is unchanged by
+later ones, and a new pair starts from the map the previous task ended with (B_k = 0).
 """
 
 from __future__ import annotations
@@ -63,14 +69,18 @@ class LowRankAdapters(nn.Module):
     """The adapters of one linear map R^in -> R^out, one per task that added one.
 
     forward(x (N, in), route) -> delta (N, out): zero rows of vectors without an adapter;
-    ``route`` is an :class:`AdapterRoute` or the (N,) long index it is made of.
+    ``route`` is an :class:`AdapterRoute` or the (N,) long index it is made of. ``stacked``:
+    adapter k is the sum of adapters 0..k (see the module docstring).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, rank: int, count: int = 0) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int, rank: int, count: int = 0, *, stacked: bool = False
+    ) -> None:
         super().__init__()
         if rank < 1:
             raise ValueError(f"adapter rank must be >= 1, got {rank}")
         self.in_dim, self.out_dim, self.rank = in_dim, out_dim, rank
+        self.stacked = stacked
         # an empty ParameterList follows no .to(): this empty buffer does, and tells the first
         # adapter where to go (not persistent: no checkpoint key)
         self.register_buffer("anchor", torch.empty(0), persistent=False)
@@ -95,17 +105,36 @@ class LowRankAdapters(nn.Module):
         """The two tensors of adapter k."""
         return [self.a[k], self.b[k]]
 
+    def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (r', in), B (out, r')) of what adapter k adds, delta_k(x) = (x A^T) B^T: its own
+        pair (r' = r), or with ``stacked`` the pairs 0..k side by side (r' = r (k + 1))."""
+        if not self.stacked or k == 0:
+            return self.a[k], self.b[k]
+        return (torch.cat(list(self.a[: k + 1])),
+                torch.cat(list(self.b[: k + 1]), dim=1))
+
     def forward(self, x: torch.Tensor, route: AdapterRoute | torch.Tensor) -> torch.Tensor:
         if isinstance(route, torch.Tensor):
             route = AdapterRoute.of(route)
         if route.whole is not None and route.whole >= 0:
-            k = route.whole  # the whole batch uses adapter k: no gather
-            return (x @ self.a[k].t()) @ self.b[k].t()
+            a, b = self.factors(route.whole)  # the whole batch uses adapter k: no gather
+            return (x @ a.t()) @ b.t()
         if route.mask is None:
             delta = x.new_zeros(x.shape[0], self.out_dim)
             for k, rows in zip(route.present, route.groups, strict=True):
-                delta = delta.index_add(0, rows, (x[rows] @ self.a[k].t()) @ self.b[k].t())
+                a, b = self.factors(k)
+                delta = delta.index_add(0, rows, (x[rows] @ a.t()) @ b.t())
             return delta
+        if self.stacked:
+            # vector n of adapter k takes pairs 0..k: one pass over pairs 0..max(present)
+            count = route.present[-1] + 1
+            used = torch.as_tensor(route.present, device=x.device)
+            own = torch.where(route.mask.bool().any(dim=1),
+                              used[route.mask.argmax(dim=1)], -1)  # (N,) adapter of each
+            pairs = torch.arange(count, device=x.device)
+            keep = (own[:, None] >= pairs[None, :]).to(x.dtype)  # (N, count)
+            a, b = torch.cat(list(self.a[:count])), torch.cat(list(self.b[:count]), dim=1)
+            return ((x @ a.t()) * keep.repeat_interleave(self.rank, dim=1)) @ b.t()
         # a mixed training batch (flow.class_adapter_rank: each class of the batch has its
         # own): every vector through the stacked factors of the adapters present, each
         # vector's rank-r block of x A^T kept for its own adapter only: two products for any

@@ -141,7 +141,7 @@ class CCNF(nn.Module):
     def __init__(
         self, channels: list[int], grids: list[list[int]], cfg: CCNFSpec, n_classes: int = 0,
         *, n_adapters: int = 0, adapter_rank: int = 0, adapter_film_rank: int = 0,
-        adapter_storage: str = "float32",
+        adapter_storage: str = "float32", adapter_stacked: bool = False,
     ) -> None:
         super().__init__()
         self.channels = list(channels)
@@ -219,7 +219,8 @@ class CCNF(nn.Module):
         self.heads = nn.ModuleDict()
         self.adapter_storage = adapter_storage
         for _ in range(n_adapters):
-            self.add_adapter(adapter_rank, [], adapter_film_rank, adapter_storage)
+            self.add_adapter(adapter_rank, [], adapter_film_rank, adapter_storage,
+                             stacked=adapter_stacked)
 
     # -- classes -----------------------------------------------------------------------------
     @property
@@ -277,28 +278,37 @@ class CCNF(nn.Module):
         lora = self.flows[0].couplings[0].lora_film
         return lora.rank if lora is not None else 0
 
+    @property
+    def adapters_stacked(self) -> bool:
+        """Whether adapter k is the sum of adapters 0..k (``train.adapter_stack``)."""
+        lora = self.flows[0].couplings[0].lora_hidden
+        return lora is not None and lora.stacked
+
     def add_adapter(
-        self, rank: int, class_ids: list[int], film_rank: int = 0, storage: str = "float32"
+        self, rank: int, class_ids: list[int], film_rank: int = 0, storage: str = "float32",
+        *, stacked: bool = False,
     ) -> list[nn.Parameter]:
         """A new rank-``rank`` adapter in every coupling of every level (FiLM map: rank
         ``film_rank``, 0: none), used from now on by ``class_ids``; returns its parameters
         (the only flow tensors the task may train). ``storage``: the dtype the checkpoint keeps
         the adapters in (float16 halves their bytes; :meth:`round_adapters` makes the
-        float32 weights equal to what is stored)."""
+        float32 weights equal to what is stored). ``stacked``: the new adapter adds to every
+        earlier one (:class:`~ccnf.flows.adapters.LowRankAdapters`)."""
         if storage not in ADAPTER_STORAGE:
             raise ValueError(f"adapter storage must be one of {sorted(ADAPTER_STORAGE)}, "
                              f"got {storage!r}")
         if not self.has_adapters:
             self.register_buffer("class_adapter", torch.full(
                 (self.n_classes,), -1, dtype=torch.long, device=self.embedding.device))
-        elif self.n_adapters and (rank, film_rank, storage) != (
-                self.adapter_rank, self.adapter_film_rank, self.adapter_storage):
+        elif self.n_adapters and (rank, film_rank, storage, stacked) != (
+                self.adapter_rank, self.adapter_film_rank, self.adapter_storage,
+                self.adapters_stacked):
             raise ValueError(
                 f"adapters of rank {self.adapter_rank} (FiLM {self.adapter_film_rank}, "
-                f"{self.adapter_storage}) exist; cannot add rank {rank} (FiLM {film_rank}, "
-                f"{storage})")
+                f"{self.adapter_storage}, stacked {self.adapters_stacked}) exist; cannot add "
+                f"rank {rank} (FiLM {film_rank}, {storage}, stacked {stacked})")
         self.adapter_storage = storage
-        new = [p for flow in self.flows for p in flow.add_adapter(rank, film_rank)]
+        new = [p for flow in self.flows for p in flow.add_adapter(rank, film_rank, stacked)]
         self.class_adapter[torch.as_tensor(class_ids, dtype=torch.long)] = self.n_adapters - 1
         return new
 
@@ -593,6 +603,8 @@ class CCNF(nn.Module):
                 adapters["film_rank"] = self.adapter_film_rank
             if self.adapter_storage != "float32":
                 adapters["storage"] = self.adapter_storage
+            if self.adapters_stacked:
+                adapters["stacked"] = True
             extra = {"adapters": adapters, **extra}
         lora = ADAPTER_STORAGE[self.adapter_storage]
         return {
@@ -619,7 +631,8 @@ class CCNF(nn.Module):
             model = CCNF(ckpt["channels"], ckpt["grids"], cfg, n_classes=ckpt["n_classes"],
                          n_adapters=adapters["count"], adapter_rank=adapters["rank"],
                          adapter_film_rank=adapters.get("film_rank", 0),
-                         adapter_storage=adapters.get("storage", "float32"))
+                         adapter_storage=adapters.get("storage", "float32"),
+                         adapter_stacked=adapters.get("stacked", False))
             for name, shapes in ckpt.get("heads", {}).items():
                 model.heads[name] = _head_from_shapes(shapes)
         try:

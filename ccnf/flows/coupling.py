@@ -72,19 +72,22 @@ class ConditionalAffineCoupling(nn.Module):
         self.lora_out: LowRankAdapters | None = None
         self.lora_film: LowRankAdapters | None = None
 
-    def add_adapter(self, rank: int, film_rank: int = 0) -> list[nn.Parameter]:
+    def add_adapter(
+        self, rank: int, film_rank: int = 0, stacked: bool = False
+    ) -> list[nn.Parameter]:
         """A new adapter on both subnet layers (and of rank ``film_rank`` on the FiLM map when
-        > 0); returns its parameters."""
+        > 0; ``stacked``: each adds to the ones before it, :class:`LowRankAdapters`); returns
+        its parameters."""
         if film_rank > 0 and self.film is None:
             raise ValueError("FiLM adapters need FiLM conditioning (flow.conditioning: film)")
         device = self.out.weight.device
         if self.lora_hidden is None or self.lora_out is None:
             (h_out, h_in), (o_out, o_in) = self.hidden.weight.shape, self.out.weight.shape
-            self.lora_hidden = LowRankAdapters(h_in, h_out, rank).to(device)
-            self.lora_out = LowRankAdapters(o_in, o_out, rank).to(device)
+            self.lora_hidden = LowRankAdapters(h_in, h_out, rank, stacked=stacked).to(device)
+            self.lora_out = LowRankAdapters(o_in, o_out, rank, stacked=stacked).to(device)
         if film_rank > 0 and self.lora_film is None and self.film is not None:
             f_out, f_in = self.film.weight.shape
-            self.lora_film = LowRankAdapters(f_in, f_out, film_rank).to(device)
+            self.lora_film = LowRankAdapters(f_in, f_out, film_rank, stacked=stacked).to(device)
         if (self.lora_film is not None) != (film_rank > 0) or (
                 self.lora_film is not None and len(self.lora_film) != len(self.lora_hidden)):
             raise ValueError("every adapter of a coupling has a FiLM part or none has")

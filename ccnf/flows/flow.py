@@ -94,7 +94,10 @@ class ConditionalFlow(nn.Module):
                 z = (z - actnorm[1][:, k]) * (-actnorm[0][:, k]).exp()
         return z
 
-    def add_adapter(self, rank: int, film_rank: int = 0) -> list[nn.Parameter]:
-        """A new rank-``rank`` adapter in every coupling (FiLM map: ``film_rank``, 0: none);
-        returns its parameters."""
-        return [p for coupling in self.couplings for p in coupling.add_adapter(rank, film_rank)]
+    def add_adapter(
+        self, rank: int, film_rank: int = 0, stacked: bool = False
+    ) -> list[nn.Parameter]:
+        """A new rank-``rank`` adapter in every coupling (FiLM map: ``film_rank``, 0: none;
+        ``stacked``: adding to the earlier ones); returns its parameters."""
+        return [p for coupling in self.couplings
+                for p in coupling.add_adapter(rank, film_rank, stacked)]

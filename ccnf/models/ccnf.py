@@ -510,7 +510,7 @@ class CCNFModel(AnomalyModel):
         frozen = _freeze(model, params, t)
         if tc.strategy == "adapters" and t > 0:
             for p in model.add_adapter(tc.adapter_rank, class_ids, tc.adapter_film_rank,
-                                       tc.adapter_storage):
+                                       tc.adapter_storage, stacked=tc.adapter_stack):
                 p.requires_grad_(True)
         # flow.class_adapter_rank: each new class its own adapter, learned beside the shared
         # flow at the adapters' learning rate

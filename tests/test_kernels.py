@@ -1,0 +1,51 @@
+"""ccnf.kernels: importing ccnf pins the CPU kernels that give the same bits on every x86-64."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ccnf.kernels import PORTABLE_KERNELS
+
+PROBE = """
+import hashlib, os, torch
+import ccnf
+torch.manual_seed(0); torch.set_num_threads(1)
+a, b = torch.randn(300, 200), torch.randn(200, 100)
+print(os.environ["MKL_CBWR"], os.environ["ATEN_CPU_CAPABILITY"],
+      torch.backends.cpu.get_cpu_capability(), hashlib.md5((a @ b).numpy().tobytes()).hexdigest())
+"""
+
+
+def _probe(**env: str) -> list[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in PORTABLE_KERNELS}
+    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env},
+                         capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def test_importing_ccnf_pins_the_portable_kernels_even_after_torch() -> None:
+    """torch is imported first in the probe: the pin still holds, because both libraries read
+    their setting when they first compute, and the product equals the one under the explicit
+    environment."""
+    cbwr, aten, capability, product = _probe()
+    assert (cbwr, aten) == ("COMPATIBLE", "avx2")
+    if "avx2" in open("/proc/cpuinfo", encoding="utf-8").read():
+        assert capability == "AVX2"
+    assert product == _probe(MKL_CBWR="COMPATIBLE", ATEN_CPU_CAPABILITY="avx2")[3]
+
+
+def test_a_kernel_setting_from_the_environment_is_kept() -> None:
+    cbwr, aten, _, _ = _probe(MKL_CBWR="AUTO")
+    assert (cbwr, aten) == ("AUTO", "avx2")
+
+
+def test_the_test_process_itself_runs_pinned() -> None:
+    import torch
+
+    if os.environ.get("MKL_CBWR") != "COMPATIBLE":
+        pytest.skip("this pytest run was started with its own MKL_CBWR")
+    assert torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT")
