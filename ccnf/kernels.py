@@ -3,9 +3,9 @@
 Training a flow amplifies a difference in the last bit of one matrix product into a visible
 change of the metrics after a few hundred steps, and two libraries under torch choose their
 kernels by the CPU they find: MKL's matrix products take a vendor- and generation-specific code
-path (AVX-512 on one Intel Xeon, another on an AMD EPYC), and ATen's vectorized kernels the
-widest instruction set present. The same params then gave image AUROC 0.8590 on one 2-core
-machine and 0.8589 on another, with per-class figures up to 0.05 apart. Pinned here:
+path, and ATen's vectorized kernels the widest instruction set present. The same params and
+packages gave image AUROC 0.8590 on one 2-core machine of this project and 0.8589 on another,
+with per-class figures up to 0.05 apart. Pinned here:
 
 - ``MKL_CBWR=COMPATIBLE``: MKL's one code path that runs alike on every x86-64 CPU (its other
   reproducibility branches hold only across Intel CPUs); about 1.3x the time of a training step;

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,7 +34,7 @@ def test_importing_ccnf_pins_the_portable_kernels_even_after_torch() -> None:
     environment."""
     cbwr, aten, capability, product = _probe()
     assert (cbwr, aten) == ("COMPATIBLE", "avx2")
-    if "avx2" in open("/proc/cpuinfo", encoding="utf-8").read():
+    if "avx2" in Path("/proc/cpuinfo").read_text(encoding="utf-8"):
         assert capability == "AVX2"
     assert product == _probe(MKL_CBWR="COMPATIBLE", ATEN_CPU_CAPABILITY="avx2")[3]
 
