@@ -133,7 +133,7 @@ class LowRankAdapters(nn.Module):
                               used[route.mask.argmax(dim=1)], -1)  # (N,) adapter of each
             pairs = torch.arange(count, device=x.device)
             keep = (own[:, None] >= pairs[None, :]).to(x.dtype)  # (N, count)
-            a, b = torch.cat(list(self.a[:count])), torch.cat(list(self.b[:count]), dim=1)
+            a, b = self.factors(count - 1)
             return ((x @ a.t()) * keep.repeat_interleave(self.rank, dim=1)) @ b.t()
         # a mixed training batch (flow.class_adapter_rank: each class of the batch has its
         # own): every vector through the stacked factors of the adapters present, each
