@@ -34,7 +34,7 @@ from ccnf.config import load_params
 from ccnf.features import load_inputs
 from ccnf.flows.ccnf import CCNF, read_checkpoint
 from ccnf.models.ccnf import ccnf_spec
-from ccnf.scoring import score_images, unit_level_stats
+from ccnf.scoring import score_images, unit_fusion_stats
 from ccnf.train import init_model, train_task
 
 KINDS = ("gaussian", "flow_bank", "fastflow")
@@ -60,7 +60,7 @@ def ccnf_costs(params_path: Path, features: Path, cls: str) -> dict[str, float |
     start = time.perf_counter()
     score_images(model, test.features, torch.full((len(test),), cid), params.score,
                  params.data.mask_size, params.eval.batch_images,
-                 unit_level_stats(len(test), len(test.features)))
+                 unit_fusion_stats(len(test), [tuple(f.shape[-2:]) for f in test.features]))
     score_s = time.perf_counter() - start
     return {
         "kind": "ccnf",

@@ -355,8 +355,8 @@ def score(
     from ccnf.scoring import (
         assemble,
         calibration_record,
+        fusion_stats_of,
         image_scores,
-        level_stats_of,
         pixel_maps,
         stack_stats,
     )
@@ -378,7 +378,7 @@ def score(
     patches = model.patch_scores(feats, [cls], 1)
     stats = calibration_record(ckpt["calibration"][cls], p.score, p.data.mask_size, cls=cls)
     st = stack_stats({cls: stats}, [cls])
-    raw = assemble(patches, p.score, p.data.mask_size, level_stats_of(st))
+    raw = assemble(patches, p.score, p.data.mask_size, fusion_stats_of(st))
     imgs = image_scores(raw, stats, p.score.alpha)
     calibrated = image_scores(raw, stats, p.score.alpha, calibrated=True)
     table = Table(title=f"{image} as '{cls}'")

@@ -551,13 +551,15 @@ class ScoreConfig(_Section):
             "mean/std (per-class calibration)"
         ),
     )
-    level_fusion: Literal["mean", "standardized"] = Field(
+    level_fusion: Literal["mean", "standardized", "position"] = Field(
         "mean",
         description=(
             "how per-level patch scores become one map: mean = raw average (levels with larger "
             "scales dominate); standardized = each level's scores minus the mean over divided "
             "by the std of the class's calibration patch scores at that level (normal "
-            "training patches only), then averaged"
+            "training patches only), then averaged; position = each score minus the mean of "
+            "the class's calibration patch scores at that position, over the std of those "
+            "residuals at that level, then averaged"
         ),
     )
     headline: Literal["nf", "latent", "proto", "hybrid"] = Field(

@@ -73,8 +73,8 @@ from ccnf.records import ClassScores, GalleryItem, TaskResult
 from ccnf.scoring import (
     assemble,
     calibration_record,
+    fusion_stats_of,
     image_scores,
-    level_stats_of,
     pixel_maps,
     stack_stats,
     thresholds,
@@ -224,7 +224,7 @@ class _ClassEvaluator:
         sc, mask_size, batch = self.sc, self.params.data.mask_size, self.params.eval.batch_images
         patches = self.model.patch_scores(feats, names, batch)
         st = stack_stats(self.calibration, names)
-        scores = assemble(patches, sc, mask_size, level_stats_of(st))
+        scores = assemble(patches, sc, mask_size, fusion_stats_of(st))
         return (
             image_scores(scores, st, sc.alpha, sc.calibrated),
             pixel_maps(scores, st, sc.alpha, sc.calibrated),

@@ -16,7 +16,11 @@ Pixel maps (:func:`levels_to_map`): each level's patch scores are upsampled bili
 pixels). Fusion (``score.level_fusion``): ``mean`` averages the raw levels; ``standardized``
 first maps each level's scores to (s - m_l) / sd_l with m_l, sd_l the mean and std of the
 class's calibration patch scores at that level (normal training patches only), so that a level
-whose scores run on a larger scale does not decide the map alone.
+whose scores run on a larger scale does not decide the map alone; ``position`` maps the score
+at position p to (s_p - m_{l,p}) / r_l, m_{l,p} the mean of the class's M calibration images
+at p and r_l the std of the residuals s - m_{l,p} over all their patches of level l, so that a
+place whose normal patches always score high (an edge, a fixed part of the layout) does not
+set the image score of every normal image.
 Image scores of nf and latent = ``score.pooling`` (max | mean | top-k mean) of their map.
 
 hybrid = alpha * cal(proto) + (1 - alpha) * cal(nf), image- and pixel-wise, where cal()
@@ -89,24 +93,51 @@ def pool(maps: np.ndarray, cfg: ScoreConfig) -> np.ndarray:
     return np.sort(flat, axis=1)[:, -k:].mean(axis=1)
 
 
+@dataclass
+class FusionStats:
+    """What the level fusion reads for N images, each from the class it is scored under.
+
+    levels[s]: (N, L, 2) [mean, std] of level l's calibration patch scores of score s
+    (``standardized``); positions[s][l]: (N, 2, H_l, W_l) [mean of the calibration images at
+    each position, residual std of the level at every position] (``position``), None where
+    the records hold none.
+    """
+
+    levels: dict[str, np.ndarray]
+    positions: dict[str, list[np.ndarray]] | None = None
+
+    def per_level(self, score: str, fusion: str) -> list[np.ndarray] | None:
+        """[(N, 2, h, w) mean/std per level] that ``fusion`` subtracts and divides by, h = w = 1
+        for ``standardized``; None for ``mean``."""
+        if fusion == "mean":
+            return None
+        if fusion == "standardized":
+            return [lv[:, :, None, None] for lv in np.moveaxis(self.levels[score], 1, 0)]
+        if self.positions is None:
+            raise ValueError("position level fusion needs the calibration position stats")
+        return self.positions[score]
+
+
 def levels_to_map(
     levels: list[torch.Tensor],
     size: int,
     sigma: float,
-    level_stats: np.ndarray | None = None,
+    level_stats: list[np.ndarray] | None = None,
 ) -> torch.Tensor:
-    """Per-level (B, 1, H_l, W_l) patch scores -> (B, size, size): upsample, fuse, blur.
+    """Per-level (B, 1, H_l, W_l) patch scores -> (B, size, size): normalize, upsample, fuse,
+    blur.
 
-    level_stats: None for the raw mean over levels (``level_fusion: mean``), or (B, L, 2)
-    [mean, std] per image and level: level l of image b becomes (s - mean) / std first
-    (``level_fusion: standardized``; the stats of the class each image is scored under).
+    level_stats: None for the raw mean over levels (``level_fusion: mean``), or per level a
+    (B, 2, h, w) [mean, std], h x w either 1 x 1 (``standardized``) or H_l x W_l
+    (``position``): level l of image b becomes (s - mean) / std first (the statistics of the
+    class each image is scored under).
     """
     up = []
     for lvl, m in enumerate(levels):
         m = m.float()
         if level_stats is not None:
-            st = torch.as_tensor(level_stats[:, lvl], dtype=torch.float32)
-            m = (m - st[:, 0].view(-1, 1, 1, 1)) / st[:, 1].view(-1, 1, 1, 1)
+            st = torch.as_tensor(level_stats[lvl], dtype=torch.float32)
+            m = (m - st[:, 0:1]) / st[:, 1:2]
         up.append(F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False))
     return gaussian_blur(torch.cat(up, dim=1).mean(dim=1), sigma)
 
@@ -119,24 +150,42 @@ def level_statistics(patches: PatchScores) -> dict[str, list[list[float]]]:
     }
 
 
+def position_statistics(patches: PatchScores) -> dict[str, list[np.ndarray]]:
+    """{score: [(2, H_l, W_l) per level]} of a class's calibration patch scores (M images):
+    [0] the mean over the M images at each position, [1] the std (ddof=0, floored at 1e-12)
+    of the residuals s - mean over all M x H_l x W_l patches, the same at every position.
+
+    One std per level rather than per position: from the few calibration images of a class
+    (M = 6 to 32 here) a per-position std is a noisy divisor that would blow up the score
+    of any place where it happens to come out small.
+    """
+    out: dict[str, list[np.ndarray]] = {}
+    for s, levels in patches.levels.items():
+        out[s] = []
+        for lv in levels:
+            v = lv.numpy().astype(np.float64)[:, 0]  # (M, H, W)
+            mean = v.mean(axis=0)
+            std = max(float((v - mean).std()), 1e-12)
+            out[s].append(np.stack([mean, np.full_like(mean, std)]))
+    return out
+
+
 def assemble(
     patches: PatchScores,
     cfg: ScoreConfig,
     mask_size: int,
-    level_stats: dict[str, np.ndarray] | None = None,
+    fusion_stats: FusionStats | None = None,
 ) -> Scores:
     """Maps and image scores of N images from their patch scores.
 
-    level_stats: {score: (N, L, 2)} per-image level statistics, needed when
-    ``score.level_fusion`` is standardized (see :func:`levels_to_map`).
+    fusion_stats: the calibration statistics of each image's class (:func:`fusion_stats_of`),
+    needed unless ``score.level_fusion`` is mean (see :func:`levels_to_map`).
     """
+    if cfg.level_fusion != "mean" and fusion_stats is None:
+        raise ValueError(f"{cfg.level_fusion} level fusion needs the calibration statistics")
     maps, images = {}, {}
     for s, levels in patches.levels.items():
-        stats = None
-        if cfg.level_fusion == "standardized":
-            if level_stats is None:
-                raise ValueError("standardized level fusion needs the calibration level stats")
-            stats = level_stats[s]
+        stats = None if fusion_stats is None else fusion_stats.per_level(s, cfg.level_fusion)
         maps[s] = levels_to_map(levels, mask_size, cfg.smoothing_sigma, stats).numpy().astype(
             np.float32)
         images[s] = pool(maps[s], cfg)
@@ -153,20 +202,22 @@ def score_images(
     cfg: ScoreConfig,
     mask_size: int,
     batch_images: int,
-    level_stats: dict[str, np.ndarray] | None = None,
+    fusion_stats: FusionStats | None = None,
 ) -> Scores:
     """Maps and image scores of N images, image i under class class_ids[i]: :func:`assemble`
-    of :func:`patch_scores` (level_stats: see :func:`assemble`)."""
+    of :func:`patch_scores` (fusion_stats: see :func:`assemble`)."""
     return assemble(patch_scores(model, features, class_ids, batch_images), cfg, mask_size,
-                    level_stats)
+                    fusion_stats)
 
 
-def unit_level_stats(n: int, n_levels: int, names: tuple[str, ...] = MAP_SCORES
-                     ) -> dict[str, np.ndarray]:
-    """Level statistics mean 0, std 1 for n images: standardized fusion then does the same
-    arithmetic as with real calibration statistics and equals the mean fusion (timing runs)."""
-    unit = np.tile(np.array([0.0, 1.0]), (n, n_levels, 1))
-    return {s: unit for s in names}
+def unit_fusion_stats(n: int, grids: list[tuple[int, int]],
+                      names: tuple[str, ...] = MAP_SCORES) -> FusionStats:
+    """Fusion statistics mean 0, std 1 for n images on levels of grids [(H_l, W_l)]: any
+    fusion then does the same arithmetic as with real calibration statistics and equals the
+    mean fusion (timing runs)."""
+    unit = np.tile(np.array([0.0, 1.0]), (n, len(grids), 1))
+    maps = [np.stack([np.zeros((n, h, w)), np.ones((n, h, w))], axis=1) for h, w in grids]
+    return FusionStats({s: unit for s in names}, {s: maps for s in names})
 
 
 # -- calibration -------------------------------------------------------------------------------
@@ -184,11 +235,12 @@ def calibration_record(
 ) -> dict[str, Any]:
     """Statistics of one class from its stored calibration patch scores (M normal images).
 
-    ``levels``: {score: [[mean, std] per level]} of the raw patch scores (level fusion);
-    for every score s of the fused maps: ``s_image`` and ``s_pixel`` [mean, std] (ddof=0,
-    floored at 1e-12) of the M image scores and of all M*S*S map pixels; ``s_image_values``:
-    the M raw image scores (percentile thresholds). proto's image score is the latent-mean
-    distance, not a pooled map.
+    ``levels``: {score: [[mean, std] per level]} of the raw patch scores (standardized level
+    fusion); ``positions``: {score: [(2, H_l, W_l) per level]} (position level fusion, see
+    :func:`position_statistics`); for every score s of the fused maps: ``s_image`` and
+    ``s_pixel`` [mean, std] (ddof=0, floored at 1e-12) of the M image scores and of all M*S*S
+    map pixels; ``s_image_values``: the M raw image scores (percentile thresholds). proto's
+    image score is the latent-mean distance, not a pooled map.
     """
     missing = [s for s in ("nf", "latent") if not isinstance(patches.get(s), list)]
     if missing:
@@ -199,12 +251,17 @@ def calibration_record(
             fix="re-train so the checkpoints store them: dvc repro",
         )
     ps = PatchScores.from_record(patches)
-    level_stats = level_statistics(ps)
     m = patches["nf"][0].shape[0]
-    per_image = {s: np.tile(np.asarray(v, dtype=np.float64), (m, 1, 1))
-                 for s, v in level_stats.items()}
-    scores = assemble(ps, cfg, mask_size, per_image)
-    out: dict[str, Any] = {"levels": level_stats}
+    if cfg.level_fusion == "position" and m < 2:
+        raise CcnfError(
+            f"class '{cls}' has {m} calibration image(s): position level fusion needs at "
+            "least 2 to tell a position's mean from its spread",
+            where=where,
+            fix="raise eval.calib_fraction (and re-train: dvc repro), or set "
+            "score.level_fusion to standardized",
+        )
+    out: dict[str, Any] = {"levels": level_statistics(ps), "positions": position_statistics(ps)}
+    scores = assemble(ps, cfg, mask_size, fusion_stats_of(stack_stats({cls: out}, [cls] * m)))
     for s, values in scores.images.items():
         out[f"{s}_image"] = _mean_std(values)
         out[f"{s}_image_values"] = [float(v) for v in values]
@@ -223,7 +280,8 @@ def score_names(stats: dict[str, Any]) -> list[str]:
 
 def stack_stats(calibration: dict[str, dict], names: list[str]) -> dict[str, np.ndarray]:
     """Per-image calibration for images scored under classes names[i]:
-    {"<s>_image" | "<s>_pixel": (N, 2) [mean, std]} and {"levels/<s>": (N, L, 2)}."""
+    {"<s>_image" | "<s>_pixel": (N, 2) [mean, std]}, {"levels/<s>": (N, L, 2)} and
+    {"positions/<s>/<l>": (N, 2, H_l, W_l)}."""
     first = calibration[names[0]]
     out = {
         key: np.array([calibration[n][key] for n in names], dtype=np.float64).reshape(-1, 2)
@@ -234,12 +292,23 @@ def stack_stats(calibration: dict[str, dict], names: list[str]) -> dict[str, np.
         out[f"levels/{s}"] = np.array(
             [calibration[n]["levels"][s] for n in names], dtype=np.float64
         )
+    for s, levels in first.get("positions", {}).items():
+        for lvl in range(len(levels)):
+            out[f"positions/{s}/{lvl}"] = np.stack(
+                [calibration[n]["positions"][s][lvl] for n in names]
+            ).astype(np.float64)
     return out
 
 
-def level_stats_of(stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """{score: (N, L, 2)} out of :func:`stack_stats` output (for :func:`assemble`)."""
-    return {k.split("/", 1)[1]: v for k, v in stats.items() if k.startswith("levels/")}
+def fusion_stats_of(stats: dict[str, np.ndarray]) -> FusionStats:
+    """The level fusion's statistics out of :func:`stack_stats` output (for :func:`assemble`)."""
+    levels = {k.split("/", 1)[1]: v for k, v in stats.items() if k.startswith("levels/")}
+    keys = sorted((k.split("/")[1], int(k.split("/")[2]), k) for k in stats
+                  if k.startswith("positions/"))
+    positions: dict[str, list[np.ndarray]] = {}
+    for s, _, k in keys:
+        positions.setdefault(s, []).append(stats[k])
+    return FusionStats(levels, positions or None)
 
 
 def standardize(values: np.ndarray, stats: Any) -> np.ndarray:

@@ -78,7 +78,7 @@ def test_catalog_runs_every_confound_switch_in_both_positions() -> None:
     switches = {("loss", "negatives"): {"task", "seen"},
                 ("flow", "prototypes"): {"fixed", "shared"},
                 ("flow", "spectral_norm_switch"): {"absorb", "jump"},
-                ("score", "level_fusion"): {"mean", "standardized"}}
+                ("score", "level_fusion"): {"mean", "standardized", "position"}}
     found: dict[tuple[str, str], set[str]] = {key: set() for key in switches}
     for exp in cat.experiments.values():
         applied = apply_overrides(base, exp.overrides)

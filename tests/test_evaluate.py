@@ -30,8 +30,8 @@ from ccnf.names import ALL_METRICS, SCORES
 from ccnf.scoring import (
     assemble,
     calibration_record,
+    fusion_stats_of,
     image_scores,
-    level_stats_of,
     stack_stats,
     thresholds,
 )
@@ -205,7 +205,7 @@ def test_selection_accuracy_and_agnostic_scores_against_direct_computation(
     names = ["a", "c", "c", "c", "c", "a"]
     per_image = stack_stats({c: _stats(ckpt, c, params) for c in "ac"}, names)
     s = assemble(patch_scores(model, feats["features"], ids, 4), params.score,
-                 params.data.mask_size, level_stats_of(per_image))
+                 params.data.mask_size, fusion_stats_of(per_image))
     raw = np.load(root / "fixed/eval/t1/image_scores.npz")
     np.testing.assert_array_equal(raw["c/selected"], ids.numpy())
     labels = feats["labels"].numpy()

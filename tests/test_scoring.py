@@ -17,17 +17,19 @@ from ccnf.models.ccnf_scores import (
     patch_scores,
     select_classes,
 )
+from ccnf.patch_scores import PatchScores
 from ccnf.scoring import (
     assemble,
     calibration_record,
+    fusion_stats_of,
     gaussian_blur,
     image_scores,
-    level_stats_of,
     pixel_maps,
     pool,
     score_names,
     stack_stats,
     thresholds,
+    unit_fusion_stats,
 )
 
 
@@ -60,7 +62,7 @@ def _scored(power: int = 2, fusion: str = "mean"):
     patches = patch_scores(model, feats, torch.tensor([0, 1, 1]), 2)
     record = calibration_record(patches.to_record(), sc, 8)
     st = stack_stats({"c": record}, ["c"] * 3)
-    return model, feats, assemble(patches, sc, 8, level_stats_of(st))
+    return model, feats, assemble(patches, sc, 8, fusion_stats_of(st))
 
 
 def _stats(power: int = 2) -> dict:
@@ -133,7 +135,7 @@ def test_standardized_fusion_reads_only_calibration_statistics() -> None:
         patch_scores(model, calib_feats, torch.tensor([1, 1]), 2).to_record(), sc, 8
     )
     test = patch_scores(model, feats, torch.tensor([1, 1, 1]), 2)
-    got = assemble(test, sc, 8, level_stats_of(stack_stats({"c": cal}, ["c"] * 3)))
+    got = assemble(test, sc, 8, fusion_stats_of(stack_stats({"c": cal}, ["c"] * 3)))
     # by hand, from the calibration patches' own mean/std per level (ddof=0)
     calib = patch_scores(model, calib_feats, torch.tensor([1, 1]), 2)
     up = []
@@ -148,11 +150,11 @@ def test_standardized_fusion_reads_only_calibration_statistics() -> None:
     np.testing.assert_allclose(got.maps["latent"], want, rtol=1e-5, atol=1e-5)
     # different test images: the statistics stay the calibration's
     other = patch_scores(model, [f * 3 for f in feats], torch.tensor([1, 1, 1]), 2)
-    again = assemble(other, sc, 8, level_stats_of(stack_stats({"c": cal}, ["c"] * 3)))
+    again = assemble(other, sc, 8, fusion_stats_of(stack_stats({"c": cal}, ["c"] * 3)))
     assert not np.allclose(again.maps["latent"], got.maps["latent"])
     shifted = {**cal, "levels": {s: [[m + 1.0, sd] for m, sd in lv]
                                  for s, lv in cal["levels"].items()}}
-    moved = assemble(test, sc, 8, level_stats_of(stack_stats({"c": shifted}, ["c"] * 3)))
+    moved = assemble(test, sc, 8, fusion_stats_of(stack_stats({"c": shifted}, ["c"] * 3)))
     # (s - (m + 1)) / sd = z - 1 / sd at every level: the map moves by the level mean of 1/sd
     drop = np.mean([1.0 / lv[1] for lv in cal["levels"]["latent"]])
     np.testing.assert_allclose(moved.maps["latent"], got.maps["latent"] - drop, rtol=1e-5,
@@ -205,9 +207,13 @@ def test_bank_calibration_record_has_no_proto() -> None:
     bank = calibration_record({k: patches[k] for k in ("nf", "latent")}, ScoreConfig(), 8)
     assert score_names(bank) == ["nf", "latent"]
     assert score_names(full) == ["nf", "latent", "proto", "hybrid"]
-    assert bank == {k: v for k, v in full.items() if not k.startswith("proto")} | {
-        "levels": {k: v for k, v in full["levels"].items() if k != "proto"}
-    }
+    positions = {"positions": None}
+    assert bank | positions == {k: v for k, v in full.items() if not k.startswith("proto")} | {
+        "levels": {k: v for k, v in full["levels"].items() if k != "proto"}} | positions
+    assert list(bank["positions"]) == ["nf", "latent"]
+    for s in ("nf", "latent"):
+        for mine, theirs in zip(bank["positions"][s], full["positions"][s], strict=True):
+            np.testing.assert_array_equal(mine, theirs)
 
 
 def test_calibrated_scores_are_standardized() -> None:
@@ -408,3 +414,83 @@ def test_blur_runs_on_the_device_of_its_maps(monkeypatch) -> None:
     out = gaussian_blur(torch.zeros(2, 16, 16, device="meta"), 1.5)
     assert out.device.type == "meta" and out.shape == (2, 16, 16)
     assert seen == [("meta", "meta")] * 2
+
+
+def _level_record(calib: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """A baseline-like calibration record: the same per-level patch scores for nf and latent."""
+    return {"nf": calib, "latent": [c.clone() for c in calib]}
+
+
+def test_position_fusion_subtracts_each_positions_calibration_mean() -> None:
+    """Level l at position p becomes (s_p - m_{l,p}) / r_l: m the mean over the calibration
+    images at p, r the std of the residuals over all their patches of the level (ddof=0)."""
+    gen = torch.Generator().manual_seed(0)
+    calib = [torch.rand(5, 1, 4, 4, generator=gen) * torch.arange(16.0).view(1, 1, 4, 4),
+             torch.rand(5, 1, 2, 2, generator=gen)]
+    test = PatchScores({"nf": [torch.rand(3, 1, 4, 4, generator=gen),
+                               torch.rand(3, 1, 2, 2, generator=gen)]})
+    sc = ScoreConfig(smoothing_sigma=0.0, level_fusion="position")
+    cal = calibration_record(_level_record(calib), sc, 8)
+    got = assemble(test, sc, 8, fusion_stats_of(stack_stats({"c": cal}, ["c"] * 3)))
+    up = []
+    for lvl, ref in enumerate(calib):
+        m = ref.double().mean(dim=0, keepdim=True)
+        r = float((ref.double() - m).std(unbiased=False))
+        np.testing.assert_allclose(cal["positions"]["nf"][lvl][0], m[0, 0].numpy())
+        np.testing.assert_allclose(cal["positions"]["nf"][lvl][1], r)
+        z = ((test.levels["nf"][lvl].double() - m) / r).float()
+        up.append(torch.nn.functional.interpolate(z, size=(8, 8), mode="bilinear",
+                                                  align_corners=False))
+    want = torch.cat(up, dim=1).mean(dim=1).numpy()
+    np.testing.assert_allclose(got.maps["nf"], want, rtol=1e-5, atol=1e-5)
+    # the calibration images' own residual maps have mean 0 at every position
+    own = assemble(PatchScores({"nf": calib}), ScoreConfig(smoothing_sigma=0.0,
+                   level_fusion="position"), 4,
+                   fusion_stats_of(stack_stats({"c": cal}, ["c"] * 5)))
+    assert abs(float(own.maps["nf"].mean())) < 1e-5
+
+
+def test_position_fusion_ignores_a_place_that_is_always_high() -> None:
+    """Normal images whose patch scores are always high at one place (an edge, a fixed part):
+    with one mean per level their image score is that place's, so a smaller defect elsewhere
+    ranks below them; with a mean per position the defect ranks first."""
+    gen = torch.Generator().manual_seed(1)
+
+    def images(n: int) -> torch.Tensor:
+        x = 0.1 * torch.randn(n, 1, 8, 8, generator=gen)
+        x[:, :, 0, 0] += 5.0  # the place that is always high
+        return x
+
+    calib = images(8)
+    good, bad = images(1), images(1)
+    bad[:, :, 5, 5] += 2.0  # a defect, weaker than the fixed place
+    test = PatchScores({"nf": [torch.cat([good, bad])]})
+    cal_for = {f: calibration_record(_level_record([calib]),
+                                     ScoreConfig(smoothing_sigma=0.0, level_fusion=f), 8)
+               for f in ("standardized", "position")}
+    img = {}
+    for fusion, cal in cal_for.items():
+        sc = ScoreConfig(smoothing_sigma=0.0, level_fusion=fusion)
+        img[fusion] = assemble(test, sc, 8,
+                               fusion_stats_of(stack_stats({"c": cal}, ["c"] * 2))).images["nf"]
+    assert img["standardized"][0] >= img["standardized"][1]
+    assert img["position"][1] > img["position"][0] + 5.0
+
+
+def test_position_fusion_refuses_a_single_calibration_image() -> None:
+    sc = ScoreConfig(level_fusion="position")
+    with pytest.raises(CcnfError, match="calib_fraction"):
+        calibration_record(_level_record([torch.rand(1, 1, 4, 4)]), sc, 8, cls="one")
+    # the other fusions can still use it
+    calibration_record(_level_record([torch.rand(1, 1, 4, 4)]), ScoreConfig(), 8)
+
+
+def test_unit_fusion_statistics_equal_the_mean_fusion() -> None:
+    gen = torch.Generator().manual_seed(2)
+    test = PatchScores({"nf": [torch.rand(2, 1, 4, 4, generator=gen),
+                               torch.rand(2, 1, 2, 2, generator=gen)]})
+    plain = assemble(test, ScoreConfig(level_fusion="mean"), 8)
+    for fusion in ("standardized", "position"):
+        unit = unit_fusion_stats(2, [(4, 4), (2, 2)], ("nf",))
+        got = assemble(test, ScoreConfig(level_fusion=fusion), 8, unit)
+        np.testing.assert_array_equal(got.maps["nf"], plain.maps["nf"])

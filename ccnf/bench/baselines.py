@@ -28,7 +28,7 @@ from ccnf.features import FeatureMeta, FeatureSplit, load_inputs
 from ccnf.metrics import auroc
 from ccnf.models.bank import model_spec
 from ccnf.schedule import TrainSpec
-from ccnf.scoring import assemble, calibration_record, level_stats_of, stack_stats
+from ccnf.scoring import assemble, calibration_record, fusion_stats_of, stack_stats
 from ccnf.seeding import class_seed
 from ccnf.train import calibration_split
 
@@ -59,7 +59,7 @@ def fit_and_score(
                                 params.score, size, cls=cls)
     t0 = time.perf_counter()
     scores = assemble(bank_patch_scores(bank[cls], test.features, batch), params.score, size,
-                      level_stats_of(stack_stats({cls: record}, [cls] * len(test))))
+                      fusion_stats_of(stack_stats({cls: record}, [cls] * len(test))))
     score_s = time.perf_counter() - t0
     headline = params.score.headline
     assert test.masks is not None

@@ -213,7 +213,7 @@ def bench_inference(
 ) -> dict[str, Any]:
     """Per-image cost of scoring a test batch, split into its parts."""
     from ccnf.features import FeatureMeta, load_split
-    from ccnf.scoring import gaussian_blur, pool, score_images, unit_level_stats
+    from ccnf.scoring import gaussian_blur, pool, score_images, unit_fusion_stats
 
     meta = FeatureMeta.load(features)
     split = load_split(features, meta.classes[0], "test")
@@ -263,7 +263,8 @@ def bench_inference(
             amap = gaussian_blur(torch.cat(up, dim=1).mean(dim=1), sigma).cpu().numpy()
         pool(amap, params.score)
 
-    unit = unit_level_stats(b, len(feats))  # same arithmetic as real calibration statistics
+    # same arithmetic as real calibration statistics
+    unit = unit_fusion_stats(b, [tuple(f.shape[-2:]) for f in feats])
 
     def whole() -> None:
         score_images(model, feats, y_img, params.score, params.data.mask_size, b, unit)
