@@ -202,6 +202,16 @@ class FlowConfig(_Section):
             "for the default backbone against 184 KB whole. Not with class_mean_rank"
         ),
     )
+    class_mean_quantizer: Literal["uniform", "lloyd"] = Field(
+        "uniform",
+        description=(
+            "with class_mean_bits, where a channel's 2^b levels lie: uniform = evenly from its "
+            "minimum to its maximum (offset and step per channel, float32); lloyd = Lloyd-Max "
+            "levels (1-D k-means of the channel's values, 2^b float16 values per channel), "
+            "each value coded to its nearest level: the least squared error for the same codes "
+            "(3 to 9 times less than uniform at b = 2 on industrial12's maps)"
+        ),
+    )
     class_actnorm: bool = Field(
         False,
         description=(
@@ -748,6 +758,12 @@ class Params(_Section):
             raise ValueError(
                 "flow.class_mean_rank and flow.class_mean_bits are two ways to keep a class's "
                 "mean map small: choose one (set the other to null)"
+            )
+        if f.class_mean_quantizer != "uniform" and f.class_mean_bits is None:
+            raise ValueError(
+                f"flow.class_mean_quantizer '{f.class_mean_quantizer}' places the levels of a "
+                "b-bit mean map, but flow.class_mean_bits is null (the map is kept in float32). "
+                "Set flow.class_mean_bits (2, 4 or 8), or flow.class_mean_quantizer=uniform"
             )
         compact = [k for k in ("class_mean_rank", "class_mean_bits") if getattr(f, k) is not None]
         if compact and self.model.kind != "ccnf":

@@ -233,6 +233,14 @@ def test_mean_rank_and_mean_bits_together_name_both_keys(raw_params: dict) -> No
     assert "flow.class_mean_rank" in msg and "flow.class_mean_bits" in msg
 
 
+def test_lloyd_levels_without_mean_bits_name_both_keys(raw_params: dict) -> None:
+    raw_params["flow"]["class_mean_quantizer"] = "lloyd"
+    msg = _error(raw_params)
+    assert "flow.class_mean_quantizer" in msg and "flow.class_mean_bits" in msg
+    raw_params["flow"]["class_mean_bits"] = 2
+    parse_params(raw_params)  # 2-bit codes at Lloyd-Max levels: accepted
+
+
 @pytest.mark.parametrize("key", ["class_mean_rank", "class_mean_bits"])
 def test_a_compact_mean_map_on_a_model_that_keeps_whole_maps_is_refused(
     raw_params: dict, key: str

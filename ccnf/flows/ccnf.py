@@ -9,6 +9,8 @@ Per level l (patch features x in R^{D_l}):
                                              whole, as its channel mean plus r leading
                                              singular components (``flow.class_mean_rank``),
                                              or in b bits a value (``flow.class_mean_bits``,
+                                             on an even grid or at Lloyd-Max levels:
+                                             ``flow.class_mean_quantizer``,
                                              :mod:`ccnf.flows.mean_codes`)
     c = [e_y, PE(position), phi(sigma), A_l u_y(position)]
                                              class embedding (grows with classes), 2-D PE,
@@ -58,7 +60,14 @@ from ccnf.flows.adapters import AdapterRoute
 from ccnf.flows.flow import ConditionalFlow
 from ccnf.flows.gaussian import log_normal
 from ccnf.flows.log_scale import warmup_factor
-from ccnf.flows.mean_codes import bytes_per_position, dequantize_rows, quantize_map
+from ccnf.flows.mean_codes import (
+    LEVELS_DTYPE,
+    bytes_per_position,
+    decode_with_levels,
+    dequantize_rows,
+    lloyd_levels,
+    quantize_map,
+)
 from ccnf.flows.mean_condition import mean_condition_maps, mean_content
 from ccnf.flows.positional import positional_encoding_2d
 from ccnf.flows.spectral import SNLinear
@@ -120,6 +129,7 @@ class CCNFSpec:
     class_norm_mean: str = "channel"
     class_mean_rank: int | None = None
     class_mean_bits: int | None = None
+    class_mean_quantizer: str = "uniform"
     class_actnorm: bool = False
     mean_condition_dim: int = 0
     feature_norm: bool = False
@@ -182,7 +192,8 @@ class CCNF(nn.Module):
             # with class_norm_mean: position the mean is a map (C, H_l * W_l, D_l), or with
             # class_mean_rank r the channel mean (C, D_l) plus float16 factors
             # basis (C, H_l * W_l, r) @ loading (C, r, D_l), or with class_mean_bits b the
-            # channel mean plus the rest's offset and step (C, D_l) and packed codes
+            # channel mean plus the rest's offset and step (C, D_l) (class_mean_quantizer:
+            # lloyd: its levels (C, D_l, 2^b) float16) and packed codes
             # (C, H_l * W_l, ceil(D_l b / 8)) uint8
             self.register_buffer(f"class_mean_{lvl}", torch.zeros(
                 n_classes, *self._mean_shape(lvl)))
@@ -194,8 +205,12 @@ class CCNF(nn.Module):
                     n_classes, r, self.channels[lvl], dtype=MEAN_FACTOR_DTYPE))
             if self.quantized_mean:
                 d = self.channels[lvl]
-                self.register_buffer(f"class_mean_low_{lvl}", torch.zeros(n_classes, d))
-                self.register_buffer(f"class_mean_step_{lvl}", torch.zeros(n_classes, d))
+                if self.lloyd_mean:
+                    self.register_buffer(f"class_mean_levels_{lvl}", torch.zeros(
+                        n_classes, d, 2 ** self.mean_bits, dtype=LEVELS_DTYPE))
+                else:
+                    self.register_buffer(f"class_mean_low_{lvl}", torch.zeros(n_classes, d))
+                    self.register_buffer(f"class_mean_step_{lvl}", torch.zeros(n_classes, d))
                 self.register_buffer(f"class_mean_codes_{lvl}", torch.zeros(
                     n_classes, h * w, bytes_per_position(d, self.mean_bits),
                     dtype=torch.uint8))
@@ -240,8 +255,9 @@ class CCNF(nn.Module):
         if self.low_rank_mean:
             per_class += [("class_mean_basis", 0.0), ("class_mean_loading", 0.0)]
         if self.quantized_mean:
-            per_class += [("class_mean_low", 0.0), ("class_mean_step", 0.0),
-                          ("class_mean_codes", 0)]
+            per_class += [("class_mean_levels", 0.0)] if self.lloyd_mean else [
+                ("class_mean_low", 0.0), ("class_mean_step", 0.0)]
+            per_class.append(("class_mean_codes", 0))
         for lvl in range(self.n_levels):
             for name, fill in per_class:
                 old = getattr(self, f"{name}_{lvl}")
@@ -375,6 +391,12 @@ class CCNF(nn.Module):
         return self.positional_mean and self.cfg.class_mean_bits is not None
 
     @property
+    def lloyd_mean(self) -> bool:
+        """Whether the quantized map's levels are Lloyd-Max levels per channel
+        (``flow.class_mean_quantizer: lloyd``) instead of an even grid."""
+        return self.quantized_mean and self.cfg.class_mean_quantizer == "lloyd"
+
+    @property
     def mean_bits(self) -> int:
         """b of ``flow.class_mean_bits`` (only for a quantized mean map)."""
         if self.cfg.class_mean_bits is None:
@@ -418,6 +440,12 @@ class CCNF(nn.Module):
             mean = mean.mean(dim=0)
             getattr(self, f"class_mean_basis_{level}")[class_id].copy_(basis)
             getattr(self, f"class_mean_loading_{level}")[class_id].copy_(loading)
+        elif self.lloyd_mean:
+            channel_mean = mean.mean(dim=0)
+            levels, codes = lloyd_levels(mean - channel_mean, self.mean_bits)
+            getattr(self, f"class_mean_levels_{level}")[class_id].copy_(levels)
+            getattr(self, f"class_mean_codes_{level}")[class_id].copy_(codes)
+            mean = channel_mean
         elif self.quantized_mean:
             channel_mean = mean.mean(dim=0)
             low, step, codes = quantize_map(mean - channel_mean, self.mean_bits)
@@ -446,6 +474,10 @@ class CCNF(nn.Module):
         means = self.class_stats(level)[0]
         if not self.positional_mean:
             return means[y]
+        if self.lloyd_mean:
+            return means[y] + decode_with_levels(
+                getattr(self, f"class_mean_levels_{level}"), y,
+                getattr(self, f"class_mean_codes_{level}")[y, pos_index], self.mean_bits)
         if self.quantized_mean:
             return means[y] + dequantize_rows(
                 getattr(self, f"class_mean_low_{level}")[y],

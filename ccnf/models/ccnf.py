@@ -57,6 +57,7 @@ def ccnf_spec(cfg: FlowConfig, channels: list[int]) -> CCNFSpec:
         conditioning=cfg.conditioning, class_conditioning=cfg.class_conditioning,
         class_norm=cfg.class_norm, class_norm_mean=cfg.class_norm_mean,
         class_mean_rank=cfg.class_mean_rank, class_mean_bits=cfg.class_mean_bits,
+        class_mean_quantizer=cfg.class_mean_quantizer,
         class_actnorm=cfg.class_actnorm,
         mean_condition_dim=cfg.mean_condition_dim,
         feature_norm=cfg.feature_norm, prior=cfg.prior, prototypes=cfg.prototypes,
