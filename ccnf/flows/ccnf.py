@@ -440,17 +440,15 @@ class CCNF(nn.Module):
             mean = mean.mean(dim=0)
             getattr(self, f"class_mean_basis_{level}")[class_id].copy_(basis)
             getattr(self, f"class_mean_loading_{level}")[class_id].copy_(loading)
-        elif self.lloyd_mean:
-            channel_mean = mean.mean(dim=0)
-            levels, codes = lloyd_levels(mean - channel_mean, self.mean_bits)
-            getattr(self, f"class_mean_levels_{level}")[class_id].copy_(levels)
-            getattr(self, f"class_mean_codes_{level}")[class_id].copy_(codes)
-            mean = channel_mean
         elif self.quantized_mean:
             channel_mean = mean.mean(dim=0)
-            low, step, codes = quantize_map(mean - channel_mean, self.mean_bits)
-            getattr(self, f"class_mean_low_{level}")[class_id].copy_(low)
-            getattr(self, f"class_mean_step_{level}")[class_id].copy_(step)
+            if self.lloyd_mean:
+                levels, codes = lloyd_levels(mean - channel_mean, self.mean_bits)
+                getattr(self, f"class_mean_levels_{level}")[class_id].copy_(levels)
+            else:
+                low, step, codes = quantize_map(mean - channel_mean, self.mean_bits)
+                getattr(self, f"class_mean_low_{level}")[class_id].copy_(low)
+                getattr(self, f"class_mean_step_{level}")[class_id].copy_(step)
             getattr(self, f"class_mean_codes_{level}")[class_id].copy_(codes)
             mean = channel_mean
         m[class_id].copy_(mean)

@@ -39,12 +39,16 @@ def bytes_per_position(channels: int, bits: int) -> int:
     return -(-channels * bits // 8)
 
 
+def _check_bits(bits: int) -> None:
+    if bits not in MEAN_BITS:
+        raise ValueError(f"mean-map bits must be one of {MEAN_BITS}, got {bits}")
+
+
 def quantize_map(
     residual: torch.Tensor, bits: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """R (P, D) -> (lo (D,), step (D,) float32, codes (P, ceil(D b / 8)) uint8 packed)."""
-    if bits not in MEAN_BITS:
-        raise ValueError(f"mean-map bits must be one of {MEAN_BITS}, got {bits}")
+    _check_bits(bits)
     r = residual.double()
     lo = r.min(dim=0).values
     levels = 2 ** bits - 1
@@ -62,8 +66,7 @@ def lloyd_levels(residual: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch
     Lloyd's iteration only finds a local minimum, so it runs twice, from the even grid of
     :func:`quantize_map` (hence never worse than it) and from the quantile midpoints (better
     when a few values lie far out), and each channel keeps the run with less squared error."""
-    if bits not in MEAN_BITS:
-        raise ValueError(f"mean-map bits must be one of {MEAN_BITS}, got {bits}")
+    _check_bits(bits)
     r = residual.double().t().contiguous()  # (D, P): one row per channel
     n = 2 ** bits
     low, high = r.min(dim=1, keepdim=True).values, r.max(dim=1, keepdim=True).values
@@ -79,12 +82,11 @@ def lloyd_levels(residual: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch
 
 def _lloyd(r: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """r (D, P), start levels (D, n) ascending -> (D, n): 1-D k-means per channel."""
-    n = levels.shape[1]
     codes = _nearest(r, levels)
     for _ in range(LLOYD_MAX_ITERATIONS):
-        hits = torch.nn.functional.one_hot(codes, n).to(r.dtype)  # (D, P, n)
-        count = hits.sum(dim=1)
-        total = (hits * r.unsqueeze(-1)).sum(dim=1)
+        # per-level sums (D, n) without a (D, P, n) one-hot
+        count = torch.zeros_like(levels).scatter_add_(1, codes, torch.ones_like(r))
+        total = torch.zeros_like(levels).scatter_add_(1, codes, r)
         # a level no value is nearest to keeps its place (1-D k-means keeps the order)
         levels = torch.where(count > 0, total / count.clamp(min=1), levels)
         again = _nearest(r, levels)
