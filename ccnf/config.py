@@ -472,6 +472,17 @@ class TrainConfig(_Section):
             "batch with them"
         ),
     )
+    generated_per_step_per_class: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "generative_replay with train.generated_per_step: a step draws max(G, k x the "
+            "classes learned before the task) generated maps, so each earlier class keeps its "
+            "share of the steps as classes accumulate (with G fixed, a class's share falls as "
+            "1 / classes: one class per task dilutes it elevenfold by the last of 12); null: G "
+            "alone"
+        ),
+    )
     generation_tau: float = Field(
         0.8,
         gt=0,
@@ -537,6 +548,17 @@ class TrainConfig(_Section):
     def _replay_needs_buffer(self) -> TrainConfig:
         if self.strategy == "replay" and self.replay_buffer == 0:
             raise ValueError("train.strategy is 'replay' but train.replay_buffer is 0")
+        return self
+
+    @model_validator(mode="after")
+    def _per_class_share_needs_apart(self) -> TrainConfig:
+        if self.generated_per_step_per_class is not None and self.generated_per_step is None:
+            raise ValueError(
+                "train.generated_per_step_per_class scales the generated maps each step draws "
+                "beside the real ones, but train.generated_per_step is null (the generated maps "
+                "are mixed into the real images' pool). Set train.generated_per_step, or "
+                "train.generated_per_step_per_class=null"
+            )
         return self
 
 

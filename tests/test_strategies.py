@@ -348,6 +348,35 @@ def test_batch_draw_mixes_by_default_and_keeps_the_real_budget_apart() -> None:
     assert torch.equal(alone.images(0, 3, gen_a), torch.randperm(10, generator=gen_b)[:4])
 
 
+def test_batch_draw_keeps_each_earlier_class_its_share() -> None:
+    """train.generated_per_step_per_class = k: a step draws max(G, k x earlier classes)
+    generated maps; without it G alone whatever the number of earlier classes."""
+    from ccnf.models.ccnf import _BatchDraw
+
+    tc = parse_params(tiny_params(Path("."), [["a"]])).train.model_copy(
+        update={"images_per_step": 4, "generated_per_step": 6})
+    scaled = tc.model_copy(update={"generated_per_step_per_class": 2})
+
+    def generated(t, n_earlier: int) -> int:
+        step = _BatchDraw(10, 60, t, n_earlier=n_earlier).images(
+            0, 3, torch.Generator().manual_seed(0))
+        return int((step >= 10).sum())
+
+    assert [generated(scaled, n) for n in (1, 3, 4, 11)] == [6, 6, 8, 22]
+    assert [generated(tc, n) for n in (1, 11)] == [6, 6]
+    # more than the pool holds: the permutation renews, every map drawn before any repeats
+    step = _BatchDraw(10, 20, scaled, n_earlier=11).images(0, 3, torch.Generator().manual_seed(1))
+    gen = step[step >= 10].tolist()
+    assert len(gen) == 22 and sorted(gen[:10]) == list(range(10, 20))
+
+
+def test_per_class_share_needs_generated_per_step() -> None:
+    raw = tiny_params(Path("."), [["a"]])
+    raw["train"].update(strategy="generative_replay", generated_per_step_per_class=4)
+    with pytest.raises(CcnfError, match=r"train\.generated_per_step is null"):
+        parse_params(raw)
+
+
 def test_replay_quality_compares_a_floor_on_generated_and_real_features(three_tasks) -> None:
     from ccnf.bench.replay_quality import moment_gap, replay_quality
 

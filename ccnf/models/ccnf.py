@@ -218,13 +218,16 @@ class _BatchDraw:
     ``train.generated_per_step`` = G and generated images present, the real images keep the
     epochs and the step budget of a task without replay, and every step adds G generated images
     from their own permutation (renewed each time it is used up), so the new classes get as
-    many steps as under naive training.
+    many steps as under naive training. ``train.generated_per_step_per_class`` = k raises G to
+    max(G, k x ``n_earlier``), the classes learned before the task.
     """
 
-    def __init__(self, n_real: int, n_total: int, tc: TrainConfig) -> None:
+    def __init__(self, n_real: int, n_total: int, tc: TrainConfig, n_earlier: int = 0) -> None:
         self.n_real, self.n_total = n_real, n_total
         self.per_step = tc.images_per_step
         self.generated = tc.generated_per_step if n_total > n_real else None
+        if self.generated is not None and tc.generated_per_step_per_class is not None:
+            self.generated = max(self.generated, tc.generated_per_step_per_class * n_earlier)
         self.order = torch.empty(0, dtype=torch.long)
         self.gen_order = torch.empty(0, dtype=torch.long)
         self.gen_at = 0
@@ -503,7 +506,7 @@ class CCNFModel(AnomalyModel):
             data = data + generate_task_data(
                 model, list(range(offset)), tc.generated_per_class, tc.generation_tau, gen_z,
                 targets=params.loss.distill_target if params.loss.lambda_distill > 0 else None)
-        draw = _BatchDraw(n_real, data.labels.numel(), tc)
+        draw = _BatchDraw(n_real, data.labels.numel(), tc, n_earlier=offset)
         if params.flow.feature_norm and t == 0:
             _set_feature_stats(model, data)
 
