@@ -517,3 +517,26 @@ def test_an_override_pinning_a_later_default_matches_records_from_before_the_key
     first = Experiment("L", "x", ("data.classes.0=c",))
     got = str(params_mismatch(listed, first, listed))
     assert "data.classes: expected ['c', 'b'], recorded ['a', 'b']" in got
+
+
+def test_a_commit_during_the_queue_is_named_as_the_reason(tmp_path: Path) -> None:
+    from ccnf.catalog.runner import head_commit, not_held_reason
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True,
+                       env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})
+
+    git("init", "-q")
+    (tmp_path / "a").write_text("1")
+    git("add", "a")
+    git("commit", "-qm", "one")
+    first = head_commit(tmp_path)
+    (tmp_path / "a").write_text("2")
+    git("commit", "-qam", "two")
+    second = head_commit(tmp_path)
+    assert len(first) == 40 and first != second
+    moved = not_held_reason(first, second)
+    assert first[:7] in moved and second[:7] in moved
+    assert f"dvc exp show --rev {first[:7]}" in moved and "run the same command again" in moved
+    assert "HEAD moved" not in not_held_reason(second, second)

@@ -54,6 +54,27 @@ def check_workspace(cwd: Path) -> None:
         )
 
 
+def head_commit(cwd: Path) -> str:
+    """The commit HEAD names in ``cwd`` (experiments are kept under the commit they ran on)."""
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True)
+    return proc.stdout.strip()
+
+
+def not_held_reason(head_at_start: str, head_now: str) -> str:
+    """Why an experiment DVC reports successful is not among HEAD's experiments.
+
+    The usual cause is a commit while the queue ran: DVC keeps each experiment under the commit
+    it was queued on, and ``dvc exp list`` shows HEAD's only.
+    """
+    if head_at_start and head_now and head_at_start != head_now:
+        return (f"DVC reports success, but HEAD moved from {head_at_start[:7]} to "
+                f"{head_now[:7]} while the queue ran (a commit during the run): the experiment "
+                f"is kept under {head_at_start[:7]} (`dvc exp show --rev {head_at_start[:7]}`); "
+                "run the same command again to run it on the new HEAD, and commit only after "
+                "the queue has drained")
+    return "DVC reports success but holds no experiment of this name"
+
+
 def remove_existing(ids: Sequence[str], cwd: Path, log: Callable[[str], None], *,
                     queue: bool = False) -> None:
     """Remove earlier experiments with these names, so a re-run replaces them.
@@ -179,6 +200,7 @@ def run_queue(
         dvc(exp.dvc_command(queue=True)[1:], cwd)
         log(f"queued {' '.join(exp.dvc_command(queue=True))}")
     t0 = time.perf_counter()
+    head_at_start = head_commit(cwd)
     dvc(["queue", "start", "-j", str(jobs)], cwd, leaves_children=True)
     ids = {e.id for e in exps}
     started: dict[str, float] = {}
@@ -226,6 +248,7 @@ def run_queue(
         finished[name] = RunOutcome(name, time.perf_counter() - t0, ok=False,
                                     tail="not in `dvc queue status` any more")
     held = existing_names(cwd)
+    head_now = head_commit(cwd)
     for name, outcome in finished.items():
         if outcome.tail:  # the reason it failed is known; DVC's log of it is empty or stale
             continue
@@ -234,6 +257,6 @@ def run_queue(
         outcome.tail = logs[-4000:]
         if outcome.ok and name not in held:
             outcome.ok = False
-            outcome.tail = ("DVC reports success but holds no experiment of this name\n"
-                            + outcome.tail)
+            # last, since the failure report prints the end of the tail
+            outcome.tail += "\n" + not_held_reason(head_at_start, head_now)
     return [finished[e.id] for e in exps]
