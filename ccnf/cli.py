@@ -543,7 +543,6 @@ def catalog_run(
     """
     import datetime
     import os
-    import subprocess
     import time
 
     from ccnf.atomic import write_json
@@ -555,6 +554,7 @@ def catalog_run(
         run_queue,
         run_sequential,
     )
+    from ccnf.catalog.runner import head_commit
     from ccnf.study_report import TIMING_FILE
 
     cat = load_catalog(catalog, params)
@@ -601,8 +601,7 @@ def catalog_run(
     console.print(summary)
     target = timing if timing is not None else (TIMING_FILE if all_ else None)
     if target is not None:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
+        commit = head_commit(cwd)
         write_json(target, {
             "ids": [e.id for e in exps],
             "kept_finished": done,  # finished before this run, not re-run (see --force)

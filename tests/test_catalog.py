@@ -522,18 +522,15 @@ def test_an_override_pinning_a_later_default_matches_records_from_before_the_key
 def test_a_commit_during_the_queue_is_named_as_the_reason(tmp_path: Path) -> None:
     from ccnf.catalog.runner import head_commit, not_held_reason
 
-    def git(*args: str) -> None:
-        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True,
-                       env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-                            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})
-
-    git("init", "-q")
+    _git("init", "-q", cwd=tmp_path)
+    _git("config", "user.name", "t", cwd=tmp_path)
+    _git("config", "user.email", "t@t", cwd=tmp_path)
     (tmp_path / "a").write_text("1")
-    git("add", "a")
-    git("commit", "-qm", "one")
+    _git("add", "a", cwd=tmp_path)
+    _git("commit", "-qm", "one", cwd=tmp_path)
     first = head_commit(tmp_path)
     (tmp_path / "a").write_text("2")
-    git("commit", "-qam", "two")
+    _git("commit", "-qam", "two", cwd=tmp_path)
     second = head_commit(tmp_path)
     assert len(first) == 40 and first != second
     moved = not_held_reason(first, second)
