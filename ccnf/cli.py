@@ -539,7 +539,7 @@ def catalog_run(
     An experiment that finished on HEAD with the catalog's params is skipped (so the same
     command, run again after a crash or a dead queue worker, finishes the rest); any other
     earlier experiment of the same id is replaced. --force replaces finished ones too.
-    With --seed the replicates ID-seedN run instead (always; an earlier one is replaced).
+    With --seed the replicates ID-seedN run instead, kept and replaced the same way.
     """
     import datetime
     import os

@@ -386,6 +386,23 @@ def test_catalog_run_equals_dvc_exp_run_with_its_overrides(mini_repo: Path,
             assert f"{score}.{metric}" in keys
 
 
+def test_a_finished_seed_replicate_is_kept_as_a_row_is(mini_repo: Path, monkeypatch) -> None:
+    """The same command with --seed, run again after a crash, keeps the replicates that
+    finished (the failure report promises it) and runs the rest; --force replaces them."""
+    monkeypatch.chdir(mini_repo)
+    runner = CliRunner()
+    res = runner.invoke(app, ["catalog", "run", "E4", "--seed", "1"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["catalog", "run", "E4", "--seed", "1", "--seed", "2"])
+    assert res.exit_code == 0, res.output
+    kept = next(ln for ln in res.output.splitlines() if "kept:" in ln)
+    assert "E4-seed1" in kept and "E4-seed2" not in kept
+    names = _dvc("exp", "list", "--name-only", cwd=mini_repo).split()
+    assert names.count("E4-seed1") == 1 and names.count("E4-seed2") == 1
+    res = runner.invoke(app, ["catalog", "run", "E4", "--seed", "2", "--force"])
+    assert res.exit_code == 0 and "replaced earlier experiment(s): E4-seed2" in res.output
+
+
 def test_catalog_run_through_the_queue_with_two_workers(mini_repo: Path, monkeypatch) -> None:
     """--jobs 2: `dvc exp run --queue` per experiment, `dvc queue start -j 2`, wait, record."""
     monkeypatch.chdir(mini_repo)

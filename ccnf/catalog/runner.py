@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ccnf.catalog.commands import STAGE_RE, dvc, existing_names, stream_dvc
@@ -114,7 +114,10 @@ def finished_ids(catalog: Catalog, exps: Sequence[Experiment], cwd: Path) -> lis
     if proc.returncode != 0 or proc.stdout.strip():
         return []
     wanted = {e.id for e in exps}
-    rows = match_records(catalog, load_records(cwd, commits=1))
+    # seed replicates (ID-seedN) are not catalog rows: match them as rows of their own
+    rows = match_records(replace(catalog, experiments={**catalog.experiments,
+                                                       **{e.id: e for e in exps}}),
+                         load_records(cwd, commits=1))
     return [
         r.exp.id for r in rows
         if r.exp.id in wanted and r.record is not None and r.record.kind == "experiment"
