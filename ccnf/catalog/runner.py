@@ -113,14 +113,12 @@ def finished_ids(catalog: Catalog, exps: Sequence[Experiment], cwd: Path) -> lis
                            "ccnf", "stages"], cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0 or proc.stdout.strip():
         return []
-    wanted = {e.id for e in exps}
-    # seed replicates (ID-seedN) are not catalog rows: match them as rows of their own
-    rows = match_records(replace(catalog, experiments={**catalog.experiments,
-                                                       **{e.id: e for e in exps}}),
+    # only the experiments asked for, as rows: seed replicates (ID-seedN) are not catalog rows
+    rows = match_records(replace(catalog, experiments={e.id: e for e in exps}),
                          load_records(cwd, commits=1))
     return [
         r.exp.id for r in rows
-        if r.exp.id in wanted and r.record is not None and r.record.kind == "experiment"
+        if r.record is not None and r.record.kind == "experiment"
         and r.record.name == r.exp.id and r.record.metrics and r.problem is None
     ]
 
