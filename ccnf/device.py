@@ -14,6 +14,7 @@ import platform
 import torch
 
 from ccnf.errors import CcnfError
+from ccnf.kernels import pin_cpu_convolutions
 
 SETTINGS = ("auto", "cpu", "cuda")
 
@@ -26,11 +27,12 @@ def resolve_device(setting: str = "auto") -> torch.device:
             where="params.yaml: device",
             fix=f"use one of {', '.join(SETTINGS)}",
         )
-    if setting == "cpu":
+    available = setting != "cpu" and torch.cuda.is_available()
+    if setting == "cpu" or (setting == "auto" and not available):
+        pin_cpu_convolutions()
         return torch.device("cpu")
-    available = torch.cuda.is_available()
     if setting == "auto":
-        return deterministic_cuda() if available else torch.device("cpu")
+        return deterministic_cuda()
     if not available:
         built = torch.version.cuda
         raise CcnfError(
@@ -88,6 +90,7 @@ def device_info(device: torch.device) -> dict[str, object]:
         "cpu_count": os.cpu_count(),
         "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
         "mkl_cbwr": os.environ.get("MKL_CBWR", ""),
+        "onednn_conv": torch.backends.mkldnn.enabled,
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

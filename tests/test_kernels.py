@@ -50,3 +50,32 @@ def test_the_test_process_itself_runs_pinned() -> None:
     if os.environ.get("MKL_CBWR") != "COMPATIBLE":
         pytest.skip("this pytest run was started with its own MKL_CBWR")
     assert torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT")
+
+
+CONV_PROBE = """
+import hashlib, torch
+from ccnf.device import resolve_device
+resolve_device("cpu")
+torch.manual_seed(0); torch.set_num_threads(1)
+conv = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1),
+                           torch.nn.Conv2d(16, 16, 3, padding=1, groups=16))
+with torch.no_grad():
+    y = conv(torch.randn(2, 8, 40, 40))
+print(torch.backends.mkldnn.enabled, hashlib.md5(y.numpy().tobytes()).hexdigest())
+"""
+
+
+def _conv_probe(**env: str) -> list[str]:
+    run = subprocess.run([sys.executable, "-c", CONV_PROBE], env={**os.environ, **env},
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    return run.stdout.split()
+
+
+def test_cpu_convolutions_do_not_depend_on_onednns_instruction_set() -> None:
+    """oneDNN's JIT kernels differ by ISA in the last bits (its SSE4.1 and AVX2 kernels gave the
+    backbone other float16 features): on the CPU device the convolutions run without it, so
+    capping oneDNN's ISA changes nothing."""
+    native = _conv_probe()
+    assert native[0] == "False"
+    for isa in ("SSE41", "AVX"):
+        assert _conv_probe(ONEDNN_MAX_CPU_ISA=isa) == native

@@ -15,6 +15,8 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
+from ccnf.data.synthetic import portable as pm
+
 F32 = NDArray[np.float32]
 Params = dict[str, Any]
 
@@ -49,7 +51,7 @@ def _rotated_point(angle: float, dx: float, dy: float) -> tuple[float, float]:
 def _polar(size: int, cx: float, cy: float) -> tuple[F32, F32]:
     yy, xx = _grid(size)
     dx, dy = xx - cx, yy - cy
-    return np.hypot(dx, dy).astype(np.float32), np.arctan2(dy, dx).astype(np.float32)
+    return pm.hypot(dx, dy).astype(np.float32), pm.arctan2(dy, dx).astype(np.float32)
 
 
 def _cover(sdf: F32) -> F32:
@@ -71,7 +73,7 @@ def _noise(rng: np.random.Generator, size: int, sigma: float | tuple[float, floa
     sig = (sigma, sigma) if isinstance(sigma, int | float) else sigma
     step = [max(1, int(s_ // 2)) if s_ >= 4 else 1 for s_ in sig]
     shape = (-(-size // step[0]), -(-size // step[1]))
-    field = ndimage.gaussian_filter(
+    field = pm.gaussian_filter(
         rng.standard_normal(shape, dtype=np.float32),
         (sig[0] / step[0], sig[1] / step[1]),
         mode="wrap",
@@ -84,7 +86,7 @@ def _noise(rng: np.random.Generator, size: int, sigma: float | tuple[float, floa
 
 
 def _noise1d(rng: np.random.Generator, n: int, sigma: float) -> F32:
-    line = ndimage.gaussian_filter1d(rng.standard_normal(n).astype(np.float32), sigma)
+    line = pm.gaussian_filter1d(rng.standard_normal(n).astype(np.float32), sigma)
     return ((line - line.mean()) / (line.std() + 1e-8)).astype(np.float32)
 
 
@@ -138,5 +140,5 @@ def _blob(
     dx, dy = xx - cx, yy - cy
     u = (math.cos(rot) * dx + math.sin(rot) * dy) / radius
     v = (-math.sin(rot) * dx + math.cos(rot) * dy) / (radius * aspect)
-    field = 1 - np.hypot(u, v) + rough * _noise(rng, size, max(radius / 3, 1.0))
+    field = 1 - pm.hypot(u, v) + rough * _noise(rng, size, max(radius / 3, 1.0))
     return _smoothstep(-0.15, 0.15, field)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy import ndimage
 
+from ccnf.data.synthetic import portable as pm
 from ccnf.data.synthetic._common import (
     F32,
     Params,
@@ -119,7 +120,7 @@ def _hole(scene: Scene, rng: np.random.Generator, sev: float, spec: _Spec) -> tu
 
 
 def _blob_dilate(alpha: F32, px: float) -> F32:
-    return ndimage.gaussian_filter(alpha, max(px, 0.5)) * 1.6
+    return pm.gaussian_filter(alpha, max(px, 0.5)) * 1.6
 
 
 _STAINS = ((0.35, 0.22, 0.10), (0.55, 0.30, 0.12), (0.16, 0.15, 0.13), (0.82, 0.80, 0.70))
@@ -146,7 +147,7 @@ def _noise_patch(
         return _untouched(scene)
     alpha = site[3] * (scene.fg > 0.5)
     # a foreign texture with the local mean colour: only the structure is wrong
-    local = ndimage.gaussian_filter(scene.img, (4 * k, 4 * k, 0))
+    local = pm.gaussian_filter(scene.img, (4 * k, 4 * k, 0))
     grain = _noise(rng, size, rng.uniform(0.6, 3.0) * k)
     tint = 1 + rng.uniform(-0.15, 0.15, 3).astype(np.float32)
     tex = local * (1 + rng.uniform(0.25, 0.5) * grain)[..., None] * tint

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage
 
+from ccnf.data.synthetic import portable as pm
 from ccnf.data.synthetic._common import (
     F32,
     Params,
@@ -58,9 +58,9 @@ def _turned_face(
     """Turned steel shared by washer and hexnut: a fixed light's anisotropic highlight, fine
     lathe rings, and a lit chamfer along the outline (``edge``: signed px distance to it)."""
     k = size / 256
-    lathe = 0.03 * np.sin(2 * np.pi * rho / (2.3 * k)) + 0.02 * _noise(rng, size, 0.7 * k)
-    value = metal + 0.13 * np.cos(2 * (phi - 0.7)) + lathe
-    return (value + 0.22 * np.exp(-((edge / (1.6 * k)) ** 2))).astype(np.float32)
+    lathe = 0.03 * pm.sin(2 * np.pi * rho / (2.3 * k)) + 0.02 * _noise(rng, size, 0.7 * k)
+    value = metal + 0.13 * pm.cos(2 * (phi - 0.7)) + lathe
+    return (value + 0.22 * pm.exp(-((edge / (1.6 * k)) ** 2))).astype(np.float32)
 
 
 def _render_washer(p: Params, size: int) -> Scene:
@@ -74,7 +74,7 @@ def _render_washer(p: Params, size: int) -> Scene:
     if p["bite"] is not None:
         ang, rad = p["bite"]
         bx, by = p["cx"] + outer * math.cos(ang), p["cy"] + outer * math.sin(ang)
-        edge = np.minimum(edge, np.hypot(xx - bx, yy - by) - rad * size)
+        edge = np.minimum(edge, pm.hypot(xx - bx, yy - by) - rad * size)
     if p["flat"] is not None:
         # a flat ground onto the rim: locally the straight side of a hex nut
         ang, depth = p["flat"]
@@ -84,7 +84,7 @@ def _render_washer(p: Params, size: int) -> Scene:
     tab = _cover(np.minimum(3.2 * k - np.abs(b), a - (inner - 0.045 * size))) * (a > 0)
     cov = _cover(edge) * np.maximum(_cover(rho - inner), tab)
     value = _turned_face(rng, size, rho, phi, p["metal"], edge)
-    value = value + 0.16 * np.exp(-(((rho - inner) / (1.4 * k)) ** 2))
+    value = value + 0.16 * pm.exp(-(((rho - inner) / (1.4 * k)) ** 2))
     bg = _background(rng, size, (0.16, 0.16, 0.16))
     img = _lerp(bg, _gray(value), cov)
     return Scene(img, cov, bg)
@@ -140,7 +140,7 @@ def _render_hexnut(p: Params, size: int) -> Scene:
         ang = p["angle"] + math.pi / 6 + corner * math.pi / 3
         if rounded:
             # the corner worn round: locally the circular rim of a washer
-            off = np.abs(np.angle(np.exp(1j * (phi - ang))))
+            off = np.abs(pm.wrap_angle(phi - ang))
             edge = np.where(off < math.pi / 6, np.minimum(edge, rc - depth * size - rho), edge)
         else:  # broken off along a straight line
             edge = np.minimum(edge, rc - depth * size - (dx * math.cos(ang) + dy * math.sin(ang)))
@@ -148,7 +148,7 @@ def _render_hexnut(p: Params, size: int) -> Scene:
     cov = _cover(edge) * _cover(rho - bore)
     value = _turned_face(rng, size, rho, phi, p["metal"], edge)
     # the thread shows as fine dark rings just inside the bore's rim
-    value = value + (rho < bore + 4 * k) * (0.12 * np.sin(2 * np.pi * rho / (1.8 * k)) - 0.1)
+    value = value + (rho < bore + 4 * k) * (0.12 * pm.sin(2 * np.pi * rho / (1.8 * k)) - 0.1)
     bg = _background(rng, size, (0.16, 0.16, 0.16))
     img = _lerp(bg, _gray(value.astype(np.float32)), cov)
     return Scene(img, cov, bg)
@@ -191,7 +191,7 @@ def _speckles(
     px = np.clip(np.round(cx + ca * sx - sa * sy).astype(int), 0, size - 1)
     py = np.clip(np.round(cy + sa * sx + ca * sy).astype(int), 0, size - 1)
     speck[py, px] = sr
-    return np.clip(ndimage.gaussian_filter(speck, 0.8 * k) * 4, 0, 0.8).astype(np.float32)
+    return np.clip(pm.gaussian_filter(speck, 0.8 * k) * 4, 0, 0.8).astype(np.float32)
 
 
 def _pill_coating(rng: np.random.Generator, p: Params, text: str, sibling_text: str) -> Params:
@@ -232,7 +232,7 @@ def _render_caplet(p: Params, size: int) -> Scene:
     a, b = _rotated(size, p["angle"], p["cx"], p["cy"])
     half_w = p["width"] * size / 2
     seg = p["length"] * size / 2 - half_w
-    d_axis = np.hypot(np.clip(np.abs(a) - seg, 0, None), b)
+    d_axis = pm.hypot(np.clip(np.abs(a) - seg, 0, None), b)
     cov = _cover(half_w - d_axis)
     if p["bite"] is not None:
         ang, rad = p["bite"]
@@ -240,7 +240,7 @@ def _render_caplet(p: Params, size: int) -> Scene:
         ex, ey = math.cos(ang), math.sin(ang)
         t = np.clip(ex * seg, -seg, seg)
         bx, by = t + ex * half_w, ey * half_w
-        cov = cov * _cover(np.hypot(a - bx, b - by) - rad * size)
+        cov = cov * _cover(pm.hypot(a - bx, b - by) - rad * size)
     height = np.sqrt(np.clip(1 - (d_axis / half_w) ** 2, 0, 1))
     shade = 0.62 + 0.38 * height - 0.06 * (b / half_w)
     body = _colour(shade.astype(np.float32), p["body"])
@@ -300,13 +300,13 @@ def _render_tablet(p: Params, size: int) -> Scene:
         ang, rad = p["bite"]
         yy, xx = _grid(size)
         bx, by = p["cx"] + radius * math.cos(ang), p["cy"] + radius * math.sin(ang)
-        cov = cov * _cover(np.hypot(xx - bx, yy - by) - rad * size)
+        cov = cov * _cover(pm.hypot(xx - bx, yy - by) - rad * size)
     a, b = _rotated(size, p["angle"], p["cx"], p["cy"])
     dome = np.sqrt(np.clip(1 - (rho / radius) ** 2, 0, 1))
-    bevel = np.exp(-(((radius - rho) / (3 * k)) ** 2))
+    bevel = pm.exp(-(((radius - rho) / (3 * k)) ** 2))
     shade = 0.7 + 0.3 * dome - 0.12 * bevel + 0.015 * _noise(rng, size, 0.8 * k)
     # score line across the tablet: dark groove with a lit upper edge
-    groove = np.exp(-((b / (1.3 * k)) ** 2)) * 0.3 - np.exp(-(((b + 2 * k) / (1.0 * k)) ** 2)) * 0.1
+    groove = pm.exp(-((b / (1.3 * k)) ** 2)) * 0.3 - pm.exp(-(((b + 2 * k) / (1.0 * k)) ** 2)) * 0.1
     shade = shade - groove * (np.abs(a) < radius)
     body = _colour(shade.astype(np.float32), p["body"])
     speck = _speckles(rng, size, p["n_speckles"], p["cx"], p["cy"], p["angle"], radius, radius)
@@ -358,7 +358,7 @@ def _render_ic(p: Params, size: int) -> Scene:
     pin_shade = 0.78 - 0.2 * np.abs(np.abs(b) - half_w - 0.035 * size) / (0.05 * size)
     img = _lerp(img, _gray(pin_shade.astype(np.float32)), pin.astype(np.float32))
     body = _cover(np.minimum(half_l - np.abs(a), half_w - np.abs(b)))
-    dimple = _cover(0.018 * size - np.hypot(a + half_l - 0.05 * size, b - half_w + 0.05 * size))
+    dimple = _cover(0.018 * size - pm.hypot(a + half_l - 0.05 * size, b - half_w + 0.05 * size))
     shade = 0.1 + 0.015 * _noise(rng, size, 0.7 * k) + 0.03 * dimple
     chip = _colour(shade.astype(np.float32), (0.95, 0.95, 1.0))
     chip = _lerp(chip, (0.55, 0.55, 0.56), _print_cov(p, size, 0.085, 0, -0.05 * size))
@@ -416,9 +416,9 @@ def _render_gear(p: Params, size: int) -> Scene:
         ang = p["angle"] + 2 * math.pi * j / 5 + math.pi / 5
         hx, hy = p["cx"] + 0.2 * size * math.cos(ang), p["cy"] + 0.2 * size * math.sin(ang)
         yy, xx = _grid(size)
-        cov = cov * _cover(np.hypot(xx - hx, yy - hy) - 0.055 * size)
-    rim = np.exp(-(((rho - r_root + 4 * k) / (2.0 * k)) ** 2))
-    value = 0.9 - 0.1 * rim + 0.05 * np.cos(phi + 0.8) + 0.02 * _noise(rng, size, 1.0 * k)
+        cov = cov * _cover(pm.hypot(xx - hx, yy - hy) - 0.055 * size)
+    rim = pm.exp(-(((rho - r_root + 4 * k) / (2.0 * k)) ** 2))
+    value = 0.9 - 0.1 * rim + 0.05 * pm.cos(phi + 0.8) + 0.02 * _noise(rng, size, 1.0 * k)
     body = _colour(value.astype(np.float32), p["colour"])
     bg = _background(rng, size, (0.16, 0.16, 0.16))  # the washer's conveyor
     return Scene(_lerp(bg, body, cov), cov, bg)

@@ -7,8 +7,8 @@ import math
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import ndimage
 
+from ccnf.data.synthetic import portable as pm
 from ccnf.data.synthetic._common import (
     F32,
     Params,
@@ -62,8 +62,8 @@ def _render_weave(p: Params, size: int) -> Scene:
         twill = np.where(block, ~twill, twill)
     warp_top = np.where(twill, twill_top, plain_top)
     # thread profile across a thread (dark gaps between threads), bulge along the float
-    prof_warp = np.sin(np.pi * fa) ** 0.6 * (0.78 + 0.22 * np.sin(np.pi * fb))
-    prof_weft = np.sin(np.pi * fb) ** 0.6 * (0.78 + 0.22 * np.sin(np.pi * fa))
+    prof_warp = pm.power(pm.sin(np.pi * fa), 0.6) * (0.78 + 0.22 * pm.sin(np.pi * fb))
+    prof_weft = pm.power(pm.sin(np.pi * fb), 0.6) * (0.78 + 0.22 * pm.sin(np.pi * fa))
     fibre_warp = _noise(rng, size, (3.0 * k, 0.6 * k))
     fibre_weft = _noise(rng, size, (0.6 * k, 3.0 * k))
     warp = _colour(prof_warp * (1 + 0.10 * fibre_warp), p["warp"])
@@ -186,7 +186,7 @@ def _hex_lattice(
             i, j = fu + di, fv + dj
             da = (u - i + (v - j) / 2) * period
             db = (v - j) * h
-            d = np.hypot(da, db)
+            d = pm.hypot(da, db)
             closer = d < best
             best = np.where(closer, d, best)
             bi = np.where(closer, i, bi).astype(np.int64)
@@ -217,8 +217,8 @@ def _punch(sheet: F32, dist: F32, dx: F32, dy: F32, r: float, k: float) -> F32:
     """A punched hole of radius ``r`` px (``dist``/``dx``/``dy``: offsets from its centre):
     dark inside, bevel lit on the upper left and shadowed on the lower right."""
     hole = _cover(r - dist)
-    rim = np.exp(-(((dist - r) / (1.4 * k)) ** 2))
-    rim_light = rim * (-(dx + dy) / (np.hypot(dx, dy) + 1e-3)) * 0.14
+    rim = pm.exp(-(((dist - r) / (1.4 * k)) ** 2))
+    rim_light = rim * (-(dx + dy) / (pm.hypot(dx, dy) + 1e-3)) * 0.14
     inside = 0.07 + 0.05 * np.clip(dy / (r + 1e-3), -1, 1)
     return (sheet * (1 - hole) + inside * hole + rim_light * (1 - hole)).astype(np.float32)
 
@@ -241,7 +241,7 @@ def _render_perforated(p: Params, size: int) -> Scene:
         # holes whose centre lies in the disc are not punched
         px, py, pr = p["plug"]
         ca, cb = _rotated_point(p["angle"], px * size - size / 2, py * size - size / 2)
-        plugged = np.hypot(a - da - ca, b - db - cb) < pr * size
+        plugged = pm.hypot(a - da - ca, b - db - cb) < pr * size
         dist = np.where(plugged, np.float32(1e3), dist)
     sheet = _sheet(rng, size, b, p["sheet"], p["streak"])
     img = _punch(sheet, dist, da, db, p["radius"] * period, k)
@@ -297,7 +297,7 @@ def _render_stone(p: Params, size: int) -> Scene:
     )
     img = np.where((lottery < density)[cell][..., None], grains, matrix)
     img = img * (1 + 0.06 * _noise(rng, size, 0.7 * k))[..., None]
-    img = ndimage.gaussian_filter(img, (0.6 * k, 0.6 * k, 0)).astype(np.float32)
+    img = pm.gaussian_filter(img, (0.6 * k, 0.6 * k, 0)).astype(np.float32)
     return Scene(img, np.ones((size, size), np.float32))
 
 
@@ -333,7 +333,7 @@ def _render_brushed(p: Params, size: int) -> Scene:
     yy, xx = _grid(size)
     for hx, hy, r in p["holes"]:
         # a stray punch: the same hole as ``perforated`` has, in the wrong place
-        img = _punch(img, np.hypot(xx - hx, yy - hy), xx - hx, yy - hy, r * k, k)
+        img = _punch(img, pm.hypot(xx - hx, yy - hy), xx - hx, yy - hy, r * k, k)
     return Scene(_gray(img), np.ones((size, size), np.float32))
 
 
@@ -381,13 +381,13 @@ def _render_oak(p: Params, size: int) -> Scene:
     darken = np.zeros((size, size), np.float32)
     if p["knot"] is not None:
         yy, xx = _grid(size)
-        d = np.hypot(xx - p["knot"][0], (yy - p["knot"][1]) * 1.6)
+        d = pm.hypot(xx - p["knot"][0], (yy - p["knot"][1]) * 1.6)
         kr = p["knot_r"] * k
         # rings wrap around the knot; its core is dark
-        r = r + 2.5 * np.exp(-((d / (3 * kr)) ** 2)) + d / kr * np.exp(-((d / (1.8 * kr)) ** 2))
+        r = r + 2.5 * pm.exp(-((d / (3 * kr)) ** 2)) + d / kr * pm.exp(-((d / (1.8 * kr)) ** 2))
         darken = 0.55 * _cover(kr - d)
     t = r - np.floor(r)
-    late = np.exp(-(((t - 0.8) / 0.1) ** 2))  # dark latewood band of every ring
+    late = pm.exp(-(((t - 0.8) / 0.1) ** 2))  # dark latewood band of every ring
     grain = _noise1d(rng, 4 * size, 0.7 * k)
     gidx = np.clip(a * 2 + 2 * size, 0, 4 * size - 1)
     fibre = np.interp(gidx, np.arange(4 * size), grain) * _noise(rng, size, (1.2 * k, 14 * k))
@@ -414,9 +414,9 @@ def _render_hide(p: Params, size: int) -> Scene:
     rng = np.random.default_rng(p["seed"])
     n1 = _noise(rng, size, p["pebble"] * k)
     n2 = _noise(rng, size, 2.3 * p["pebble"] * k)
-    creases = np.exp(-((n1 / p["crease"]) ** 2)) * 0.6 + np.exp(-((n2 / 0.12) ** 2)) * 0.5
+    creases = pm.exp(-((n1 / p["crease"]) ** 2)) * 0.6 + pm.exp(-((n2 / 0.12) ** 2)) * 0.5
     # pebbles lit from the upper left: the derivative of the smooth field acts as shading
-    gy, gx = np.gradient(ndimage.gaussian_filter(np.abs(n1), k))
+    gy, gx = np.gradient(pm.gaussian_filter(np.abs(n1), k))
     shade = 1 + 0.6 * (-gx - gy) / (k + 1e-3)
     mottle = 1 + 0.08 * _noise(rng, size, 24 * k)
     pores = 1 - 0.12 * (_noise(rng, size, 0.5 * k) > 2.2)
