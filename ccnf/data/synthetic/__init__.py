@@ -27,16 +27,19 @@ memory (their boundary stays novel); the mix-ups are what make class conditionin
 the image level. Per-class ``contrast``/``scale`` factors in ``_SPECS`` set each class's
 difficulty.
 
-Determinism: every image gets its own ``numpy.random.Generator`` seeded from
-``(seed, crc32(class), split, defect kind, index)``, so the output is bit-identical across runs
-and independent of generation order, worker count and set size. Rendering is a pure function
-of the sampled parameters: ``missing_part``, ``misprint`` (and a few class-specific kinds)
-re-render the same parameters with one change and take the mask from the difference of the
-two clean renders, so those masks are exact by construction. The other kinds paint onto the
-clean render with an alpha map; the mask is where that alpha reaches one half.
+Determinism: every image gets its own ``numpy.random.Generator`` seeded from ``(seed,
+crc32(class), split, defect kind, index)``, so the output is bit-identical across runs and
+independent of generation order, worker count, set size and CPU (:mod:`.portable`). Rendering
+is a pure function of the sampled parameters: ``missing_part``, ``misprint`` (and a few class-
+specific kinds) re-render the same parameters with one change and take the mask from the
+difference of the two clean renders, so those masks are exact by construction. The other kinds
+paint onto the clean render with an alpha map; the mask is where that alpha reaches one half.
 
 The package holds one concept per module:
 
+* :mod:`.portable`: exp, sin, cos, arctan2, hypot, power and the Gaussian blur from exactly
+  rounded operations only, so the images are the same bits on every CPU (numpy's own
+  transcendental ufuncs pick their kernels by CPU);
 * :mod:`._common`: the small numeric helpers every renderer and defect uses;
 * :mod:`.glyphs`: the dot-matrix font of imprints and laser markings;
 * :mod:`.scene`: what a class renderer returns and a class's recipe (``_Spec``);
