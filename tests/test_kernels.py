@@ -21,11 +21,15 @@ print(os.environ["MKL_CBWR"], os.environ["ATEN_CPU_CAPABILITY"],
 """
 
 
-def _probe(**env: str) -> list[str]:
-    clean = {k: v for k, v in os.environ.items() if k not in PORTABLE_KERNELS}
-    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env},
+def _run(code: str, env: dict[str, str]) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", code], env=env,
                          capture_output=True, text=True, check=True)
     return out.stdout.split()
+
+
+def _probe(**env: str) -> list[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in PORTABLE_KERNELS}
+    return _run(PROBE, {**clean, **env})
 
 
 def test_importing_ccnf_pins_the_portable_kernels_even_after_torch() -> None:
@@ -66,9 +70,7 @@ print(torch.backends.mkldnn.enabled, hashlib.md5(y.numpy().tobytes()).hexdigest(
 
 
 def _conv_probe(**env: str) -> list[str]:
-    run = subprocess.run([sys.executable, "-c", CONV_PROBE], env={**os.environ, **env},
-                         capture_output=True, text=True, check=True)  # fmt: skip
-    return run.stdout.split()
+    return _run(CONV_PROBE, {**os.environ, **env})
 
 
 def test_cpu_convolutions_do_not_depend_on_onednns_instruction_set() -> None:
